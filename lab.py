@@ -1,0 +1,123 @@
+"""The offline world: a tiny Qwen2 model, its tokenizer and a toy arithmetic task, built in code.
+
+Nothing here touches the network. `--model tiny --dataset tiny` (tests, a first try) and
+`--preset lab` (the CPU lab) run train.py and eval.py through exactly the GPU code path
+(4-bit loading with bitsandbytes, LoRA, rollout, loss, checkpoints) on a model that is
+written to a local folder by the functions below.
+
+The tokenizer is byte-level with one token per printable ASCII character plus Qwen's three
+special tokens and a Qwen-style chat template, so `AutoTokenizer` loads it back exactly
+(transformers maps a qwen2 model folder to its Qwen2 tokenizer class, which expects byte-level
+vocabularies).
+"""
+
+import hashlib
+import json
+import os
+import random
+
+import torch
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+# Model sizes: "tiny" for tests (seconds), "lab" for the CPU lab (learns the toy task in minutes).
+SIZES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "lab": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2),
+}
+
+
+def cache_dir():
+    return os.environ.get("CEGPPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "cegppo"))
+
+
+def _byte_to_unicode():
+    """GPT-2's byte-level alphabet: each byte maps to a printable unicode character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def build_tokenizer():
+    """A character-level, byte-level BPE tokenizer (no merges) over printable ASCII and newline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    b2u = _byte_to_unicode()
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(SPECIAL + [b2u[ord(c)] for c in chars])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIAL[1:], chat_template=CHAT_TEMPLATE)
+
+
+def build_model(size="tiny", seed=0):
+    """(random-init Qwen2ForCausalLM, tokenizer), deterministic for a given size and seed."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    tok = build_tokenizer()
+    cfg = Qwen2Config(vocab_size=len(tok), max_position_embeddings=1024, tie_word_embeddings=False,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                      **SIZES[size])
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def save_atomic(model, tok, folder):
+    """Write model and tokenizer to folder via a temp folder and a rename (no half-written cache)."""
+    tmp = f"{folder}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.makedirs(os.path.dirname(folder) or ".", exist_ok=True)
+    try:
+        os.rename(tmp, folder)
+    except OSError:          # another process won the race: its copy is as good as ours
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tiny_model_path(size="tiny", seed=0):
+    """Folder of the random-init tiny model, built on first use."""
+    folder = os.path.join(cache_dir(), f"{size}-init-seed{seed}")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        save_atomic(*build_model(size, seed), folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# The toy task
+# ----------------------------------------------------------------------------------------------
+def _expressions(seed, max_operand):
+    """Every two-operand a op b and a sample of three-operand a op b op c, shuffled with seed."""
+    rng = random.Random(seed)
+    exprs = [f"{a}{op}{b}" for a in range(1, max_operand + 1) for b in range(1, max_operand + 1) for op in "+-*"]
+    three = [f"{rng.randint(1, max_operand)}{rng.choice('+-')}{rng.randint(1, max_operand)}"
+             f"{rng.choice('+-*')}{rng.randint(1, max_operand)}" for _ in range(len(exprs))]
+    exprs = sorted(set(exprs + three))
+    rng.shuffle(exprs)
+    return exprs
+
+
+def _is_test(expr):
+    """Held-out split by a hash of the question: the two splits never share a question."""
+    return int(hashlib.md5(expr.encode()).hexdigest(), 16) % 5 == 0
+
+
+def toy_rows(split="train", tiny=False, seed=0):
+    """[(question, answer)] for the toy arithmetic task; `tiny` is a 64 / 16 row version for tests."""
+    exprs = [e for e in _expressions(seed, 9 if tiny else 20) if _is_test(e) == (split != "train")]
+    if tiny:
+        exprs = exprs[:64 if split == "train" else 16]
+    return [(f"What is {e}?", str(eval(e))) for e in exprs]   # eval of our own digits-and-operators string

@@ -1,0 +1,154 @@
+"""cegppo_loss, group_advantages and token_quadrants against numbers worked out by hand."""
+import math
+
+import pytest
+import torch
+
+from cegppo import cegppo_loss, group_advantages, token_quadrants
+
+
+def run(ratios, advs, mask=None, **kw):
+    """One response of len(ratios) tokens, old_logp = 0 so logp = log(ratio). Returns loss, grad, stats."""
+    logp = torch.tensor([[math.log(r) for r in ratios]], dtype=torch.float64, requires_grad=True)
+    old = torch.zeros_like(logp)
+    adv = torch.tensor([advs], dtype=torch.float64)
+    m = torch.ones_like(old) if mask is None else torch.tensor([mask], dtype=torch.float64)
+    loss, stats = cegppo_loss(logp, old, adv, m, **kw)
+    loss.backward()
+    return loss.item(), logp.grad[0].tolist(), stats
+
+
+# Each case: ratio r, advantage A, expected per-token loss value and d(loss)/d(logp) for one token,
+# with eps 0.2, beta1 0.5, beta2 1.0, dual clip 10 (the paper's defaults).
+CASES = [
+    # left region (r < 0.8, A < 0): value -(1-eps)*A = 0.8; gradient -beta1*(1-eps)*A = 0.5*0.8 = 0.4
+    ("left", 0.5, -1.0, 0.8, 0.4),
+    # right region (r > 1.2, A > 0): value -(1+eps)*A = -1.2*2 = -2.4; gradient -beta2*(1+eps)*A = -2.4
+    ("right", 1.5, 2.0, -2.4, -2.4),
+    # inside: value and gradient -r*A = -1.1*2 = -2.2
+    ("inside", 1.1, 2.0, -2.2, -2.2),
+    # r < 0.8 but A > 0: PPO does not clip here (min picks r*A), neither do we: -0.5, -0.5
+    ("low ratio, A>0", 0.5, 1.0, -0.5, -0.5),
+    # r > 1.2 but A < 0: not clipped either: -r*A = 1.5, gradient 1.5
+    ("high ratio, A<0", 1.5, -1.0, 1.5, 1.5),
+    # just inside the left boundary (r = 0.8001): the PPO gradient r*A, not the beta1 one
+    ("left boundary inside", 0.8001, -1.0, 0.8001, 0.8001),
+    # just outside it (r = 0.7999): value 0.8, gradient 0.4
+    ("left boundary outside", 0.7999, -1.0, 0.8, 0.4),
+    # just inside / outside the right boundary with A = 1: -1.1999 / -1.2 and beta2*1.2 = 1.2
+    ("right boundary inside", 1.1999, 1.0, -1.1999, -1.1999),
+    ("right boundary outside", 1.2001, 1.0, -1.2, -1.2),
+    # dual clip binds (A < 0, r = 12: -r*A = 12 > 10 = -c*A): value 10, gradient 0
+    ("dual clip", 12.0, -1.0, 10.0, 0.0),
+    # dual clip does not bind at r = 9: value 9, gradient 9
+    ("below dual clip", 9.0, -1.0, 9.0, 9.0),
+]
+
+
+@pytest.mark.parametrize("name,r,a,value,grad", CASES, ids=[c[0] for c in CASES])
+def test_single_token_cases(name, r, a, value, grad):
+    loss, g, _ = run([r], [a])
+    assert loss == pytest.approx(value, abs=1e-9)
+    assert g[0] == pytest.approx(grad, abs=1e-9)
+
+
+def test_exact_boundary_counts_as_inside():
+    # eps_low = 0: the left boundary is r = 1, hit exactly (logp == old_logp). r < 1 - eps is strict,
+    # so the token keeps PPO's gradient -r*A = 1 rather than beta1 * 1 * 1 = 0.5.
+    loss, g, stats = run([1.0], [-1.0], eps_low=0.0)
+    assert (loss, g[0], stats["clip_frac_low"]) == (1.0, 1.0, 0.0)
+
+
+def test_betas_scale_the_clipped_gradients():
+    for b1, b2 in [(0.0, 0.0), (0.75, 1.0), (1.0, 0.5), (2.0, 3.0)]:
+        _, g, _ = run([0.5, 1.5], [-1.0, 1.0], beta1=b1, beta2=b2)
+        # token mean over 2 tokens: each gradient halves
+        assert g[0] == pytest.approx(b1 * 0.8 / 2)
+        assert g[1] == pytest.approx(-b2 * 1.2 / 2)
+
+
+def test_token_mean_mask_and_stats():
+    # tokens: left (0.8), right (-1.2), inside (-2.2), masked (r=3, A=5 would be -15)
+    loss, g, stats = run([0.5, 1.5, 1.1, 3.0], [-1.0, 1.0, 2.0, 5.0], mask=[1, 1, 1, 0])
+    assert loss == pytest.approx((0.8 - 1.2 - 2.2) / 3)
+    assert g == pytest.approx([0.4 / 3, -1.2 / 3, -2.2 / 3, 0.0])
+    assert stats["clip_frac_low"] == pytest.approx(1 / 3)
+    assert stats["clip_frac_high"] == pytest.approx(1 / 3)
+    assert stats["dual_clip_frac"] == 0.0
+    assert stats["ratio_mean"] == pytest.approx((0.5 + 1.5 + 1.1) / 3)
+    assert stats["ratio_max"] == pytest.approx(1.5)          # the masked 3.0 is not counted
+    # k3 KL: mean of (r - 1) - log r over the three tokens
+    kl = sum((r - 1) - math.log(r) for r in (0.5, 1.5, 1.1)) / 3
+    assert stats["approx_kl"] == pytest.approx(kl)
+    assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_num_tokens_makes_micro_batches_add_up():
+    torch.manual_seed(0)
+    logp = (torch.randn(4, 6) * 0.3 - 1).requires_grad_()
+    old = logp.detach() + torch.randn(4, 6) * 0.3
+    adv = torch.randn(4)
+    mask = (torch.rand(4, 6) > 0.3).float()
+    full, _ = cegppo_loss(logp, old, adv, mask)
+    g_full, = torch.autograd.grad(full, logp)
+    n = int(mask.sum())
+    parts = [cegppo_loss(logp[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2], num_tokens=n)[0] for i in (0, 2)]
+    g_parts, = torch.autograd.grad(sum(parts), logp)
+    assert sum(parts).item() == pytest.approx(full.item(), rel=1e-6)
+    assert torch.allclose(g_parts, g_full, atol=1e-7)
+
+
+def ppo_clip(logp, old, adv, mask, eps_low, eps_high, c):
+    """PPO-clip written out the textbook way: -min(r A, clip(r) A), dual clip for A < 0, token mean."""
+    r = torch.exp(logp - old)
+    a = adv[:, None].expand_as(r)
+    term = -torch.min(r * a, torch.clamp(r, 1 - eps_low, 1 + eps_high) * a)
+    if c:
+        term = torch.where(a < 0, torch.min(term, -c * a), term)
+    return (term * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("eps_low,eps_high,c", [(0.2, 0.2, None), (0.2, 0.28, 10.0), (0.1, 0.3, 3.0)])
+def test_beta_zero_is_ppo_clip_in_value_and_gradient(eps_low, eps_high, c):
+    torch.manual_seed(1)
+    logp = (torch.randn(6, 10, dtype=torch.float64) - 1).requires_grad_()
+    old = logp.detach() + torch.randn(6, 10, dtype=torch.float64) * 0.8   # many tokens outside the range
+    adv = torch.randn(6, dtype=torch.float64) * 2
+    mask = (torch.rand(6, 10) > 0.2).double()
+    ours, stats = cegppo_loss(logp, old, adv, mask, eps_low, eps_high, beta1=0.0, beta2=0.0, dual_clip=c)
+    ref = ppo_clip(logp, old, adv, mask, eps_low, eps_high, c)
+    g_ours, = torch.autograd.grad(ours, logp)
+    g_ref, = torch.autograd.grad(ref, logp)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
+    assert torch.allclose(g_ours, g_ref, atol=1e-12)
+    assert stats["clip_frac_low"] > 0 and stats["clip_frac_high"] > 0    # the test really exercises clipping
+
+
+def test_group_advantages_and_zero_variance_groups():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    adv, zero = group_advantages(rewards, 4)
+    # group 1: mean 0.25, unbiased std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5 -> 1.5, -0.5, -0.5, -0.5
+    assert adv[:4].tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5], abs=1e-5)
+    # group 2: all equal -> exactly zero and flagged
+    assert adv[4:8].tolist() == [0.0] * 4
+    # group 3: mean 0.5, std sqrt(4 * 0.25 / 3) = 0.57735 -> +-0.866025
+    assert adv[8:].tolist() == pytest.approx([-0.866025, 0.866025, -0.866025, 0.866025], abs=1e-5)
+    assert zero.tolist() == [False, True, False]
+
+
+def test_token_quadrants():
+    # entropy 1.0 everywhere, so HP means logp > -1.
+    logp = torch.tensor([[-0.5, -2.0, -0.2, -3.0, -0.1]])
+    ent = torch.ones(1, 5)
+    adv = torch.tensor([[1.0, 1.0, -2.0, -2.0, 0.0]])       # the A = 0 token is in no quadrant
+    mask = torch.tensor([[1, 1, 1, 1, 1]])
+    q = token_quadrants(logp, ent, adv, mask)
+    assert [q[f"{k}_frac"] for k in ("pa_hp", "pa_lp", "na_hp", "na_lp")] == pytest.approx([0.2] * 4)
+    # drive -(logp + H) * A: PA&HP -(0.5)*1 = -0.5 (down); PA&LP -(-1)*1 = 1 (up);
+    # NA&HP -(0.8)*(-2) = 1.6 (up); NA&LP -(-2)*(-2) = -4 (down)
+    assert q["pa_hp_drive"] == pytest.approx(-0.5)
+    assert q["pa_lp_drive"] == pytest.approx(1.0)
+    assert q["na_hp_drive"] == pytest.approx(1.6)
+    assert q["na_lp_drive"] == pytest.approx(-4.0)
+    empty = token_quadrants(logp, ent, torch.tensor([0.0]), mask)
+    assert empty["pa_hp_frac"] == 0.0 and empty["pa_hp_drive"] == 0.0

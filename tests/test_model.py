@@ -1,0 +1,127 @@
+"""Masks, chunked log-probs and entropy, and rollout on the real 4-bit + LoRA path of a tiny Qwen2."""
+import pytest
+import torch
+
+import cegppo
+from cegppo import completion_logprobs, completion_mask, format_prompt, rollout
+
+
+def test_completion_mask_keeps_first_eos_and_flags_truncation():
+    eos = pad = 2                                     # pad == eos, the classic trap
+    ids = torch.tensor([[5, 6, 2, 2, 2],              # EOS at 2 kept, later pads masked
+                        [2, 7, 2, 2, 2],              # EOS as the very first token
+                        [5, 6, 7, 8, 9]])             # never stopped: truncated
+    mask, trunc = completion_mask(ids, [eos, pad])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert trunc.tolist() == [False, False, True]
+    # two EOS ids (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>): whichever comes first ends it
+    mask, trunc = completion_mask(torch.tensor([[4, 9, 3, 9, 3]]), [3, 9])
+    assert mask.tolist() == [[1, 1, 0, 0, 0]] and trunc.tolist() == [False]
+
+
+def naive_logprobs(model, ids, amask, P, temperature):
+    """Reference: one unpadded forward per row, full float32 logits."""
+    lps, ents = [], []
+    for row, m in zip(ids, amask):
+        start = int((m[:P] == 0).sum())                  # left padding of this row
+        seq = row[start:][None]
+        logits = model(input_ids=seq).logits.float()[0] / temperature
+        logp_all = torch.log_softmax(logits[P - start - 1:-1], -1)
+        lps.append(logp_all.gather(-1, seq[0, P - start:, None])[:, 0])
+        ents.append(-(logp_all.exp() * logp_all).sum(-1))
+    return torch.stack(lps), torch.stack(ents)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_logprobs_equal_naive(tiny_path, temperature):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
+    torch.manual_seed(0)
+    # two prompts of different lengths, left-padded with pad id 0, then 5 completion tokens
+    ids = torch.randint(3, 90, (2, 9))
+    ids[1, :3] = 0
+    amask = torch.ones_like(ids)
+    amask[1, :3] = 0
+    P = 4
+    ref_lp, ref_ent = naive_logprobs(model, ids, amask, P, temperature)
+    lp, ent = completion_logprobs(model, ids, amask, P, temperature, chunk_tokens=3)   # 4 chunks
+    assert lp.shape == ent.shape == (2, 5)
+    assert torch.allclose(lp, ref_lp, atol=1e-5)
+    assert torch.allclose(ent, ref_ent, atol=1e-5)
+    # the temperature is really applied: at 1.0 the 0.7 numbers would be far off
+    if temperature != 1.0:
+        plain, _ = naive_logprobs(model, ids, amask, P, 1.0)
+        assert not torch.allclose(lp, plain, atol=1e-3)
+    # gradients through the checkpointed chunks equal the naive ones
+    g, = torch.autograd.grad(lp.sum(), model.lm_head.weight)
+    g_ref, = torch.autograd.grad(ref_lp.sum(), model.lm_head.weight)
+    assert torch.allclose(g, g_ref, atol=1e-5)
+
+
+def test_rollout_on_4bit_lora_is_on_policy(tiny_policy):
+    model, tok = tiny_policy
+    import bitsandbytes as bnb
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    prompts = [format_prompt(tok, "What is 2+3?"), format_prompt(tok, "What is 12*11-7?")]
+    torch.manual_seed(0)
+    ro = rollout(model, tok, prompts, num_generations=3, max_new_tokens=12, temperature=0.9, top_p=1.0)
+    B, P = 6, ro["prompt_len"]
+    T = ro["input_ids"].shape[1] - P
+    assert ro["completion_mask"].shape == (B, T) and ro["truncated"].shape == (B,)
+    assert len(ro["texts"]) == B
+    # the prompts are left-padded and repeated G times, in order
+    assert torch.equal(ro["input_ids"][0, :P], ro["input_ids"][2, :P])
+    assert not torch.equal(ro["input_ids"][0, :P], ro["input_ids"][3, :P])
+    # mask rules: truncated rows are all ones, the others end at their first EOS
+    comp = ro["input_ids"][:, P:]
+    for b in range(B):
+        eos_at = (comp[b] == tok.eos_token_id).nonzero()
+        n = int(ro["completion_mask"][b].sum())
+        if ro["truncated"][b]:
+            assert n == T == 12 and len(eos_at) == 0
+        else:
+            assert n == int(eos_at[0]) + 1
+    assert torch.equal(ro["attention_mask"][:, P:], ro["completion_mask"])
+    # on-policy the training forward must reproduce the sampling distribution: ratio 1
+    with torch.no_grad():
+        lp1, ent = completion_logprobs(model, ro["input_ids"], ro["attention_mask"], P, 0.9)
+    model.train()
+    with torch.no_grad():
+        lp2, _ = completion_logprobs(model, ro["input_ids"], ro["attention_mask"], P, 0.9)
+    m = ro["completion_mask"].bool()
+    assert torch.allclose(lp1[m], lp2[m], atol=1e-5)        # no dropout anywhere in the policy
+    assert (ent[m] > 0).all() and (lp1[m] <= 0).all()
+
+
+def test_rollout_logprobs_match_generate_scores(tiny_policy):
+    """The log-probs the trainer computes equal log_softmax(logits / T) of the very sampling step."""
+    model, tok = tiny_policy
+    prompts = [format_prompt(tok, "Hi"), format_prompt(tok, "What is 100-1?")]
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=True, top_k=0, top_p=1.0, temperature=0.8, max_new_tokens=6,
+                             min_new_tokens=6, return_dict_in_generate=True, output_logits=True,
+                             pad_token_id=tok.pad_token_id)
+        P = enc["input_ids"].shape[1]
+        gen_lp = torch.stack([torch.log_softmax(l.float() / 0.8, -1).gather(-1, out.sequences[:, P + i, None])[:, 0]
+                              for i, l in enumerate(out.logits)], 1)
+        amask = torch.cat([enc["attention_mask"], torch.ones(2, 6, dtype=torch.long)], 1)
+        lp, _ = completion_logprobs(model, out.sequences, amask, P, 0.8)
+    assert torch.allclose(lp, gen_lp, atol=1e-4)
+
+
+def test_generate_train_generate_on_4bit(tiny_policy):
+    """The AVX512-BF16 trap: a no-grad generate must not break the next training forward."""
+    model, tok = tiny_policy
+    prompts = [format_prompt(tok, "What is 1+1?")]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        ro = rollout(model, tok, prompts, num_generations=2, max_new_tokens=4)
+        model.train()
+        lp, _ = completion_logprobs(model, ro["input_ids"], ro["attention_mask"], ro["prompt_len"])
+        loss, _ = cegppo.cegppo_loss(lp, lp.detach() - 0.5, torch.tensor([1.0, -1.0]), ro["completion_mask"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.isfinite(loss)
