@@ -314,10 +314,10 @@ def rollout(model, tokenizer, prompts, num_generations, max_new_tokens, temperat
     # Every sampling knob is set here: a model's own generation_config (Qwen2.5 ships top_k 20,
     # top_p 0.8, repetition_penalty 1.05) would otherwise change the sampling distribution, and
     # the old log-probs would no longer be those of the policy that sampled.
-    sample = temperature > 0
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, top_k=0, top_p=top_p if sample else 1.0,
-                      temperature=temperature if sample else 1.0, repetition_penalty=1.0,
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, repetition_penalty=1.0,
                       eos_token_id=stop, pad_token_id=pad, use_cache=True)
+    if temperature > 0:   # top_k 0 switches top-k filtering off
+        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     was_training = model.training
     model.eval()
     chunks, batch_size = _generate(model, ids, amask, gen_kwargs, batch_size)
@@ -516,7 +516,7 @@ def load_rows(dataset, split="train", question_field=None, answer_field=None, li
         for f in (qf, af):
             v = row.get(f)
             if v is None or not str(v).strip():
-                raise UserError(f"{where}: row {i}: field '{f}' is {'missing' if f not in row else 'empty'}")
+                raise UserError(f"{where}: row {i}: field '{f}' is missing or empty")
         answer = str(row[af])
         if dataset == "math":
             answer = extract_boxed(answer) or answer

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import re
 
 import torch
 
@@ -92,7 +93,8 @@ def tiny_model_path(size="tiny", seed=0):
     """Folder of the random-init tiny model, built on first use."""
     folder = os.path.join(cache_dir(), f"{size}-init-seed{seed}")
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        save_atomic(*build_model(size, seed), folder)
+        with torch.random.fork_rng():
+            save_atomic(*build_model(size, seed), folder)
     return folder
 
 
@@ -121,3 +123,88 @@ def toy_rows(split="train", tiny=False, seed=0):
     if tiny:
         exprs = exprs[:64 if split == "train" else 16]
     return [(f"What is {e}?", str(eval(e))) for e in exprs]   # eval of our own digits-and-operators string
+
+
+
+def worked_solution(expr, rng, wrong_frac):
+    """A short worked solution ending in \\boxed{}; with probability wrong_frac one step is off by 1-3.
+
+    '3+4*5' -> '4*5=20. 3+20=23. \\boxed{23}'. A wrong step carries through to the final answer,
+    as a real slip would, so the reward sees it.
+    """
+    toks = re.findall(r"\d+|[-+*]", expr)
+    nums, ops = [int(t) for t in toks[::2]], toks[1::2]
+    slip = rng.random() < wrong_frac
+    slip_at = rng.randrange(len(ops)) if slip else -1
+    calc = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+    steps = []
+    while ops:
+        # multiplication first, then left to right
+        i = ops.index("*") if "*" in ops else 0
+        a, b, op = nums[i], nums[i + 1], ops[i]
+        v = calc[op](a, b)
+        if len(steps) == slip_at:
+            v += rng.choice([-3, -2, -1, 1, 2, 3])
+        steps.append(f"{a}{op}{b}={v}.")
+        nums[i:i + 2], ops[i:i + 1] = [v], []
+    return " ".join(steps) + f" \\boxed{{{nums[0]}}}"
+
+
+# Warm-start settings per model size: SFT steps, batch, learning rate, share of wrong solutions.
+WARM = {"tiny": dict(steps=300, batch=32, lr=3e-3, wrong_frac=0.3),
+        "lab": dict(steps=400, batch=32, lr=2e-3, wrong_frac=0.6)}
+
+
+def warm_start_path(size="lab", seed=0):
+    """Folder of the model after a short supervised warm start on the toy task, cached on disk.
+
+    RL only learns from groups whose completions differ in reward, so it needs a policy that
+    sometimes succeeds: a random model never writes \\boxed{} and every group is all zeros. The
+    warm start teaches the answer format and roughly the arithmetic, on solutions of which a
+    share is deliberately wrong, so that RL starts with a mean reward well between 0 and 1.
+    The folder name is a hash of every setting, so a sweep of runs builds it once.
+    """
+    import cegppo
+    w = WARM[size]
+    key = hashlib.md5(json.dumps([size, seed, w, SIZES[size], cegppo.INSTRUCTION, CHAT_TEMPLATE, 1],
+                                 sort_keys=True).encode()).hexdigest()[:10]
+    folder = os.path.join(cache_dir(), f"{size}-warm-{key}")
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    with torch.random.fork_rng():       # building the cache must not change the caller's random stream
+        _warm_start(size, seed, w, folder)
+    return folder
+
+
+def _warm_start(size, seed, w, folder):
+    import cegppo
+    print(f"warm start: supervised fine-tune of the {size} model on the toy task "
+          f"({w['steps']} steps, cached in {folder})", flush=True)
+    model, tok = build_model(size, seed)
+    rows = toy_rows("train", tiny=size == "tiny", seed=seed)
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=w["lr"], weight_decay=0.0)
+    model.train()
+    for step in range(w["steps"]):
+        batch = [rng.choice(rows) for _ in range(w["batch"])]
+        prompts = [cegppo.format_prompt(tok, q) for q, _ in batch]
+        answers = [worked_solution(q[len("What is "):-1], rng, w["wrong_frac"]) + tok.eos_token for q, _ in batch]
+        p_ids = [tok(p)["input_ids"] for p in prompts]
+        a_ids = [tok(a)["input_ids"] for a in answers]
+        L = max(len(p) + len(a) for p, a in zip(p_ids, a_ids))
+        ids = torch.full((len(batch), L), tok.pad_token_id)
+        labels = torch.full((len(batch), L), -100)
+        for i, (p, a) in enumerate(zip(p_ids, a_ids)):
+            ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+            labels[i, len(p):len(p) + len(a)] = torch.tensor(a)       # loss on the answer only
+        lr = w["lr"] * min(1.0, (step + 1) / 20) * (1 - step / w["steps"]) ** 0.5
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tok.pad_token_id), labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        if (step + 1) % 50 == 0:
+            print(f"  warm start step {step + 1}/{w['steps']}  loss {loss.item():.3f}", flush=True)
+    save_atomic(model, tok, folder)
