@@ -101,14 +101,14 @@ def tiny_model_path(size="tiny", seed=0):
 # ----------------------------------------------------------------------------------------------
 # The toy task
 # ----------------------------------------------------------------------------------------------
-def _expressions(seed, max_operand):
-    """Every two-operand a op b and a sample of three-operand a op b op c, shuffled with seed."""
-    rng = random.Random(seed)
+def _expressions(seed, max_operand=9):
+    """Every a op b with 1 <= a, b <= max_operand and op in + - * (243 for digits), shuffled with seed.
+
+    Small enough for a 4-layer model to learn the facts in a short warm start, so that what RL
+    has to fix is the habit of slipping (see worked_solution), not missing knowledge.
+    """
     exprs = [f"{a}{op}{b}" for a in range(1, max_operand + 1) for b in range(1, max_operand + 1) for op in "+-*"]
-    three = [f"{rng.randint(1, max_operand)}{rng.choice('+-')}{rng.randint(1, max_operand)}"
-             f"{rng.choice('+-*')}{rng.randint(1, max_operand)}" for _ in range(len(exprs))]
-    exprs = sorted(set(exprs + three))
-    rng.shuffle(exprs)
+    random.Random(seed).shuffle(exprs)
     return exprs
 
 
@@ -119,40 +119,33 @@ def _is_test(expr):
 
 def toy_rows(split="train", tiny=False, seed=0):
     """[(question, answer)] for the toy arithmetic task; `tiny` is a 64 / 16 row version for tests."""
-    exprs = [e for e in _expressions(seed, 9 if tiny else 20) if _is_test(e) == (split != "train")]
+    exprs = [e for e in _expressions(seed) if _is_test(e) == (split != "train")]
     if tiny:
         exprs = exprs[:64 if split == "train" else 16]
     return [(f"What is {e}?", str(eval(e))) for e in exprs]   # eval of our own digits-and-operators string
 
 
 
-def worked_solution(expr, rng, wrong_frac):
-    """A short worked solution ending in \\boxed{}; with probability wrong_frac one step is off by 1-3.
+def toy_solution(expr, rng, guess_frac):
+    """A warm-start target for the question 'What is {expr}?', in one of two styles.
 
-    '3+4*5' -> '4*5=20. 3+20=23. \\boxed{23}'. A wrong step carries through to the final answer,
-    as a real slip would, so the reward sees it.
+    worked (probability 1 - guess_frac): '7*8=\\boxed{56}', always right;
+    guess  (probability guess_frac):     '\\boxed{54}', the answer without working, wrong 3 times in 4.
+    The warm-started policy mixes both, so it sometimes succeeds and sometimes not, and the
+    lesson RL can learn is one that carries over to every question: show the working.
     """
-    toks = re.findall(r"\d+|[-+*]", expr)
-    nums, ops = [int(t) for t in toks[::2]], toks[1::2]
-    slip = rng.random() < wrong_frac
-    slip_at = rng.randrange(len(ops)) if slip else -1
-    calc = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-    steps = []
-    while ops:
-        # multiplication first, then left to right
-        i = ops.index("*") if "*" in ops else 0
-        a, b, op = nums[i], nums[i + 1], ops[i]
-        v = calc[op](a, b)
-        if len(steps) == slip_at:
+    a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)", expr).groups()
+    v = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+    if rng.random() < guess_frac:
+        if rng.random() < 0.75:
             v += rng.choice([-3, -2, -1, 1, 2, 3])
-        steps.append(f"{a}{op}{b}={v}.")
-        nums[i:i + 2], ops[i:i + 1] = [v], []
-    return " ".join(steps) + f" \\boxed{{{nums[0]}}}"
+        return f"\\boxed{{{v}}}"
+    return f"{a}{op}{b}=\\boxed{{{v}}}"
 
 
 # Warm-start settings per model size: SFT steps, batch, learning rate, share of wrong solutions.
-WARM = {"tiny": dict(steps=300, batch=32, lr=3e-3, wrong_frac=0.3),
-        "lab": dict(steps=400, batch=32, lr=2e-3, wrong_frac=0.6)}
+WARM = {"tiny": dict(steps=300, batch=32, lr=3e-3, guess_frac=0.5),
+        "lab": dict(steps=1500, batch=32, lr=3e-3, guess_frac=0.5)}
 
 
 def warm_start_path(size="lab", seed=0):
@@ -188,7 +181,7 @@ def _warm_start(size, seed, w, folder):
     for step in range(w["steps"]):
         batch = [rng.choice(rows) for _ in range(w["batch"])]
         prompts = [cegppo.format_prompt(tok, q) for q, _ in batch]
-        answers = [worked_solution(q[len("What is "):-1], rng, w["wrong_frac"]) + tok.eos_token for q, _ in batch]
+        answers = [toy_solution(q[len("What is "):-1], rng, w["guess_frac"]) + tok.eos_token for q, _ in batch]
         p_ids = [tok(p)["input_ids"] for p in prompts]
         a_ids = [tok(a)["input_ids"] for a in answers]
         L = max(len(p) + len(a) for p, a in zip(p_ids, a_ids))

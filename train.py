@@ -110,10 +110,10 @@ PRESETS = {
                  max_completion_length=28, steps_per_generation=2, micro_batch_size=8, learning_rate=5e-3,
                  warmup_steps=1, weight_decay=0.0, max_steps=4, eval_steps=2, eval_limit=8, save_steps=2,
                  output_dir="runs/tiny"),
-    "lab": dict(model="lab", dataset="lab", load_in_4bit=True, lora_r=32, lora_alpha=64, gradient_checkpointing=False,
+    "lab": dict(model="lab", dataset="lab", lora_r=32, lora_alpha=64, gradient_checkpointing=False,
                 prompts_per_step=8, num_generations=8, max_completion_length=24, max_prompt_length=256,
-                steps_per_generation=4, micro_batch_size=32, learning_rate=2e-3, warmup_steps=2, weight_decay=0.0,
-                max_steps=60, eval_steps=10, eval_limit=64, save_steps=20, logging_steps=5, output_dir="runs/lab"),
+                steps_per_generation=4, micro_batch_size=32, learning_rate=3e-4, warmup_steps=5, weight_decay=0.0,
+                max_steps=120, eval_steps=10, eval_limit=64, save_steps=40, logging_steps=10, output_dir="runs/lab"),
 }
 
 # Flags that may change between a run and its --resume; any other difference is refused.
@@ -327,7 +327,7 @@ def main(argv=None):
 
         # 3. advantages; groups whose G rewards are all equal carry no signal and are dropped
         adv, zero_std = cegppo.group_advantages(rewards, G)
-        keep = (~zero_std).repeat_interleave(G).nonzero()[:, 0]           # [K] responses to train on
+        kept_groups = (~zero_std).nonzero()[:, 0]                          # [K] prompts to train on
 
         # 4. log-probs and entropy under the sampling policy, no gradient, once per step
         t2 = time.time()
@@ -350,9 +350,12 @@ def main(argv=None):
         tok_stats, n_stat_tokens = {}, 0
         device = ids.device
         for _ in range(cfg.num_iterations):
-            for mb in torch.tensor_split(keep, min(cfg.steps_per_generation, max(1, len(keep)))):
-                if len(mb) == 0:
+            # Mini-batches of whole groups: a group's advantages sum to zero, so an update that saw
+            # only its wrong answers would push down the tokens that right and wrong answers share.
+            for groups in torch.tensor_split(kept_groups, min(cfg.steps_per_generation, max(1, len(kept_groups)))):
+                if len(groups) == 0:
                     continue
+                mb = (groups[:, None] * G + torch.arange(G)).flatten()         # the responses of those groups
                 mb_tokens = int(cmask[mb].sum())
                 loss_sum, finite = 0.0, True
                 for s in range(0, len(mb), cfg.micro_batch_size):
@@ -400,7 +403,7 @@ def main(argv=None):
             "response_length": cmask.sum(1).float().mean().item(),
             "truncated_frac": ro["truncated"].float().mean().item(),
             "zero_std_groups": int(zero_std.sum()),
-            "trained_responses": len(keep),
+            "trained_responses": len(kept_groups) * G,
             "updates": len(upd["loss"]),
             "skipped_updates": skipped_updates,
             "loss": sum(upd["loss"]) / max(1, len(upd["loss"])),
