@@ -1,4 +1,4 @@
-"""The offline world: a tiny Qwen2 model, its tokenizer and a toy arithmetic task, built in code.
+"""The offline world: a tiny Qwen2 model, its tokenizer, a toy arithmetic task and a warm start, built in code.
 
 Nothing here touches the network. `--model tiny --dataset tiny` (tests, a first try) and
 `--preset lab` (the CPU lab) run train.py and eval.py through exactly the GPU code path
@@ -130,22 +130,21 @@ def toy_solution(expr, rng, guess_frac):
     """A warm-start target for the question 'What is {expr}?', in one of two styles.
 
     worked (probability 1 - guess_frac): '7*8=\\boxed{56}', always right;
-    guess  (probability guess_frac):     '\\boxed{54}', the answer without working, wrong 3 times in 4.
+    guess  (probability guess_frac):     '\\boxed{54}', the answer without working, always off by 1 to 3.
     The warm-started policy mixes both, so it sometimes succeeds and sometimes not, and the
     lesson RL can learn is one that carries over to every question: show the working.
     """
     a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)", expr).groups()
     v = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
     if rng.random() < guess_frac:
-        if rng.random() < 0.75:
-            v += rng.choice([-3, -2, -1, 1, 2, 3])
+        v += rng.choice([-3, -2, -1, 1, 2, 3])
         return f"\\boxed{{{v}}}"
     return f"{a}{op}{b}=\\boxed{{{v}}}"
 
 
-# Warm-start settings per model size: SFT steps, batch, learning rate, share of wrong solutions.
+# Warm-start settings per model size: SFT steps, batch, learning rate, share of (wrong) guesses.
 WARM = {"tiny": dict(steps=300, batch=32, lr=3e-3, guess_frac=0.5),
-        "lab": dict(steps=1500, batch=32, lr=3e-3, guess_frac=0.5)}
+        "lab": dict(steps=1200, batch=32, lr=3e-3, guess_frac=0.5)}
 
 
 def warm_start_path(size="lab", seed=0):
@@ -153,8 +152,9 @@ def warm_start_path(size="lab", seed=0):
 
     RL only learns from groups whose completions differ in reward, so it needs a policy that
     sometimes succeeds: a random model never writes \\boxed{} and every group is all zeros. The
-    warm start teaches the answer format and roughly the arithmetic, on solutions of which a
-    share is deliberately wrong, so that RL starts with a mean reward well between 0 and 1.
+    warm start teaches the answer format and the arithmetic facts, from targets of which half are
+    worked answers (always right) and half bare guesses (always wrong, see toy_solution), so that
+    RL starts from a mean reward well between 0 and 1 and has one lesson to learn: work it out.
     The folder name is a hash of every setting, so a sweep of runs builds it once.
     """
     import cegppo

@@ -112,8 +112,9 @@ PRESETS = {
                  output_dir="runs/tiny"),
     "lab": dict(model="lab", dataset="lab", lora_r=32, lora_alpha=64, gradient_checkpointing=False,
                 prompts_per_step=8, num_generations=8, max_completion_length=24, max_prompt_length=256,
-                steps_per_generation=4, micro_batch_size=32, learning_rate=3e-4, warmup_steps=5, weight_decay=0.0,
-                max_steps=120, eval_steps=10, eval_limit=64, save_steps=40, logging_steps=10, output_dir="runs/lab"),
+                steps_per_generation=8, num_iterations=2, micro_batch_size=32, learning_rate=1e-4, warmup_steps=10,
+                weight_decay=0.0, max_steps=120, eval_steps=10, eval_limit=64, save_steps=40, logging_steps=10,
+                output_dir="runs/lab"),
 }
 
 # Flags that may change between a run and its --resume; any other difference is refused.
@@ -401,6 +402,8 @@ def main(argv=None):
                for k in ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl", "ratio_mean")},
             "ratio_max": max(upd["ratio_max"], default=1.0),
             "response_length": cmask.sum(1).float().mean().item(),
+            "completion_tokens": int(cmask.sum()),
+            "update_tokens": int(cmask[(kept_groups[:, None] * G + torch.arange(G)).flatten()].sum()) * cfg.num_iterations,
             "truncated_frac": ro["truncated"].float().mean().item(),
             "zero_std_groups": int(zero_std.sum()),
             "trained_responses": len(kept_groups) * G,

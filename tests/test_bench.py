@@ -1,0 +1,43 @@
+"""bench.py times train.py's own loop on the tiny model and writes bench.json."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_tiny(tmp_path):
+    out = str(tmp_path / "b")
+    p = subprocess.run([sys.executable, "bench.py", "--model", "tiny", "--dataset", "tiny", "--steps", "2",
+                        "--output_dir", out], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    b = json.load(open(os.path.join(out, "bench.json")))
+    for k in ("step_s", "rollout_s", "old_logprob_s", "update_s", "reward_s", "rollout_tokens_per_s",
+              "update_tokens_per_s", "peak_mem_gb"):
+        assert b[k] >= 0, k
+    assert b["rollout_tokens_per_s"] > 0 and b["peak_mem_gb"] > 0
+    assert b["timed_steps"] == 2 and b["settings"]["num_generations"] == 4
+    # the split adds up to no more than the whole step
+    assert b["rollout_s"] + b["reward_s"] + b["old_logprob_s"] + b["update_s"] <= b["step_s"] + 1e-6
+    rows = open(os.path.join(out, "ours", "metrics.jsonl")).read().splitlines()
+    assert len(rows) == 3                                    # one warm-up step plus the two timed ones
+
+
+def test_bench_bad_flag(tmp_path):
+    p = subprocess.run([sys.executable, "bench.py", "--model", "tiny", "--dataset", "nope", "--output_dir",
+                        str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode != 0 and "--dataset nope" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bench_vs_trl(tmp_path):
+    pytest.importorskip("trl")       # TRL is not a requirement of the project; this runs where it is installed
+    out = str(tmp_path / "t")
+    p = subprocess.run([sys.executable, "bench.py", "--model", "tiny", "--dataset", "tiny", "--steps", "1",
+                        "--vs-trl", "--output_dir", out], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    b = json.load(open(os.path.join(out, "bench.json")))
+    assert b["trl_step_s"] > 0 and b["trl_peak_mem_gb"] > 0
+    assert b["step_ratio"] == pytest.approx(b["step_s"] / b["trl_step_s"])
