@@ -370,9 +370,10 @@ def completion_logprobs(model, input_ids, attention_mask, prompt_len, temperatur
     B, T = input_ids.shape[0], input_ids.shape[1] - prompt_len
     h = hidden[:, prompt_len - 1:-1].reshape(B * T, -1)       # [B*T, d] the state that predicts token t
     targets = input_ids[:, prompt_len:].reshape(B * T)         # [B*T]
-    # Chunks of at most chunk_tokens and at most 1/8 of the positions: the transient float32
-    # logits stay a small fraction of the naive [B, T, V] tensor at any batch size.
-    n = max(1, min(chunk_tokens, math.ceil(B * T / 8)))
+    # Chunks of at most chunk_tokens and at most 1/16 of the positions. A chunk holds three float32
+    # [n, V] tensors at once (logits, log-softmax, its exp), so the transient memory is at most 3/16
+    # of the naive [B, T, V] logits at any batch size, and far less for large batches.
+    n = max(1, min(chunk_tokens, math.ceil(B * T / 16)))
     logps, ents = [], []
     for s in range(0, B * T, n):
         args = (h[s:s + n], head.weight, head.bias, targets[s:s + n], temperature)

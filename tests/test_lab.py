@@ -9,7 +9,7 @@ import train
 def test_shortened_lab_learns(tmp_path, monkeypatch):
     # The lab with a shorter warm start (its cache key includes these settings) and 40 RL steps:
     # about two minutes on two CPU cores. A learning test, not a timed one.
-    monkeypatch.setitem(lab.WARM, "lab", dict(lab.WARM["lab"], steps=400))
+    monkeypatch.setitem(lab.WARM, "lab", dict(lab.WARM["lab"], steps=500))
     out = str(tmp_path / "lab")
     assert train.main(["--preset", "lab", "--max_steps", "40", "--eval_steps", "40", "--output_dir", out]) == 0
     rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
