@@ -77,8 +77,9 @@ def trl_worker(spec_path):
                  "of --micro_batch_size")
     accum = per_update // cfg.micro_batch_size
     steps = spec["steps"]
+    per_rollout = cfg.steps_per_generation * cfg.num_iterations     # TRL optimizer steps per RL step
     args = GRPOConfig(
-        output_dir=spec["out"], max_steps=cfg.steps_per_generation * (steps + 1), learning_rate=cfg.learning_rate,
+        output_dir=spec["out"], max_steps=per_rollout * (steps + 1), learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.micro_batch_size, gradient_accumulation_steps=accum,
         steps_per_generation=n // cfg.micro_batch_size, num_iterations=cfg.num_iterations,
         num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
@@ -93,14 +94,13 @@ def trl_worker(spec_path):
     class Clock(TrainerCallback):
         def on_step_end(self, a, state, control, **kw):
             marks.append(time.time())
-            if len(marks) == cfg.steps_per_generation and torch.cuda.is_available():
+            if len(marks) == per_rollout and torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()       # the warm-up step is not counted
 
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
                           callbacks=[Clock()])
     trainer.train()
-    s = cfg.steps_per_generation
-    json.dump({"trl_step_s": (marks[-1] - marks[s - 1]) / steps, "trl_peak_mem_gb": train.peak_mem_gb()},
+    json.dump({"trl_step_s": (marks[-1] - marks[per_rollout - 1]) / steps, "trl_peak_mem_gb": train.peak_mem_gb()},
               open(os.path.join(spec["out"], "trl.json"), "w"))
 
 
