@@ -254,9 +254,9 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
-    prompts = [(cegppo.format_prompt(tok, q), a) for q, a in train_rows]
-    n_long = sum(len(tok(p)["input_ids"]) > cfg.max_prompt_length for p, _ in prompts)
-    prompts = [(p, a) for p, a in prompts if len(tok(p)["input_ids"]) <= cfg.max_prompt_length]
+    formatted = [(cegppo.format_prompt(tok, q), a) for q, a in train_rows]
+    prompts = [(p, a) for p, a in formatted if len(tok(p)["input_ids"]) <= cfg.max_prompt_length]
+    n_long = len(formatted) - len(prompts)
     if n_long:
         print(f"skipped {n_long} prompts longer than --max_prompt_length {cfg.max_prompt_length}", file=sys.stderr)
     if not prompts:

@@ -180,3 +180,11 @@ def test_plot_two_runs(baseline, tmp_path):
     assert plot.label(baseline) != plot.label(other)
     from PIL import Image
     assert Image.open(png).size[0] > 1000
+
+
+def test_long_prompts_are_skipped_and_counted(tmp_path):
+    # every tiny prompt is about 33 tokens: with a limit of 5 all 64 are skipped, counted, and the run stops
+    p = script("train.py", "--preset", "tiny", "--max_prompt_length", "5", "--output_dir", str(tmp_path / "o"),
+               check=False)
+    assert "skipped 64 prompts longer than --max_prompt_length 5" in p.stderr
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == "error: --dataset tiny: no usable prompts"
