@@ -111,7 +111,7 @@ def _expressions(seed, max_operand=9):
     """Every a op b with 1 <= a, b <= max_operand and op in + - * (243 for digits), shuffled with seed.
 
     Small enough for a 4-layer model to learn the facts in a short warm start, so that what RL
-    has to fix is the habit of slipping (see worked_solution), not missing knowledge.
+    has to fix is the habit of guessing (see toy_solution), not missing knowledge.
     """
     exprs = [f"{a}{op}{b}" for a in range(1, max_operand + 1) for b in range(1, max_operand + 1) for op in "+-*"]
     random.Random(seed).shuffle(exprs)
@@ -123,13 +123,18 @@ def _is_test(expr):
     return int(hashlib.md5(expr.encode()).hexdigest(), 16) % 5 == 0
 
 
+def _value(expr):
+    """(a, op, b, value) of 'a op b'."""
+    a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)", expr).groups()
+    return a, op, b, {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+
+
 def toy_rows(split="train", tiny=False, seed=0):
     """[(question, answer)] for the toy arithmetic task; `tiny` is a 64 / 16 row version for tests."""
     exprs = [e for e in _expressions(seed) if _is_test(e) == (split != "train")]
     if tiny:
         exprs = exprs[:64 if split == "train" else 16]
-    return [(f"What is {e}?", str(eval(e))) for e in exprs]   # eval of our own digits-and-operators string
-
+    return [(f"What is {e}?", str(_value(e)[3])) for e in exprs]
 
 
 def toy_solution(expr, rng, guess_frac):
@@ -140,8 +145,7 @@ def toy_solution(expr, rng, guess_frac):
     The warm-started policy mixes both, so it sometimes succeeds and sometimes not, and the
     lesson RL can learn is one that carries over to every question: show the working.
     """
-    a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)", expr).groups()
-    v = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+    a, op, b, v = _value(expr)
     if rng.random() < guess_frac:
         v += rng.choice([-3, -2, -1, 1, 2, 3])
         return f"\\boxed{{{v}}}"

@@ -24,7 +24,6 @@ DeepSeek-R1-Distill-Qwen, GSM8K / MATH instead of KlearReasoner-MathSub-30K.
 
 import dataclasses
 import json
-import math
 import os
 import random
 import resource
