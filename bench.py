@@ -3,6 +3,7 @@
     python bench.py --model tiny --dataset tiny                         # CPU, seconds
     python bench.py --model /path/to/Qwen2.5-0.5B-Instruct --dataset gsm8k --steps 3
     python bench.py --model tiny --dataset tiny --vs-trl                # needs `pip install trl`
+    python bench.py --logprob-memory          # the log-prob pass's memory at Qwen2.5's vocabulary
 
 Every flag of train.py applies (it is train.py's own loop that runs). One warm-up step is run
 and not counted, then --steps steps are timed. Each side runs in its own process, one after the
@@ -22,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -115,12 +117,77 @@ def run_trl(train_args, steps, out):
     return json.load(open(os.path.join(out, "trl.json")))
 
 
+# The log-prob and entropy pass at Qwen2.5's sizes (vocabulary 151,936; hidden 896 as in 0.5B).
+LOGPROB_VOCAB, LOGPROB_HIDDEN, LOGPROB_TOKENS = 151936, 896, (256, 1024, 4096)
+
+
+def logprob_pass_extra_gb(n, way, vocab=LOGPROB_VOCAB, hidden=LOGPROB_HIDDEN):
+    """Peak extra tensor memory (GB) of log-probs + entropy + backward over n positions, 'ours'
+    (cegppo._TokenLogProb, chunked) or 'naive' (full float32 logits, then log_softmax). Exact
+    allocator numbers: CUDA's peak allocated, or on CPU the profiler's running total of allocations."""
+    import torch
+    import cegppo
+    cuda = torch.cuda.is_available()
+    dev, dtype = ("cuda", cegppo.compute_dtype()) if cuda else ("cpu", torch.float32)
+    torch.manual_seed(0)
+    h = torch.randn(n, hidden, device=dev, dtype=dtype, requires_grad=True)               # [N, d]
+    w = torch.empty(vocab, hidden, device=dev, dtype=dtype).normal_(0, 0.02)              # [V, d] frozen head
+    targets = torch.randint(0, vocab, (n,), device=dev)                                    # [N]
+
+    def run():
+        if way == "ours":
+            lp, _ = cegppo._TokenLogProb.apply(h, w, None, targets, 1.0, cegppo.chunk_size(n), True)
+        else:
+            logp_all = torch.log_softmax((h @ w.T).float(), -1)                             # [N, V]
+            lp = logp_all.gather(-1, targets[:, None])[:, 0]
+            with torch.no_grad():
+                -(logp_all.exp() * logp_all).sum(-1)
+        lp.sum().backward()
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        return (torch.cuda.max_memory_allocated() - base) / 1e9
+    from torch.profiler import ProfilerActivity, profile
+    with tempfile.TemporaryDirectory() as tmp:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run()
+        prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+        events = json.load(open(os.path.join(tmp, "trace.json")))["traceEvents"]
+    # "Total Allocated" counts from 0 at the profiler's start: its maximum is the peak extra memory
+    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]") / 1e9
+
+
+def logprob_memory(out_dir):
+    """Our log-prob pass against naive float32 logits, at Qwen2.5's vocabulary, for growing batches."""
+    rows = []
+    for n in LOGPROB_TOKENS:
+        row = {"positions": n, "logits_fp32_gb": n * LOGPROB_VOCAB * 4 / 1e9,
+               "naive_extra_gb": logprob_pass_extra_gb(n, "naive"), "ours_extra_gb": logprob_pass_extra_gb(n, "ours")}
+        row["ours_over_logits"] = row["ours_extra_gb"] / row["logits_fp32_gb"]
+        rows.append(row)
+        print(f"  {n:6d} positions: float32 logits {row['logits_fp32_gb']:6.3f} GB | naive pass "
+              f"{row['naive_extra_gb']:6.3f} GB | ours {row['ours_extra_gb']:6.3f} GB "
+              f"({row['ours_over_logits']:.3f} of the logits)")
+    with open(os.path.join(out_dir, "logprob_memory.json"), "w") as f:
+        json.dump({"vocab": LOGPROB_VOCAB, "hidden": LOGPROB_HIDDEN, "rows": rows}, f, indent=2)
+    print(f"wrote {out_dir}/logprob_memory.json")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Benchmark train.py's RL step (all train.py flags apply).")
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     ap.add_argument("--vs-trl", action="store_true", help="also run TRL's GRPOTrainer on the same settings")
     ap.add_argument("--output_dir", default="runs/bench", help="bench.json and the runs' files go here")
+    ap.add_argument("--logprob-memory", action="store_true",
+                    help="instead: peak memory of the log-prob pass at Qwen2.5's vocabulary vs naive logits")
     args, train_args = ap.parse_known_args(argv)
+    if args.logprob_memory:
+        os.makedirs(args.output_dir, exist_ok=True)
+        logprob_memory(args.output_dir)
+        return 0
     import train
     from cegppo import UserError
     try:

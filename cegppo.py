@@ -339,27 +339,85 @@ def rollout(model, tokenizer, prompts, num_generations, max_new_tokens, temperat
 # ----------------------------------------------------------------------------------------------
 # Log-probs and entropy
 # ----------------------------------------------------------------------------------------------
-def _token_logprob_entropy(hidden, lm_head_weight, lm_head_bias, targets, temperature):
-    """hidden [n, d], targets [n] -> (logp [n], entropy [n]) in float32 for one chunk."""
-    logits = F.linear(hidden, lm_head_weight, lm_head_bias).float() / temperature    # [n, V]
-    logp_all = torch.log_softmax(logits, dim=-1)                                     # [n, V]
-    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)                         # [n]
-    with torch.no_grad():   # entropy is a metric here, never a loss term: keep it out of the graph
-        entropy = -(logp_all.exp() * logp_all).sum(-1)                               # [n]
-    return logp, entropy
+def chunk_size(positions, chunk_tokens=1024):
+    """Positions per LM-head chunk: at most chunk_tokens and at most 1/16 of all positions.
+
+    A chunk holds at most two float32 [n, V] tensors at once (_TokenLogProb), so the transient
+    memory stays near 2/16 of the naive [B, T, V] float32 logits at any batch size, and far less
+    for large batches once chunk_tokens caps n (measured by `bench.py --logprob-memory`)."""
+    return max(1, min(chunk_tokens, math.ceil(positions / 16)))
 
 
-def completion_logprobs(model, input_ids, attention_mask, prompt_len, temperature=1.0, chunk_tokens=1024):
+class _TokenLogProb(torch.autograd.Function):
+    """log pi(target) (and, as a metric, the entropy) at n positions, chunk by chunk over positions.
+
+    Why a hand-written backward: autograd through log_softmax would keep a float32 [n, V] tensor
+    per chunk for the backward pass, which is the naive [B, T, V] memory again. Here the forward
+    keeps only the log-normaliser lse [n]; the backward recomputes each chunk's logits and uses
+
+        d logp(a) / d logits = onehot(a) - softmax(logits)          (then / temperature)
+
+    so at most one chunk's [n, V] tensors exist at a time, in both passes.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk, with_entropy):
+        # hidden [N, d], weight [V, d], targets [N] -> logp [N], entropy [N] (float32, or float64)
+        N, acc = hidden.shape[0], torch.promote_types(hidden.dtype, torch.float32)
+        logp = torch.empty(N, device=hidden.device, dtype=acc)
+        lse = torch.empty_like(logp)
+        entropy = torch.zeros_like(logp)
+        for s in range(0, N, chunk):
+            logits = F.linear(hidden[s:s + chunk], weight, bias).to(acc).div_(temperature)   # [n, V]
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)                                  # [n]
+            logp[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None])[:, 0] - lse[s:s + chunk]
+            if with_entropy:    # H = -sum_v p_v log p_v; log p is made in the logits' own memory
+                logits.sub_(lse[s:s + chunk, None])                                             # [n, V] log p
+                entropy[s:s + chunk] = -logits.exp().mul_(logits).sum(-1)
+            del logits          # free this chunk before the next one is allocated, not after
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.mark_non_differentiable(entropy)       # a metric, never a loss term
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        T, chunk, acc = ctx.temperature, ctx.chunk, lse.dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], device=weight.device, dtype=acc) if need_b else None
+        for s in range(0, hidden.shape[0], chunk):
+            h, g = hidden[s:s + chunk], grad_logp[s:s + chunk, None].to(acc)                     # [n, d], [n, 1]
+            logits = F.linear(h, weight, bias).to(acc).div_(T)                                   # [n, V]
+            # g * (onehot - softmax) / T, built in place in the logits' memory
+            dlogits = logits.sub_(lse[s:s + chunk, None]).exp_().mul_(-g)                       # [n, V]
+            dlogits.scatter_add_(-1, targets[s:s + chunk, None], g).div_(T)
+            if need_h:
+                grad_h[s:s + chunk] = dlogits.to(hidden.dtype) @ weight
+            if need_w:
+                grad_w += dlogits.t() @ h.to(acc)
+            if need_b:
+                grad_b += dlogits.sum(0)
+            del logits, dlogits
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+
+
+def completion_logprobs(model, input_ids, attention_mask, prompt_len, temperature=1.0, chunk_tokens=1024,
+                        with_entropy=True):
     """Per-token log pi(a_t) and full-vocabulary entropy H_t for the completion tokens.
 
     input_ids, attention_mask: [B, P + T] as returned by rollout; completion tokens start at prompt_len.
     Returns (logp [B, T], entropy [B, T]) in float32; logp carries the gradient when grad is on.
+    with_entropy=False skips the entropy (zeros come back): the optimizer updates do not need it.
 
     The logits are divided by the sampling temperature: pi_old must be the distribution the rollout
     sampled from, or the ratio is not 1 on-policy. Memory: the body runs once, the LM head only on
-    the T completion positions and in chunks of at most `chunk_tokens` positions, so the float32
-    [B, T, V] logits (V = 151,936 for Qwen2.5) never exist at once. With grad on, each chunk is
-    checkpointed: its [n, V] logits are recomputed in the backward pass instead of being kept.
+    the T completion positions and in chunks of at most `chunk_tokens` positions (_TokenLogProb),
+    so the float32 [B, T, V] logits (V = 151,936 for Qwen2.5) never exist at once, in the forward
+    or in the backward pass.
     """
     body, head = model.get_decoder(), model.get_output_embeddings()
     # Position ids from the attention mask, as generate() computes them: with left padding the
@@ -370,20 +428,9 @@ def completion_logprobs(model, input_ids, attention_mask, prompt_len, temperatur
     B, T = input_ids.shape[0], input_ids.shape[1] - prompt_len
     h = hidden[:, prompt_len - 1:-1].reshape(B * T, -1)       # [B*T, d] the state that predicts token t
     targets = input_ids[:, prompt_len:].reshape(B * T)         # [B*T]
-    # Chunks of at most chunk_tokens and at most 1/16 of the positions. A chunk holds three float32
-    # [n, V] tensors at once (logits, log-softmax, its exp), so the transient memory is at most 3/16
-    # of the naive [B, T, V] logits at any batch size, and far less for large batches.
-    n = max(1, min(chunk_tokens, math.ceil(B * T / 16)))
-    logps, ents = [], []
-    for s in range(0, B * T, n):
-        args = (h[s:s + n], head.weight, head.bias, targets[s:s + n], temperature)
-        if torch.is_grad_enabled():
-            lp, ent = torch.utils.checkpoint.checkpoint(_token_logprob_entropy, *args, use_reentrant=False)
-        else:
-            lp, ent = _token_logprob_entropy(*args)
-        logps.append(lp)
-        ents.append(ent)
-    return torch.cat(logps).view(B, T), torch.cat(ents).view(B, T)
+    logp, entropy = _TokenLogProb.apply(h, head.weight, head.bias, targets, temperature,
+                                        chunk_size(B * T, chunk_tokens), with_entropy)
+    return logp.view(B, T), entropy.view(B, T)
 
 
 # ----------------------------------------------------------------------------------------------

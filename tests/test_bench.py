@@ -41,3 +41,17 @@ def test_bench_vs_trl(tmp_path):
     b = json.load(open(os.path.join(out, "bench.json")))
     assert b["trl_step_s"] > 0 and b["trl_peak_mem_gb"] > 0
     assert b["step_ratio"] == pytest.approx(b["step_s"] / b["trl_step_s"])
+
+
+def test_logprob_pass_memory_is_a_fraction_of_the_logits():
+    # Exact allocator totals (the profiler's on CPU), not timings. The naive pass holds about three
+    # [N, V] float32 tensors (logits, log-softmax, its gradient); ours at most two chunks of N/16
+    # positions, i.e. about 2/16 of the logits, under the bound of a quarter.
+    import bench
+    vocab, hidden = 8192, 64
+    for n in (64, 512):
+        logits = n * vocab * 4 / 1e9
+        naive = bench.logprob_pass_extra_gb(n, "naive", vocab, hidden)
+        ours = bench.logprob_pass_extra_gb(n, "ours", vocab, hidden)
+        assert naive >= 2.5 * logits
+        assert ours <= 0.15 * logits

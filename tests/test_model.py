@@ -52,10 +52,33 @@ def test_chunked_logprobs_equal_naive(tiny_path, temperature):
     if temperature != 1.0:
         plain, _ = naive_logprobs(model, ids, amask, P, 1.0)
         assert not torch.allclose(lp, plain, atol=1e-3)
-    # gradients through the checkpointed chunks equal the naive ones
-    g, = torch.autograd.grad(lp.sum(), model.lm_head.weight)
-    g_ref, = torch.autograd.grad(ref_lp.sum(), model.lm_head.weight)
-    assert torch.allclose(g, g_ref, atol=1e-5)
+    # gradients through the hand-written chunked backward equal the naive ones
+    # (the head's weight, and a body weight, reached through the hidden states)
+    w = [model.lm_head.weight, model.model.layers[0].mlp.down_proj.weight]
+    g = torch.autograd.grad(lp.sum(), w)
+    g_ref = torch.autograd.grad(ref_lp.sum(), w)
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_chunked_logprob_backward_by_finite_differences():
+    # The hand-written backward of _TokenLogProb against finite differences, in float64, with a
+    # bias, a temperature and chunks of 2 over 5 positions (the last chunk is short).
+    torch.manual_seed(0)
+    h = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 6, 3, 3, 1])
+    f = lambda h, w, b: cegppo._TokenLogProb.apply(h, w, b, targets, 0.7, 2, True)[0]
+    assert torch.autograd.gradcheck(f, (h, w, b))
+    # and its values: log_softmax(hW^T + b) / T at the targets, entropy of that distribution
+    lp, ent = cegppo._TokenLogProb.apply(h, w, b, targets, 0.7, 2, True)
+    ref = torch.log_softmax((h @ w.T + b) / 0.7, -1)
+    assert torch.allclose(lp, ref.gather(-1, targets[:, None])[:, 0])
+    assert torch.allclose(ent, -(ref.exp() * ref).sum(-1))
+    assert not ent.requires_grad
+    _, none = cegppo._TokenLogProb.apply(h, w, b, targets, 0.7, 2, False)
+    assert none.abs().sum() == 0
 
 
 def test_rollout_on_4bit_lora_is_on_policy(tiny_policy):
