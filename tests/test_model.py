@@ -148,3 +148,40 @@ def test_generate_train_generate_on_4bit(tiny_policy):
         opt.step()
         opt.zero_grad()
     assert torch.isfinite(loss)
+
+
+@pytest.fixture()
+def warm_tiny_policy():
+    """The tiny model after its short warm start: it writes answers and stops on its own."""
+    import lab
+    return cegppo.load_model(lab.warm_start_path("tiny"), four_bit=True, lora_rank=8, trainable=True)
+
+
+def test_generation_stops_when_every_sequence_has_finished(warm_tiny_policy):
+    model, tok = warm_tiny_policy
+    prompts = [format_prompt(tok, q) for q, _ in cegppo.load_rows("tiny", "train")[:4]]
+    torch.manual_seed(0)
+    ro = rollout(model, tok, prompts, 4, 200, 1.0, 1.0, 8)       # two generate() calls of 8
+    lengths = ro["completion_mask"].sum(1)
+    assert not ro["truncated"].any()                             # all 16 wrote an EOS well before 200
+    # no step was spent past the longest completion: the completion block is exactly that wide
+    assert ro["completion_mask"].shape[1] == int(lengths.max()) < 200
+
+
+def test_generation_out_of_memory_halves_the_batch(warm_tiny_policy):
+    model, tok = warm_tiny_policy
+    prompts = [format_prompt(tok, q) for q, _ in cegppo.load_rows("tiny", "train")[:2]]
+    real_generate, sizes = model.generate, []
+
+    def small_gpu_generate(**kw):           # a device on which more than 2 sequences do not fit
+        sizes.append(kw["input_ids"].shape[0])
+        if kw["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_generate(**kw)
+
+    model.generate = small_gpu_generate
+    with pytest.warns(UserWarning, match="retrying with generation batch 2"):
+        ro = rollout(model, tok, prompts, 4, 30, 1.0, 1.0, 8)
+    assert sizes == [8, 4, 2, 2, 2, 2]        # 8 fails, 4 fails, then four calls of 2
+    assert ro["gen_batch_size"] == 2 and len(ro["texts"]) == 8
+    assert ro["input_ids"].shape[0] == 8 and ro["completion_mask"].sum(1).min() >= 1

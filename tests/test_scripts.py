@@ -188,3 +188,30 @@ def test_long_prompts_are_skipped_and_counted(tmp_path):
                check=False)
     assert "skipped 64 prompts longer than --max_prompt_length 5" in p.stderr
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == "error: --dataset tiny: no usable prompts"
+
+
+def test_zero_advantage_groups_get_no_forward_or_backward_with_grad(tmp_path, monkeypatch):
+    # Spy on the log-prob pass (the real one runs): every pass with grad on is a training pass,
+    # and it must see exactly the responses of the groups whose rewards differ.
+    import torch
+    import cegppo
+    import train
+    real, trained = cegppo.completion_logprobs, []
+
+    def spy(model, input_ids, *a, **k):
+        if torch.is_grad_enabled():
+            trained.append(input_ids.shape[0])
+        return real(model, input_ids, *a, **k)
+
+    monkeypatch.setattr(cegppo, "completion_logprobs", spy)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        out = str(tmp_path / "z")
+        assert train.main(["--model", "tiny", "--max_steps", "6", "--num_iterations", "2", "--eval_limit", "0",
+                           "--output_dir", out]) == 0
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    r = rows(out)
+    assert sum(x["zero_std_groups"] for x in r) > 0                  # some groups were all right or all wrong
+    assert sum(trained) == 2 * sum(x["trained_responses"] for x in r)
+    assert all(x["trained_responses"] == 4 * (4 - x["zero_std_groups"]) for x in r)
