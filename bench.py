@@ -6,9 +6,14 @@
     python bench.py --logprob-memory          # the log-prob pass's memory at Qwen2.5's vocabulary
 
 Every flag of train.py applies (it is train.py's own loop that runs). One warm-up step is run
-and not counted, then --steps steps are timed. Each side runs in its own process, one after the
-other, so that peak memory (CUDA peak allocated on a GPU, the process's peak RSS on CPU) is each
-one's own. Writes bench.json in --output_dir and prints a table.
+and not counted, then --steps steps are timed; times are medians over those steps. Each side runs
+in its own process, one after the other (--repeats R alternates them R times and keeps each
+side's median run), so that peak memory (CUDA peak allocated on a GPU, the process's peak RSS on
+CPU) is each one's own. Writes bench.json in --output_dir and prints a table.
+
+--synthetic-0.5b: a random-init model with Qwen2.5-0.5B's shapes, built locally, for machines
+that cannot download the real one; its reward is a coin flip (see coin_reward).
+--logprob-memory: the log-prob pass's peak memory against naive float32 logits, nothing else.
 
 TRL gets the same model object (4-bit + LoRA built by cegppo.load_model), the same chat-formatted
 prompts and reward, the same P prompts x G generations, completion length, temperature, top_p,
@@ -18,6 +23,7 @@ optimizer updates of the same size per generation), no KL (beta 0), the same eps
 """
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -29,25 +35,65 @@ import time
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_ours(train_args, steps, out):
+def coin_reward(completion, answer):
+    """A fair coin per completion, seeded by its text: the reward of `--synthetic-0.5b`, whose random
+    weights never write a right answer (math_reward would be 0 everywhere, every group would have
+    zero variance and our loop would skip every update, which is no benchmark)."""
+    return float(int(hashlib.md5(completion.encode()).hexdigest(), 16) % 2)
+
+
+def synthetic_model():
+    """Folder of a random-init model with Qwen2.5-0.5B's shapes (494M parameters, vocabulary 151,936,
+    tied head) in bf16 as the real checkpoint is, built once and cached beside the lab's models."""
+    import lab
+    import torch
+    folder = os.path.join(lab.cache_dir(), "qwen2.5-0.5b-shaped-random")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        with torch.random.fork_rng():
+            model, tok = lab.build_model("qwen2.5-0.5b")
+            lab.save_atomic(model.to(torch.bfloat16), tok, folder)
+    return folder
+
+
+def ours_worker(spec_path):
+    """Runs in its own process: train.py's main() on the spec's flags (with the coin reward if asked)."""
+    import cegppo
+    import train
+    spec = json.load(open(spec_path))
+    if spec["coin"]:
+        cegppo.math_reward = coin_reward
+    try:
+        sys.exit(train.main(spec["train_args"]))
+    except cegppo.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_ours(train_args, steps, out, coin=False):
     """train.py for 1 + steps steps with evaluation and checkpoints out of the way."""
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *train_args, "--max_steps", str(steps + 1),
-           "--output_dir", out, "--eval_limit", "0", "--save_steps", "100000", "--logging_steps", "100000"]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    os.makedirs(out, exist_ok=True)
+    spec = os.path.join(out, "spec.json")
+    json.dump({"coin": coin, "train_args": [*train_args, "--max_steps", str(steps + 1), "--output_dir", out,
+                                            "--eval_limit", "0", "--save_steps", "100000",
+                                            "--logging_steps", "100000"]}, open(spec, "w"))
+    p = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import bench; "
+                        f"bench.ours_worker({spec!r})"], capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"train.py exited {p.returncode}")
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1:]    # drop the warm-up
-    mean = lambda k: statistics.mean(r[k] for r in rows)
+    # medians: a shared machine's hiccups, and math-verify's first parse of a new kind of answer
+    # (it imports and builds its parsers lazily), would otherwise land in one step's mean
+    median = lambda k: statistics.median(r[k] for r in rows)
     return {
-        "step_s": mean("step_time_s"),
-        "rollout_s": mean("rollout_time_s"),
-        "reward_s": mean("reward_time_s"),
-        "old_logprob_s": mean("old_logprob_time_s"),
-        "update_s": mean("update_time_s"),
+        "step_s": median("step_time_s"),
+        "rollout_s": median("rollout_time_s"),
+        "reward_s": median("reward_time_s"),
+        "old_logprob_s": median("old_logprob_time_s"),
+        "update_s": median("update_time_s"),
         "rollout_tokens_per_s": sum(r["completion_tokens"] for r in rows) / sum(r["rollout_time_s"] for r in rows),
         "update_tokens_per_s": sum(r["update_tokens"] for r in rows) / max(1e-9, sum(r["update_time_s"] for r in rows)),
-        "updates_per_step": mean("updates"),
-        "zero_std_groups_per_step": mean("zero_std_groups"),
+        "updates_per_step": statistics.mean(r["updates"] for r in rows),
+        "zero_std_groups_per_step": statistics.mean(r["zero_std_groups"] for r in rows),
         "peak_mem_gb": max(r["peak_mem_gb"] for r in rows),
     }
 
@@ -61,6 +107,8 @@ def trl_worker(spec_path):
     import cegppo
     import train
     spec = json.load(open(spec_path))
+    if spec["coin"]:
+        cegppo.math_reward = coin_reward
     cfg = train.parse_config(spec["train_args"])
     torch.manual_seed(cfg.seed)
     model, tok = cegppo.load_model(train.resolve_model(cfg.model), four_bit=cfg.load_in_4bit, lora_rank=cfg.lora_r,
@@ -102,14 +150,16 @@ def trl_worker(spec_path):
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
                           callbacks=[Clock()])
     trainer.train()
-    json.dump({"trl_step_s": (marks[-1] - marks[per_rollout - 1]) / steps, "trl_peak_mem_gb": train.peak_mem_gb()},
+    ends = marks[per_rollout - 1::per_rollout]                     # the end of each RL step
+    json.dump({"trl_step_s": statistics.median(b - a for a, b in zip(ends, ends[1:])),
+               "trl_peak_mem_gb": train.peak_mem_gb()},
               open(os.path.join(spec["out"], "trl.json"), "w"))
 
 
-def run_trl(train_args, steps, out):
+def run_trl(train_args, steps, out, coin=False):
     os.makedirs(out, exist_ok=True)
     spec = os.path.join(out, "spec.json")
-    json.dump({"train_args": train_args, "steps": steps, "out": out}, open(spec, "w"))
+    json.dump({"train_args": train_args, "steps": steps, "out": out, "coin": coin}, open(spec, "w"))
     p = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import bench; "
                         f"bench.trl_worker({spec!r})"], capture_output=True, text=True)
     if p.returncode != 0:
@@ -180,14 +230,23 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Benchmark train.py's RL step (all train.py flags apply).")
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     ap.add_argument("--vs-trl", action="store_true", help="also run TRL's GRPOTrainer on the same settings")
+    ap.add_argument("--repeats", type=int, default=1, help="run each side this many times, alternating; "
+                    "report each side's median run")
     ap.add_argument("--output_dir", default="runs/bench", help="bench.json and the runs' files go here")
     ap.add_argument("--logprob-memory", action="store_true",
                     help="instead: peak memory of the log-prob pass at Qwen2.5's vocabulary vs naive logits")
+    ap.add_argument("--synthetic-0.5b", dest="synthetic", action="store_true",
+                    help="benchmark a random-init model with Qwen2.5-0.5B's shapes on the lab prompts, with a "
+                         "coin-flip reward (for machines without the real checkpoint)")
     args, train_args = ap.parse_known_args(argv)
+    if args.steps < 1 or args.repeats < 1:
+        sys.exit(f"error: --steps {args.steps} / --repeats {args.repeats}: both must be at least 1")
     if args.logprob_memory:
         os.makedirs(args.output_dir, exist_ok=True)
         logprob_memory(args.output_dir)
         return 0
+    if args.synthetic:
+        train_args = ["--model", synthetic_model(), "--dataset", "lab", *train_args]   # later flags win
     import train
     from cegppo import UserError
     try:
@@ -196,20 +255,29 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     os.makedirs(args.output_dir, exist_ok=True)
     import shutil
-    shutil.rmtree(os.path.join(args.output_dir, "ours"), ignore_errors=True)
     import torch
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     result = {"device": device, "model": cfg.model, "settings": {k: getattr(cfg, k) for k in (
         "prompts_per_step", "num_generations", "max_completion_length", "steps_per_generation", "num_iterations",
         "micro_batch_size", "load_in_4bit", "lora_r", "temperature")}, "timed_steps": args.steps}
-    result.update(run_ours(train_args, args.steps, os.path.join(args.output_dir, "ours")))
+    if args.synthetic:
+        result["model"], result["reward"] = "random-init, Qwen2.5-0.5B shapes", "coin flip"
+    # ours, TRL, ours, TRL, ...: a slow minute of a shared machine then hits both sides alike
+    ours, trl = [], []
+    for _ in range(args.repeats):
+        shutil.rmtree(os.path.join(args.output_dir, "ours"), ignore_errors=True)
+        ours.append(run_ours(train_args, args.steps, os.path.join(args.output_dir, "ours"), args.synthetic))
+        if args.vs_trl:
+            trl.append(run_trl(train_args, args.steps, os.path.join(args.output_dir, "trl"), args.synthetic))
+    middle = lambda runs, k: sorted(runs, key=lambda r: r[k])[len(runs) // 2]        # the median run
+    result.update(middle(ours, "step_s"), step_s_repeats=[r["step_s"] for r in ours])
     if args.vs_trl:
-        result.update(run_trl(train_args, args.steps, os.path.join(args.output_dir, "trl")))
+        result.update(middle(trl, "trl_step_s"), trl_step_s_repeats=[r["trl_step_s"] for r in trl])
         result["step_ratio"] = result["step_s"] / result["trl_step_s"]
         result["mem_ratio"] = result["peak_mem_gb"] / result["trl_peak_mem_gb"]
     with open(os.path.join(args.output_dir, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
-    print(f"device {device}, model {cfg.model}, {args.steps} timed steps")
+    print(f"device {device}, model {result['model']}, {args.steps} timed steps, {args.repeats} repeat(s)")
     for k in ("step_s", "rollout_s", "old_logprob_s", "update_s", "reward_s", "rollout_tokens_per_s",
               "update_tokens_per_s", "peak_mem_gb", "trl_step_s", "trl_peak_mem_gb", "step_ratio", "mem_ratio"):
         if k in result:

@@ -29,6 +29,10 @@ SIZES = {
                  num_key_value_heads=2),
     "lab": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2),
+    # Qwen2.5-0.5B's shapes (vocabulary, tied head included), random weights: for `bench.py
+    # --synthetic-0.5b`, which measures speed and memory where no real checkpoint can be downloaded.
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936),
 }
 
 
@@ -48,14 +52,19 @@ def _byte_to_unicode():
     return dict(zip(bs, map(chr, cs)))
 
 
-def build_tokenizer():
+def build_tokenizer(vocab_size=None):
     """A character-level, byte-level BPE tokenizer (no merges) over printable ASCII and newline, plus one
-    token for the instruction sentence of cegppo.INSTRUCTION."""
+    token for the instruction sentence of cegppo.INSTRUCTION. vocab_size: pad the vocabulary to this
+    size with tokens "~0", "~1", ... that encoding never produces but decoding writes out, so that a
+    random model with a large vocabulary decodes to distinct texts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     b2u = _byte_to_unicode()
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
-    vocab = {t: i for i, t in enumerate(SPECIAL + [b2u[ord(c)] for c in chars])}
+    tokens = SPECIAL + [b2u[ord(c)] for c in chars]
+    if vocab_size:
+        tokens += [f"~{i}" for i in range(vocab_size - len(tokens) - 1)]      # - 1: the instruction token
+    vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -71,10 +80,10 @@ def build_tokenizer():
 def build_model(size="tiny", seed=0):
     """(random-init Qwen2ForCausalLM, tokenizer), deterministic for a given size and seed."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    tok = build_tokenizer()
-    cfg = Qwen2Config(vocab_size=len(tok), max_position_embeddings=1024, tie_word_embeddings=False,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
-                      **SIZES[size])
+    shape = {"tie_word_embeddings": False, **SIZES[size]}
+    tok = build_tokenizer(shape.pop("vocab_size", None))
+    cfg = Qwen2Config(vocab_size=len(tok), max_position_embeddings=1024, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, bos_token_id=None, **shape)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(cfg)
     model.generation_config.eos_token_id = tok.eos_token_id

@@ -35,11 +35,13 @@ def test_bench_bad_flag(tmp_path):
 def test_bench_vs_trl(tmp_path):
     pytest.importorskip("trl")       # TRL is not a requirement of the project; this runs where it is installed
     out = str(tmp_path / "t")
-    p = subprocess.run([sys.executable, "bench.py", "--model", "tiny", "--dataset", "tiny", "--steps", "1",
-                        "--vs-trl", "--output_dir", out], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "bench.py", "--model", "tiny", "--dataset", "tiny", "--steps", "2",
+                        "--vs-trl", "--repeats", "2", "--output_dir", out], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     b = json.load(open(os.path.join(out, "bench.json")))
     assert b["trl_step_s"] > 0 and b["trl_peak_mem_gb"] > 0
+    assert len(b["step_s_repeats"]) == len(b["trl_step_s_repeats"]) == 2
+    assert b["trl_step_s"] in b["trl_step_s_repeats"] and b["step_s"] in b["step_s_repeats"]
     assert b["step_ratio"] == pytest.approx(b["step_s"] / b["trl_step_s"])
 
 
@@ -55,3 +57,18 @@ def test_logprob_pass_memory_is_a_fraction_of_the_logits():
         ours = bench.logprob_pass_extra_gb(n, "ours", vocab, hidden)
         assert naive >= 2.5 * logits
         assert ours <= 0.15 * logits
+
+
+def test_synthetic_model_pieces():
+    # --synthetic-0.5b: a padded tokenizer (decode-only filler tokens) and a coin-flip reward
+    import bench
+    import lab
+    plain, padded = lab.build_tokenizer(), lab.build_tokenizer(vocab_size=500)
+    assert len(plain) == 100 and len(padded) == 500
+    text = "What is 7 * 8?\n\\boxed{56}"
+    assert padded(text)["input_ids"] == plain(text)["input_ids"]     # encoding never makes a filler token
+    assert padded.decode([99, 100, 498]) == "~0~1~399"               # decoding writes them out
+    assert padded.convert_ids_to_tokens(499) == plain.convert_ids_to_tokens(99)   # the instruction token, last
+    coins = [bench.coin_reward(f"~{i}", "56") for i in range(200)]
+    assert set(coins) == {0.0, 1.0} and 80 < sum(coins) < 120                # fair, and the same every time
+    assert coins == [bench.coin_reward(f"~{i}", "other") for i in range(200)]
