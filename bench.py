@@ -14,6 +14,7 @@ CPU) is each one's own. Writes bench.json in --output_dir and prints a table.
 --synthetic-0.5b: a random-init model with Qwen2.5-0.5B's shapes, built locally, for machines
 that cannot download the real one; its reward is a coin flip (see coin_reward).
 --logprob-memory: the log-prob pass's peak memory against naive float32 logits, nothing else.
+--profile: torch.profiler's table of the ops our side spends its time in (ours/profile.txt).
 
 TRL gets the same model object (4-bit + LoRA built by cegppo.load_model), the same chat-formatted
 prompts and reward, the same P prompts x G generations, completion length, temperature, top_p,
@@ -63,17 +64,27 @@ def ours_worker(spec_path):
     if spec["coin"]:
         cegppo.math_reward = coin_reward
     try:
-        sys.exit(train.main(spec["train_args"]))
+        if not spec["profile"]:
+            sys.exit(train.main(spec["train_args"]))
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=acts) as prof:
+            rc = train.main(spec["train_args"])
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        with open(os.path.join(os.path.dirname(spec_path), "profile.txt"), "w") as f:
+            f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
+        sys.exit(rc)
     except cegppo.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
-def run_ours(train_args, steps, out, coin=False):
+def run_ours(train_args, steps, out, coin=False, profile=False):
     """train.py for 1 + steps steps with evaluation and checkpoints out of the way."""
     os.makedirs(out, exist_ok=True)
     spec = os.path.join(out, "spec.json")
-    json.dump({"coin": coin, "train_args": [*train_args, "--max_steps", str(steps + 1), "--output_dir", out,
+    json.dump({"coin": coin, "profile": profile, "train_args": [*train_args, "--max_steps", str(steps + 1), "--output_dir", out,
                                             "--eval_limit", "0", "--save_steps", "100000",
                                             "--logging_steps", "100000"]}, open(spec, "w"))
     p = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import bench; "
@@ -238,6 +249,8 @@ def main(argv=None):
     ap.add_argument("--synthetic-0.5b", dest="synthetic", action="store_true",
                     help="benchmark a random-init model with Qwen2.5-0.5B's shapes on the lab prompts, with a "
                          "coin-flip reward (for machines without the real checkpoint)")
+    ap.add_argument("--profile", action="store_true", help="run our side under torch.profiler and write the "
+                    "ops that take the time to ours/profile.txt (the timings then include its overhead)")
     args, train_args = ap.parse_known_args(argv)
     if args.steps < 1 or args.repeats < 1:
         sys.exit(f"error: --steps {args.steps} / --repeats {args.repeats}: both must be at least 1")
@@ -266,7 +279,8 @@ def main(argv=None):
     ours, trl = [], []
     for _ in range(args.repeats):
         shutil.rmtree(os.path.join(args.output_dir, "ours"), ignore_errors=True)
-        ours.append(run_ours(train_args, args.steps, os.path.join(args.output_dir, "ours"), args.synthetic))
+        ours.append(run_ours(train_args, args.steps, os.path.join(args.output_dir, "ours"), args.synthetic,
+                             args.profile))
         if args.vs_trl:
             trl.append(run_trl(train_args, args.steps, os.path.join(args.output_dir, "trl"), args.synthetic))
     middle = lambda runs, k: sorted(runs, key=lambda r: r[k])[len(runs) // 2]        # the median run
@@ -282,7 +296,7 @@ def main(argv=None):
               "update_tokens_per_s", "peak_mem_gb", "trl_step_s", "trl_peak_mem_gb", "step_ratio", "mem_ratio"):
         if k in result:
             print(f"  {k:<22} {result[k]:10.3f}")
-    print(f"wrote {args.output_dir}/bench.json")
+    print(f"wrote {args.output_dir}/bench.json" + (f" and {args.output_dir}/ours/profile.txt" if args.profile else ""))
     return 0
 
 
