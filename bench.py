@@ -150,20 +150,21 @@ def trl_worker(spec_path):
         gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=not torch.cuda.is_available(),
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), report_to="none",
         logging_steps=10 ** 6, save_strategy="no", disable_tqdm=True)
-    marks = []
+    marks, peak = [], []
 
     class Clock(TrainerCallback):
         def on_step_end(self, a, state, control, **kw):
             marks.append(time.time())
-            if len(marks) == per_rollout and torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()       # the warm-up step is not counted
+            if len(marks) == per_rollout:
+                train.reset_peak_mem()          # the warm-up step is not counted, as on our side
+            peak.append(train.peak_mem_gb())    # at the end of the last step, not after train() returns
 
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
                           callbacks=[Clock()])
     trainer.train()
     ends = marks[per_rollout - 1::per_rollout]                     # the end of each RL step
     json.dump({"trl_step_s": statistics.median(b - a for a, b in zip(ends, ends[1:])),
-               "trl_peak_mem_gb": train.peak_mem_gb()},
+               "trl_peak_mem_gb": peak[-1]},
               open(os.path.join(spec["out"], "trl.json"), "w"))
 
 

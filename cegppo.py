@@ -20,7 +20,7 @@ What is in here, in reading order:
     token_quadrants      the paper's PA/NA x HP/LP analysis as per-step metrics
     extract_boxed, math_reward   the verifiable reward (math-verify decides equality)
     format_prompt, completion_mask, rollout   sampling G completions per prompt
-    completion_logprobs  per-token log-probs and entropy, chunked over the vocabulary
+    completion_logprobs  per-token log-probs and entropy, the LM head chunk by chunk
     load_model, load_rows   model (4-bit + LoRA) and data loading shared by the scripts
 
 Where this implementation deviates from the paper, and why:

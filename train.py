@@ -161,10 +161,28 @@ def lr_at(step, cfg):
     return cfg.learning_rate * min(1.0, step / max(1, cfg.warmup_steps))
 
 
+def reset_peak_mem():
+    """Start a new peak: CUDA's peak allocated, or on Linux the process's peak RSS (VmHWM)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                    # Linux >= 4.0: resets VmHWM to the current RSS
+    except OSError:
+        pass                                # elsewhere the peak stays the process's lifetime peak
+
+
 def peak_mem_gb():
+    """Peak memory since reset_peak_mem(): CUDA allocated, or RSS on CPU (model loading included
+    otherwise, whose transient peak would hide the training step's)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6   # Linux reports KiB
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("VmHWM:"))) / 1e6   # kB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6    # Linux reports KiB
 
 
 def trim(ids, amask, cmask, P):
@@ -301,8 +319,7 @@ def main(argv=None):
     while step < cfg.max_steps and not stop["asked"]:
         step += 1
         t0 = time.time()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        reset_peak_mem()                             # peak_mem_gb is this step's peak
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, cfg)
 
