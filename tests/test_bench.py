@@ -26,6 +26,17 @@ def test_bench_tiny(tmp_path):
     assert len(rows) == 3                                    # one warm-up step plus the two timed ones
 
 
+def test_bench_local_model_folder(tmp_path):
+    # any local folder works as --model (here the tiny model's warm-start folder, by path)
+    import lab
+    out = str(tmp_path / "f")
+    p = subprocess.run([sys.executable, "bench.py", "--model", lab.warm_start_path("tiny"), "--dataset", "tiny",
+                        "--steps", "1", "--output_dir", out], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    b = json.load(open(os.path.join(out, "bench.json")))
+    assert b["model"] == lab.warm_start_path("tiny") and b["step_s"] > 0
+
+
 def test_bench_bad_flag(tmp_path):
     p = subprocess.run([sys.executable, "bench.py", "--model", "tiny", "--dataset", "nope", "--output_dir",
                         str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
