@@ -68,6 +68,7 @@ def ours_worker(spec_path):
             sys.exit(train.main(spec["train_args"]))
         import torch
         from torch.profiler import ProfilerActivity, profile
+        train.resolve_model(train.parse_config(spec["train_args"]).model)   # a lab warm start is not profiled
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with profile(activities=acts) as prof:
             rc = train.main(spec["train_args"])
@@ -222,10 +223,10 @@ def logprob_pass_extra_gb(n, way, vocab=LOGPROB_VOCAB, hidden=LOGPROB_HIDDEN):
     return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]") / 1e9
 
 
-def logprob_memory(out_dir):
+def logprob_memory(out_dir, positions=LOGPROB_TOKENS):
     """Our log-prob pass against naive float32 logits, at Qwen2.5's vocabulary, for growing batches."""
     rows = []
-    for n in LOGPROB_TOKENS:
+    for n in positions:
         row = {"positions": n, "logits_fp32_gb": n * LOGPROB_VOCAB * 4 / 1e9,
                "naive_extra_gb": logprob_pass_extra_gb(n, "naive"), "ours_extra_gb": logprob_pass_extra_gb(n, "ours")}
         row["ours_over_logits"] = row["ours_extra_gb"] / row["logits_fp32_gb"]
@@ -247,6 +248,9 @@ def main(argv=None):
     ap.add_argument("--output_dir", default="runs/bench", help="bench.json and the runs' files go here")
     ap.add_argument("--logprob-memory", action="store_true",
                     help="instead: peak memory of the log-prob pass at Qwen2.5's vocabulary vs naive logits")
+    ap.add_argument("--logprob-positions", type=lambda s: [int(x) for x in s.split(",")],
+                    default=list(LOGPROB_TOKENS), help="with --logprob-memory: the numbers of positions N, "
+                    "comma-separated (default 256,1024,4096)")
     ap.add_argument("--synthetic-0.5b", dest="synthetic", action="store_true",
                     help="benchmark a random-init model with Qwen2.5-0.5B's shapes on the lab prompts, with a "
                          "coin-flip reward (for machines without the real checkpoint)")
@@ -257,7 +261,7 @@ def main(argv=None):
         sys.exit(f"error: --steps {args.steps} / --repeats {args.repeats}: both must be at least 1")
     if args.logprob_memory:
         os.makedirs(args.output_dir, exist_ok=True)
-        logprob_memory(args.output_dir)
+        logprob_memory(args.output_dir, args.logprob_positions)
         return 0
     if args.synthetic:
         train_args = ["--model", synthetic_model(), "--dataset", "lab", *train_args]   # later flags win

@@ -83,3 +83,20 @@ def test_synthetic_model_pieces():
     coins = [bench.coin_reward(f"~{i}", "56") for i in range(200)]
     assert set(coins) == {0.0, 1.0} and 80 < sum(coins) < 120                # fair, and the same every time
     assert coins == [bench.coin_reward(f"~{i}", "other") for i in range(200)]
+
+
+def test_logprob_memory_command(tmp_path):
+    p = subprocess.run([sys.executable, "bench.py", "--logprob-memory", "--logprob-positions", "32,64",
+                        "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.load(open(tmp_path / "logprob_memory.json"))["rows"]
+    assert [r["positions"] for r in rows] == [32, 64]
+    assert all(r["ours_extra_gb"] <= 0.25 * r["logits_fp32_gb"] < r["naive_extra_gb"] for r in rows)
+
+
+def test_profile_command(tmp_path):
+    p = subprocess.run([sys.executable, "bench.py", "--profile", "--model", "tiny", "--dataset", "tiny",
+                        "--steps", "1", "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    table = open(tmp_path / "ours" / "profile.txt").read()
+    assert "aten::mm" in table and "_TokenLogProb" in table
