@@ -56,6 +56,12 @@ def synthetic_model():
     return folder
 
 
+def in_own_process(worker, spec_path):
+    """bench.<worker>(spec_path) in a fresh Python: each side's peak memory is then its own."""
+    return subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import bench; "
+                           f"bench.{worker}({spec_path!r})"], capture_output=True, text=True)
+
+
 def ours_worker(spec_path):
     """Runs in its own process: train.py's main() on the spec's flags (with the coin reward if asked)."""
     import cegppo
@@ -85,11 +91,10 @@ def run_ours(train_args, steps, out, coin=False, profile=False):
     """train.py for 1 + steps steps with evaluation and checkpoints out of the way."""
     os.makedirs(out, exist_ok=True)
     spec = os.path.join(out, "spec.json")
-    json.dump({"coin": coin, "profile": profile, "train_args": [*train_args, "--max_steps", str(steps + 1), "--output_dir", out,
-                                            "--eval_limit", "0", "--save_steps", "100000",
-                                            "--logging_steps", "100000"]}, open(spec, "w"))
-    p = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import bench; "
-                        f"bench.ours_worker({spec!r})"], capture_output=True, text=True)
+    args = [*train_args, "--max_steps", str(steps + 1), "--output_dir", out, "--eval_limit", "0",
+            "--save_steps", "100000", "--logging_steps", "100000"]
+    json.dump({"coin": coin, "profile": profile, "train_args": args}, open(spec, "w"))
+    p = in_own_process("ours_worker", spec)
     if p.returncode != 0:
         sys.exit(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"train.py exited {p.returncode}")
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1:]    # drop the warm-up
@@ -173,8 +178,7 @@ def run_trl(train_args, steps, out, coin=False):
     os.makedirs(out, exist_ok=True)
     spec = os.path.join(out, "spec.json")
     json.dump({"train_args": train_args, "steps": steps, "out": out, "coin": coin}, open(spec, "w"))
-    p = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import bench; "
-                        f"bench.trl_worker({spec!r})"], capture_output=True, text=True)
+    p = in_own_process("trl_worker", spec)
     if p.returncode != 0:
         sys.exit(f"TRL run failed:\n{p.stderr[-3000:]}")
     return json.load(open(os.path.join(out, "trl.json")))
