@@ -69,9 +69,10 @@ def ours_worker(spec_path):
     spec = json.load(open(spec_path))
     if spec["coin"]:
         cegppo.math_reward = coin_reward
-    try:
-        if not spec["profile"]:
-            sys.exit(train.main(spec["train_args"]))
+    if not spec["profile"]:
+        cegppo.run_script(train.main, spec["train_args"])
+
+    def profiled():
         import torch
         from torch.profiler import ProfilerActivity, profile
         train.resolve_model(train.parse_config(spec["train_args"]).model)   # a lab warm start is not profiled
@@ -81,10 +82,9 @@ def ours_worker(spec_path):
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         with open(os.path.join(os.path.dirname(spec_path), "profile.txt"), "w") as f:
             f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
-        sys.exit(rc)
-    except cegppo.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return rc
+
+    cegppo.run_script(profiled)
 
 
 def run_ours(train_args, steps, out, coin=False, profile=False):
@@ -261,8 +261,9 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="run our side under torch.profiler and write the "
                     "ops that take the time to ours/profile.txt (the timings then include its overhead)")
     args, train_args = ap.parse_known_args(argv)
+    from cegppo import UserError
     if args.steps < 1 or args.repeats < 1:
-        sys.exit(f"error: --steps {args.steps} / --repeats {args.repeats}: both must be at least 1")
+        raise UserError(f"--steps {args.steps} / --repeats {args.repeats}: both must be at least 1")
     if args.logprob_memory:
         os.makedirs(args.output_dir, exist_ok=True)
         logprob_memory(args.output_dir, args.logprob_positions)
@@ -270,11 +271,7 @@ def main(argv=None):
     if args.synthetic:
         train_args = ["--model", synthetic_model(), "--dataset", "lab", *train_args]   # later flags win
     import train
-    from cegppo import UserError
-    try:
-        cfg = train.parse_config(train_args)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    cfg = train.parse_config(train_args)
     os.makedirs(args.output_dir, exist_ok=True)
     import shutil
     import torch
@@ -310,4 +307,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import cegppo
+    cegppo.run_script(main)

@@ -440,6 +440,16 @@ class UserError(Exception):
     """Bad input from the user (a flag, a file, a field): the scripts print it as one line and exit 2."""
 
 
+def run_script(main, *args):
+    """A script's entry point: exit with main()'s code; a UserError becomes one `error:` line and code 2."""
+    import sys
+    try:
+        sys.exit(main(*args))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def compute_dtype():
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -14,7 +14,6 @@ Writes results.json (accuracy, standard error, settings, counts) and completions
 import json
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -107,8 +106,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cegppo.run_script(main)
