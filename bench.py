@@ -16,7 +16,7 @@ that cannot download the real one; its reward is a coin flip (see coin_reward).
 --logprob-memory: the log-prob pass's peak memory against naive float32 logits, nothing else.
 --profile: torch.profiler's table of the ops our side spends its time in (ours/profile.txt).
 
-TRL gets the same model object (4-bit + LoRA built by cegppo.load_model), the same chat-formatted
+TRL gets the same model object (4-bit + LoRA built by loading.load_model), the same chat-formatted
 prompts and reward, the same P prompts x G generations, completion length, temperature, top_p,
 micro-batch size and optimizer updates per rollout (TRL's steps_per_generation counts
 micro-batches; we set it, and the gradient accumulation, so that both take the same number of
@@ -30,8 +30,20 @@ import os
 import statistics
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
+
+import torch
+from datasets import Dataset
+from torch.profiler import ProfilerActivity, profile
+from transformers import TrainerCallback
+
+import cegppo
+import lab
+import loading
+import train
+from loading import UserError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -46,8 +58,6 @@ def coin_reward(completion, answer):
 def synthetic_model():
     """Folder of a random-init model with Qwen2.5-0.5B's shapes (494M parameters, vocabulary 151,936,
     tied head) in bf16 as the real checkpoint is, built once and cached beside the lab's models."""
-    import lab
-    import torch
     folder = os.path.join(lab.cache_dir(), "qwen2.5-0.5b-shaped-random")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         with torch.random.fork_rng():
@@ -64,18 +74,14 @@ def in_own_process(worker, spec_path):
 
 def ours_worker(spec_path):
     """Runs in its own process: train.py's main() on the spec's flags (with the coin reward if asked)."""
-    import cegppo
-    import train
     spec = json.load(open(spec_path))
     if spec["coin"]:
         cegppo.math_reward = coin_reward
     if not spec["profile"]:
-        cegppo.run_script(train.main, spec["train_args"])
+        loading.run_script(train.main, spec["train_args"])
 
     def profiled():
-        import torch
-        from torch.profiler import ProfilerActivity, profile
-        train.resolve_model(train.parse_config(spec["train_args"]).model)   # a lab warm start is not profiled
+        loading.resolve_model(train.parse_config(spec["train_args"]).model)   # a lab warm start is not profiled
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with profile(activities=acts) as prof:
             rc = train.main(spec["train_args"])
@@ -84,7 +90,7 @@ def ours_worker(spec_path):
             f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
         return rc
 
-    cegppo.run_script(profiled)
+    loading.run_script(profiled)
 
 
 def run_ours(train_args, steps, out, coin=False, profile=False):
@@ -102,36 +108,32 @@ def run_ours(train_args, steps, out, coin=False, profile=False):
     # (it imports and builds its parsers lazily), would otherwise land in one step's mean
     median = lambda k: statistics.median(r[k] for r in rows)
     return {
-        "step_s": median("step_time_s"),
-        "rollout_s": median("rollout_time_s"),
-        "reward_s": median("reward_time_s"),
-        "old_logprob_s": median("old_logprob_time_s"),
-        "update_s": median("update_time_s"),
-        "rollout_tokens_per_s": sum(r["completion_tokens"] for r in rows) / sum(r["rollout_time_s"] for r in rows),
-        "update_tokens_per_s": sum(r["update_tokens"] for r in rows) / max(1e-9, sum(r["update_time_s"] for r in rows)),
+        "step_s": median("time/step_s"),
+        "rollout_s": median("time/rollout_s"),
+        "reward_s": median("time/reward_s"),
+        "old_logprob_s": median("time/old_logprob_s"),
+        "update_s": median("time/update_s"),
+        "rollout_tokens_per_s": sum(r["num_tokens"] for r in rows) / sum(r["time/rollout_s"] for r in rows),
+        "update_tokens_per_s": sum(r["update_tokens"] for r in rows) / max(1e-9, sum(r["time/update_s"] for r in rows)),
         "updates_per_step": statistics.mean(r["updates"] for r in rows),
-        "zero_std_groups_per_step": statistics.mean(r["zero_std_groups"] for r in rows),
+        "frac_reward_zero_std": statistics.mean(r["frac_reward_zero_std"] for r in rows),
         "peak_mem_gb": max(r["peak_mem_gb"] for r in rows),
     }
 
 
 def trl_worker(spec_path):
     """Runs in its own process: TRL's GRPOTrainer on the settings in spec_path; writes its timings."""
-    import torch
-    from datasets import Dataset
-    from transformers import TrainerCallback
+    # optional: TRL is not a requirement of the tutorial path, only of --vs-trl
     from trl import GRPOConfig, GRPOTrainer
-    import cegppo
-    import train
     spec = json.load(open(spec_path))
     if spec["coin"]:
         cegppo.math_reward = coin_reward
     cfg = train.parse_config(spec["train_args"])
     torch.manual_seed(cfg.seed)
-    model, tok = cegppo.load_model(train.resolve_model(cfg.model), four_bit=cfg.load_in_4bit, lora_rank=cfg.lora_r,
-                                   lora_alpha=cfg.lora_alpha, trainable=True,
-                                   gradient_checkpointing=cfg.gradient_checkpointing)
-    rows = cegppo.load_rows(cfg.dataset, "train", cfg.question_field, cfg.answer_field)
+    model, tok = loading.load_model(loading.resolve_model(cfg.model), four_bit=cfg.load_in_4bit, lora_rank=cfg.lora_r,
+                                    lora_alpha=cfg.lora_alpha, trainable=True,
+                                    gradient_checkpointing=cfg.gradient_checkpointing, dtype=cfg.dtype)
+    rows = loading.load_rows(cfg.dataset, "train", cfg.question_field, cfg.answer_field)
     data = Dataset.from_list([{"prompt": cegppo.format_prompt(tok, q), "answer": a} for q, a in rows])
 
     def reward(completions, answer, **kw):
@@ -192,10 +194,8 @@ def logprob_pass_extra_gb(n, way, vocab=LOGPROB_VOCAB, hidden=LOGPROB_HIDDEN):
     """Peak extra tensor memory (GB) of log-probs + entropy + backward over n positions, 'ours'
     (cegppo._TokenLogProb, chunked) or 'naive' (full float32 logits, then log_softmax). Exact
     allocator numbers: CUDA's peak allocated, or on CPU the profiler's running total of allocations."""
-    import torch
-    import cegppo
     cuda = torch.cuda.is_available()
-    dev, dtype = ("cuda", cegppo.compute_dtype()) if cuda else ("cpu", torch.float32)
+    dev, dtype = ("cuda", loading.compute_dtype()) if cuda else ("cpu", torch.float32)
     torch.manual_seed(0)
     h = torch.randn(n, hidden, device=dev, dtype=dtype, requires_grad=True)               # [N, d]
     w = torch.empty(vocab, hidden, device=dev, dtype=dtype).normal_(0, 0.02)              # [V, d] frozen head
@@ -217,7 +217,6 @@ def logprob_pass_extra_gb(n, way, vocab=LOGPROB_VOCAB, hidden=LOGPROB_HIDDEN):
         base = torch.cuda.memory_allocated()
         run()
         return (torch.cuda.max_memory_allocated() - base) / 1e9
-    from torch.profiler import ProfilerActivity, profile
     with tempfile.TemporaryDirectory() as tmp:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             run()
@@ -261,7 +260,6 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="run our side under torch.profiler and write the "
                     "ops that take the time to ours/profile.txt (the timings then include its overhead)")
     args, train_args = ap.parse_known_args(argv)
-    from cegppo import UserError
     if args.steps < 1 or args.repeats < 1:
         raise UserError(f"--steps {args.steps} / --repeats {args.repeats}: both must be at least 1")
     if args.logprob_memory:
@@ -270,11 +268,8 @@ def main(argv=None):
         return 0
     if args.synthetic:
         train_args = ["--model", synthetic_model(), "--dataset", "lab", *train_args]   # later flags win
-    import train
     cfg = train.parse_config(train_args)
     os.makedirs(args.output_dir, exist_ok=True)
-    import shutil
-    import torch
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     result = {"device": device, "model": cfg.model, "settings": {k: getattr(cfg, k) for k in (
         "prompts_per_step", "num_generations", "max_completion_length", "steps_per_generation", "num_iterations",
@@ -307,5 +302,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import cegppo
-    cegppo.run_script(main)
+    loading.run_script(main)

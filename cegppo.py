@@ -1,27 +1,29 @@
-"""CE-GPPO in one file: the loss, the rollout, the reward and the token-quadrant metrics.
+"""CE-GPPO in one file: the loss, the advantages, the token quadrants, the reward, the rollout and the log-probs.
 
 CE-GPPO (Su et al., 2025, arXiv 2509.20712, Eq. 8-10) is PPO-clip with one change. Plain PPO
 clipping zeroes the gradient of every token whose importance ratio r = pi / pi_old has left
 [1 - eps, 1 + eps]. Those tokens are mostly low-probability ones, and they steer the policy's
-entropy: a positive-advantage low-probability token (PA&LP) that gets pushed up raises entropy,
-a negative-advantage low-probability token (NA&LP) that gets pushed down lowers it. CE-GPPO puts
-their gradient back, scaled and bounded, through a stop-gradient:
+entropy: a negative-advantage low-probability token pushed further down lowers entropy, a
+positive-advantage low-probability token pushed up raises it. CE-GPPO puts their gradient back,
+scaled and bounded, through a stop-gradient. The two clipped regions, named as in TRL's metrics:
 
-    ratio < 1 - eps_low  and A < 0:  gradient coefficient beta1 * (1 - eps_low)   (NA&LP side)
-    ratio > 1 + eps_high and A > 0:  gradient coefficient beta2 * (1 + eps_high)  (PA&LP side)
-    everywhere else:                 gradient coefficient r                       (as in PPO)
+    low clip region   ratio < 1 - eps_low  and A < 0: gradient coefficient beta1 * (1 - eps_low)
+                      (the paper's NA&LP tokens: beta1 lowers entropy)
+    high clip region  ratio > 1 + eps_high and A > 0: gradient coefficient beta2 * (1 + eps_high)
+                      (the paper's PA&LP tokens: beta2 raises entropy)
+    everywhere else:  gradient coefficient r, as in PPO
 
-so beta1 = beta2 = 0 is exactly PPO-clip (GRPO with group advantages), a larger beta1 lowers
-entropy faster, a larger beta2 keeps it up.
+so beta1 = beta2 = 0 is exactly PPO-clip (GRPO with group advantages).
 
-What is in here, in reading order:
-    cegppo_loss          the objective (the file's heart)
-    group_advantages     GRPO's group z-score, and which groups carry no signal
-    token_quadrants      the paper's PA/NA x HP/LP analysis as per-step metrics
-    extract_boxed, math_reward   the verifiable reward (math-verify decides equality)
-    format_prompt, completion_mask, rollout   sampling G completions per prompt
-    completion_logprobs  per-token log-probs and entropy, the LM head chunk by chunk
-    load_model, load_rows   model (4-bit + LoRA) and data loading shared by the scripts
+Read it top to bottom; a reader who stops at the last section has seen all of CE-GPPO:
+    cegppo_loss, ALGOS      the objective and the three algorithms' settings (the file's heart)
+    positive_sft_loss       the authors' optional SFT term on fully rewarded responses
+    group_advantages        GRPO's group z-score, and which groups carry no signal
+    token_quadrants         the paper's PA/NA x HP/LP analysis as per-step metrics
+    math_reward             the verifiable reward (math-verify decides equality)
+    rollout                 sampling G completions per prompt
+    token_logprobs, completion_logprobs   per-token log pi and entropy of the sampled tokens
+    (appendix) _TokenLogProb   the same log-probs without ever building the [B, T, V] logits
 
 Where this implementation deviates from the paper, and why:
     * Aggregation is a token mean over all response tokens of the batch (the authors' verl code),
@@ -31,8 +33,9 @@ Where this implementation deviates from the paper, and why:
       beta * bound * A; the difference is a constant with no gradient, so training is identical,
       and beta1 = beta2 = 0 reproduces PPO-clip in value as well as in gradient.
     * Dual clip for A < 0 (Ye et al. 2020) with c = 10, as in the authors' training scripts.
-    * No KL term, no entropy bonus and no SFT term (the authors' scripts add an SFT loss that
-      the paper does not describe; we leave it out).
+    * No KL term and no entropy bonus. The authors' scripts add an SFT term on fully rewarded
+      responses (coefficient 0.1) that the paper does not describe: positive_sft_loss, off by
+      default (train.py --sft_coef) so that the default objective is the paper's.
     * Rewards are 1 / 0 (the paper uses +1 / -1); after the group z-score the two are identical.
 """
 
@@ -44,6 +47,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from math_verify import parse, verify
+from math_verify.errors import TimeoutException
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,25 +57,25 @@ import torch.nn.functional as F
 # Paper Eq. 8-10, per response token t of response i, with d = pi_theta / pi_old and sg = stop-grad:
 #
 #   J(theta) = E[ 1/G sum_i 1/|y_i| sum_t l_it ]
-#   l = beta1 * (1 - eps) / sg(d) * d * A    if d < 1 - eps and A < 0    (left region)
-#   l = beta2 * (1 + eps) / sg(d) * d * A    if d > 1 + eps and A > 0    (right region)
+#   l = beta1 * (1 - eps) / sg(d) * d * A    if d < 1 - eps and A < 0    (low clip region)
+#   l = beta2 * (1 + eps) / sg(d) * d * A    if d > 1 + eps and A > 0    (high clip region)
 #   l = d * A                                otherwise
 #
 # d / sg(d) equals 1 in value and has gradient grad(log pi): the clipped tokens get a gradient of
 # fixed size beta * bound * A * grad(log pi) that does not grow with how far the ratio has drifted,
 # which is what keeps the update bounded. We minimise loss = -l, averaged over tokens.
-def cegppo_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2, beta1=0.5, beta2=1.0,
-                dual_clip=10.0, num_tokens=None):
-    """CE-GPPO policy loss (token mean) and its statistics.
+def cegppo_loss(logp, old_logp, advantages, mask, *, epsilon_low, epsilon_high, beta1, beta2, dual_clip,
+                num_tokens=None):
+    """CE-GPPO policy loss (token mean) and its statistics. The knobs' defaults live in ALGOS.
 
     logp:       [B, T] log pi_theta of each response token (carries the gradient)
     old_logp:   [B, T] log pi_old, the sampling policy (no gradient)
     advantages: [B] one per response, or [B, T]
     mask:       [B, T] 1 for response tokens (the EOS included), 0 for prompt padding and after EOS
-    dual_clip:  c of the dual clip for A < 0 (term <= -c * A); None or 0 switches it off
+    dual_clip:  c of the dual clip for A < 0 (term <= -c * A); 0 or None switches it off
     num_tokens: denominator of the token mean; defaults to mask.sum(). Pass the mini-batch's token
                 count when accumulating micro-batches, so that their losses add up to its mean.
-    Returns (loss, stats) with stats' values as Python floats.
+    Returns (loss, stats) with stats' values as Python floats, under the names train.py logs.
     """
     mask = mask.to(logp.dtype)                                   # [B, T]
     adv = advantages if advantages.dim() == 2 else advantages[:, None]
@@ -80,23 +85,23 @@ def cegppo_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2, bet
     # of e^20 is far outside any clip range, so clamping changes nothing that is used.
     ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))              # [B, T]
 
-    # The masks, built once: which tokens sit in which region.
-    left = (ratio < 1.0 - eps_low) & (adv < 0)                   # [B, T] NA side, coefficient beta1
-    right = (ratio > 1.0 + eps_high) & (adv > 0)                 # [B, T] PA side, coefficient beta2
+    # The masks, built once: which tokens sit in which clipped region.
+    low = (ratio < 1.0 - epsilon_low) & (adv < 0)                # [B, T] coefficient beta1 (NA&LP)
+    high = (ratio > 1.0 + epsilon_high) & (adv > 0)              # [B, T] coefficient beta2 (PA&LP)
 
     # carrier: value 0, gradient d(log pi). Adding beta * bound * carrier to the clipped constant
     # gives PPO-clip's value and CE-GPPO's gradient (see the module docstring).
     carrier = ratio / ratio.detach() - 1.0                       # [B, T]
-    coef = torch.where(left, (1.0 - eps_low) * (1.0 + beta1 * carrier),
-           torch.where(right, (1.0 + eps_high) * (1.0 + beta2 * carrier), ratio))
+    coef = torch.where(low, (1.0 - epsilon_low) * (1.0 + beta1 * carrier),
+           torch.where(high, (1.0 + epsilon_high) * (1.0 + beta2 * carrier), ratio))   # [B, T]
     per_token = -coef * adv                                      # [B, T]
 
     # Dual clip: with A < 0 the PPO term -r * A grows without bound as r grows; cap it at -c * A.
     # Where the cap binds the term is a constant, so the gradient there is zero.
-    dual = torch.zeros_like(left)
+    dual = torch.zeros_like(low)                                 # [B, T]
     if dual_clip:
-        cap = -dual_clip * adv
-        dual = (adv < 0) & (per_token > cap)                     # [B, T]
+        cap = -dual_clip * adv                                   # [B, T]
+        dual = (adv < 0) & (per_token > cap)
         per_token = torch.where(dual, cap, per_token)
 
     # Token mean over the whole batch (verl's "token-mean", the authors' choice).
@@ -107,15 +112,39 @@ def cegppo_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2, bet
         n = mask.sum().clamp(min=1.0)
         valid = mask > 0
         stats = {
-            "clip_frac_low": ((left & valid).sum() / n).item(),
-            "clip_frac_high": ((right & valid).sum() / n).item(),
-            "dual_clip_frac": ((dual & valid).sum() / n).item(),
+            "clip_ratio/low_mean": ((low & valid).sum() / n).item(),
+            "clip_ratio/high_mean": ((high & valid).sum() / n).item(),
+            "clip_ratio/dual_mean": ((dual & valid).sum() / n).item(),
             # k3 estimator of KL(pi_old || pi): non-negative, low variance (Schulman's note).
             "approx_kl": ((((ratio - 1.0) - log_ratio) * mask).sum() / n).item(),
-            "ratio_mean": ((ratio * mask).sum() / n).item(),
-            "ratio_max": ratio[valid].max().item() if valid.any() else 1.0,
+            "ratio/mean": ((ratio * mask).sum() / n).item(),
+            "ratio/max": ratio[valid].max().item() if valid.any() else 1.0,
         }
     return loss, stats
+
+
+# The three algorithms differ only in these five knobs; this is their one home (train.py's
+# --algo, the TRL bridge and the microscope read them from here). beta1 = beta2 = 0 is PPO-clip,
+# which with group advantages is GRPO, and with epsilon_high 0.28 DAPO's clip-higher.
+ALGOS = {
+    "cegppo": dict(beta1=0.5, beta2=1.0, epsilon_low=0.2, epsilon_high=0.2, dual_clip=10.0),
+    "grpo": dict(beta1=0.0, beta2=0.0, epsilon_low=0.2, epsilon_high=0.2, dual_clip=10.0),
+    "dapo": dict(beta1=0.0, beta2=0.0, epsilon_low=0.2, epsilon_high=0.28, dual_clip=10.0),
+}
+
+
+def positive_sft_loss(logp, mask, positive, num_tokens=None):
+    """The authors' positive-sample SFT term: token-mean -log pi over the responses that earned the full reward.
+
+    Not in the paper; the authors' scripts add it with coefficient 0.1 (Klear-Reasoner's RL + SFT
+    objective), as  loss = cegppo_loss + sft_coef * positive_sft_loss.
+    logp, mask: [B, T]; positive: [B] bool. num_tokens: the denominator, by default the number of
+    response tokens of positive responses here (pass the mini-batch's count when accumulating).
+    With no positive response the result is a zero that still carries the graph.
+    """
+    m = mask.to(logp.dtype) * positive.to(logp.dtype)[:, None]  # [B, T]
+    denom = m.sum().clamp(min=1.0) if num_tokens is None else float(max(num_tokens, 1))
+    return -(logp * m).sum() / denom
 
 
 def group_advantages(rewards, group_size, eps=1e-6):
@@ -130,7 +159,7 @@ def group_advantages(rewards, group_size, eps=1e-6):
     mean = r.mean(dim=1, keepdim=True)                           # [P, 1]
     std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)  # unbiased, as GRPO
     zero_std = (r.max(dim=1).values - r.min(dim=1).values) == 0  # [P]
-    adv = (r - mean) / (std + eps)
+    adv = (r - mean) / (std + eps)                               # [P, G]
     adv = torch.where(zero_std[:, None], torch.zeros_like(adv), adv)
     return adv.view(-1), zero_std
 
@@ -150,22 +179,22 @@ def token_quadrants(logp, entropy, advantages, mask):
       PA&HP and NA&LP drive it down (negative), PA&LP and NA&HP drive it up (positive).
 
     logp, entropy, mask: [B, T] (logp and entropy under the sampling policy); advantages: [B] or [B, T].
-    Returns {"<q>_frac": share of response tokens, "<q>_drive": mean drive in the quadrant}, for
-    q in pa_hp, pa_lp, na_hp, na_lp (drive 0.0 for an empty quadrant).
+    Returns {"quadrants/<q>_frac": share of response tokens, "quadrants/<q>_drive": mean drive in
+    the quadrant} for q in pa_hp, pa_lp, na_hp, na_lp (drive 0.0 for an empty quadrant).
     """
     adv = advantages if advantages.dim() == 2 else advantages[:, None]
     adv = adv.float().expand_as(logp)                            # [B, T]
-    valid = mask > 0
-    high = logp > -entropy                                       # [B, T]
+    valid = mask > 0                                             # [B, T]
+    high_p = logp > -entropy                                     # [B, T]
     drive = -(logp + entropy) * adv                              # [B, T]
     n = valid.sum().clamp(min=1)
     out = {}
-    for name, sel in (("pa_hp", (adv > 0) & high), ("pa_lp", (adv > 0) & ~high),
-                      ("na_hp", (adv < 0) & high), ("na_lp", (adv < 0) & ~high)):
+    for name, sel in (("pa_hp", (adv > 0) & high_p), ("pa_lp", (adv > 0) & ~high_p),
+                      ("na_hp", (adv < 0) & high_p), ("na_lp", (adv < 0) & ~high_p)):
         sel = sel & valid
         k = sel.sum()
-        out[f"{name}_frac"] = (k / n).item()
-        out[f"{name}_drive"] = (drive[sel].mean().item() if k > 0 else 0.0)
+        out[f"quadrants/{name}_frac"] = (k / n).item()
+        out[f"quadrants/{name}_drive"] = (drive[sel].mean().item() if k > 0 else 0.0)
     return out
 
 
@@ -211,11 +240,6 @@ def math_reward(completion, answer):
     Never raises. Time is bounded by math-verify's timeouts when called from the main thread; from
     another thread (where signals cannot be used) inputs are still bounded by MAX_ANSWER_CHARS.
     """
-    try:
-        from math_verify import parse, verify
-        from math_verify.errors import TimeoutException
-    except ImportError as e:  # pragma: no cover - a broken install, not a wrong answer
-        raise RuntimeError("math-verify is not installed: pip install -r requirements.txt") from e
     try:
         pred = extract_boxed(completion)
         gold = reference_answer(answer)
@@ -339,6 +363,54 @@ def rollout(model, tokenizer, prompts, num_generations, max_new_tokens, temperat
 # ----------------------------------------------------------------------------------------------
 # Log-probs and entropy
 # ----------------------------------------------------------------------------------------------
+def token_logprobs(logits, targets, temperature=1.0):
+    """The definition: log pi(target) and the entropy H of the temperature-scaled softmax.
+
+    logits: [N, V]; targets: [N]. Returns (logp [N], entropy [N]) in float32 (or float64).
+    This is what every log-prob in the loop means. completion_logprobs computes the same two
+    numbers chunk by chunk (_TokenLogProb, at the end of the file), because at Qwen2.5's
+    vocabulary (V = 151,936) the float32 [N, V] tensor of a whole batch does not fit in memory.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature   # [N, V]
+    logprobs = torch.log_softmax(logits, dim=-1)                                      # [N, V]
+    logp = logprobs.gather(-1, targets[:, None])[:, 0]                               # [N]
+    entropy = -(logprobs.exp() * logprobs).sum(-1)                                    # [N]
+    return logp, entropy
+
+
+def completion_logprobs(model, input_ids, attention_mask, prompt_len, temperature=1.0, chunk_tokens=1024,
+                        with_entropy=True, chunked=True):
+    """Per-token log pi(a_t) and full-vocabulary entropy H_t for the completion tokens.
+
+    input_ids, attention_mask: [B, P + T] as returned by rollout; completion tokens start at prompt_len.
+    Returns (logp [B, T], entropy [B, T]) in float32; logp carries the gradient when grad is on.
+    with_entropy=False skips the entropy (zeros come back): the optimizer updates do not need it.
+    chunked=False computes the plain definition (token_logprobs) on the whole [B*T, V] logits.
+
+    The logits are divided by the sampling temperature: pi_old must be the distribution the rollout
+    sampled from, or the ratio is not 1 on-policy. The body runs once; the LM head only on the
+    T completion positions.
+    """
+    body, head = model.get_decoder(), model.get_output_embeddings()
+    # Position ids from the attention mask, as generate() computes them: with left padding the
+    # first real prompt token is position 0. Without this the logits differ from the rollout's.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)                # [B, P + T]
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  use_cache=False).last_hidden_state                                  # [B, P + T, d]
+    B, T = input_ids.shape[0], input_ids.shape[1] - prompt_len
+    h = hidden[:, prompt_len - 1:-1].reshape(B * T, -1)       # [B*T, d] the state that predicts token t
+    targets = input_ids[:, prompt_len:].reshape(B * T)         # [B*T]
+    if not chunked:
+        logp, entropy = token_logprobs(head(h), targets, temperature)
+        return logp.view(B, T), (entropy if with_entropy else torch.zeros_like(entropy)).view(B, T)
+    logp, entropy = _TokenLogProb.apply(h, head.weight, head.bias, targets, temperature,
+                                        chunk_size(B * T, chunk_tokens), with_entropy)
+    return logp.view(B, T), entropy.view(B, T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Appendix: the same log-probs without the [B, T, V] logits (memory, not algorithm)
+# ----------------------------------------------------------------------------------------------
 def chunk_size(positions, chunk_tokens=1024):
     """Positions per LM-head chunk: at most chunk_tokens and at most 1/16 of all positions.
 
@@ -349,7 +421,7 @@ def chunk_size(positions, chunk_tokens=1024):
 
 
 class _TokenLogProb(torch.autograd.Function):
-    """log pi(target) (and, as a metric, the entropy) at n positions, chunk by chunk over positions.
+    """token_logprobs(hidden @ weight.T + bias, targets, temperature), computed chunk by chunk over positions.
 
     Why a hand-written backward: autograd through log_softmax would keep a float32 [n, V] tensor
     per chunk for the backward pass, which is the naive [B, T, V] memory again. Here the forward
@@ -403,180 +475,3 @@ class _TokenLogProb(torch.autograd.Function):
             del logits, dlogits
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
-
-
-def completion_logprobs(model, input_ids, attention_mask, prompt_len, temperature=1.0, chunk_tokens=1024,
-                        with_entropy=True):
-    """Per-token log pi(a_t) and full-vocabulary entropy H_t for the completion tokens.
-
-    input_ids, attention_mask: [B, P + T] as returned by rollout; completion tokens start at prompt_len.
-    Returns (logp [B, T], entropy [B, T]) in float32; logp carries the gradient when grad is on.
-    with_entropy=False skips the entropy (zeros come back): the optimizer updates do not need it.
-
-    The logits are divided by the sampling temperature: pi_old must be the distribution the rollout
-    sampled from, or the ratio is not 1 on-policy. Memory: the body runs once, the LM head only on
-    the T completion positions and in chunks of at most `chunk_tokens` positions (_TokenLogProb),
-    so the float32 [B, T, V] logits (V = 151,936 for Qwen2.5) never exist at once, in the forward
-    or in the backward pass.
-    """
-    body, head = model.get_decoder(), model.get_output_embeddings()
-    # Position ids from the attention mask, as generate() computes them: with left padding the
-    # first real prompt token is position 0. Without this the logits differ from the rollout's.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  use_cache=False).last_hidden_state                                  # [B, P + T, d]
-    B, T = input_ids.shape[0], input_ids.shape[1] - prompt_len
-    h = hidden[:, prompt_len - 1:-1].reshape(B * T, -1)       # [B*T, d] the state that predicts token t
-    targets = input_ids[:, prompt_len:].reshape(B * T)         # [B*T]
-    logp, entropy = _TokenLogProb.apply(h, head.weight, head.bias, targets, temperature,
-                                        chunk_size(B * T, chunk_tokens), with_entropy)
-    return logp.view(B, T), entropy.view(B, T)
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading: model (4-bit + LoRA) and data, shared by train.py, eval.py and bench.py
-# ----------------------------------------------------------------------------------------------
-class UserError(Exception):
-    """Bad input from the user (a flag, a file, a field): the scripts print it as one line and exit 2."""
-
-
-def run_script(main, *args):
-    """A script's entry point: exit with main()'s code; a UserError becomes one `error:` line and code 2."""
-    import sys
-    try:
-        sys.exit(main(*args))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def compute_dtype():
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def load_model(name, four_bit=True, lora_rank=0, lora_alpha=None, adapter=None, trainable=False,
-               gradient_checkpointing=True):
-    """(model, tokenizer) from a Hub name or a local folder.
-
-    four_bit: NF4 with double quantisation (bitsandbytes), compute in bf16 where the GPU has it,
-              fp16 on older GPUs, fp32 on CPU. Otherwise the weights load in that compute dtype.
-    lora_rank > 0: a fresh LoRA on all linear layers (dropout 0: dropout would make the ratio
-              differ from 1 even on-policy). adapter: a LoRA folder saved by train.py instead.
-    trainable: prepare for training (k-bit preparation, gradient checkpointing).
-    """
-    import os
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-
-    if os.path.sep in name or name.startswith("."):
-        if not os.path.isdir(name):
-            raise UserError(f"--model {name}: no such folder")
-    dtype = compute_dtype()
-    kwargs = {"dtype": dtype}
-    if four_bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
-    if torch.cuda.is_available():
-        kwargs["device_map"] = {"": 0}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--model {name}: cannot load it ({first})") from e
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if trainable:
-        if four_bit:
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-    if adapter:
-        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-            raise UserError(f"--adapter {adapter}: no adapter_config.json there (a folder saved by train.py)")
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
-    elif lora_rank > 0:
-        model = get_peft_model(model, LoraConfig(
-            r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, lora_dropout=0.0,
-            target_modules="all-linear", task_type="CAUSAL_LM"))
-    cpu_safe_4bit(model)
-    return model, tokenizer
-
-
-def cpu_safe_4bit(model):
-    """Keep 4-bit layers trainable on CPUs with AVX512-BF16.
-
-    There, bitsandbytes repacks a Linear4bit weight into an inference-only layout on the first
-    no-grad eval forward (generation); the next training forward then fails inside matmul_4bit
-    ("a view of a leaf Variable that requires grad is being used in an in-place operation").
-    Switching that path off costs a little CPU inference speed and changes nothing on a GPU.
-    """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
-
-
-# Named datasets: (Hub id, config, split for training, split for evaluation, question field, answer
-# field). The answer field of MATH is a worked solution whose last \boxed{} is the answer.
-DATASETS = {
-    "gsm8k": ("openai/gsm8k", "main", "train", "test", "question", "answer"),
-    "math": ("DigitalLearningGmbH/MATH-lighteval", "default", "train", "test", "problem", "solution"),
-    "math500": ("HuggingFaceH4/MATH-500", None, "test", "test", "problem", "answer"),
-    "aime24": ("HuggingFaceH4/aime_2024", None, "train", "train", "problem", "answer"),
-}
-
-
-def load_rows(dataset, split="train", question_field=None, answer_field=None, limit=None):
-    """[(question, answer), ...] from a named dataset (DATASETS, or 'tiny' / 'lab' built in code)
-    or a local .jsonl / .json / .parquet file. A missing or empty field stops with a UserError
-    naming the file, the row and the field."""
-    import os
-    if dataset in ("tiny", "lab"):
-        import lab
-        return lab.toy_rows(split, tiny=dataset == "tiny")[:limit]
-    if dataset in DATASETS:
-        hub, cfg, train_split, eval_split, qf, af = DATASETS[dataset]
-        from datasets import load_dataset
-        try:
-            ds = load_dataset(hub, cfg, split=train_split if split == "train" else eval_split)
-        except Exception as e:
-            raise UserError(f"--dataset {dataset}: cannot load {hub} from the Hub ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); offline, pass a local file") from e
-        where = hub
-    elif dataset.endswith((".jsonl", ".json", ".parquet")):
-        if not os.path.isfile(dataset):
-            raise UserError(f"--dataset {dataset}: no such file")
-        from datasets import load_dataset
-        kind = "parquet" if dataset.endswith(".parquet") else "json"
-        try:
-            ds = load_dataset(kind, data_files=dataset, split="train")
-        except Exception as e:
-            raise UserError(f"--dataset {dataset}: cannot read it as {kind} ({type(e).__name__})") from e
-        qf, af, where = "question", "answer", dataset
-    else:
-        raise UserError(f"--dataset {dataset}: unknown; use one of {', '.join(['tiny', 'lab', *DATASETS])} "
-                        "or a .jsonl / .json / .parquet file")
-    qf, af = question_field or qf, answer_field or af
-    rows = []
-    for i, row in enumerate(ds):
-        if limit is not None and i >= limit:
-            break
-        for f in (qf, af):
-            v = row.get(f)
-            if v is None or not str(v).strip():
-                raise UserError(f"{where}: row {i}: field '{f}' is missing or empty")
-        answer = str(row[af])
-        if dataset == "math":
-            answer = extract_boxed(answer) or answer
-        rows.append((str(row[qf]), answer))
-    return rows

@@ -21,7 +21,8 @@ import torch
 from tqdm import tqdm
 
 import cegppo
-from cegppo import UserError
+import loading
+from loading import UserError
 
 
 def evaluate(model, tokenizer, rows, max_new_tokens, batch_size=64, k=1, temperature=0.0, top_p=1.0, progress=False):
@@ -61,7 +62,7 @@ def evaluate(model, tokenizer, rows, max_new_tokens, batch_size=64, k=1, tempera
 
 @dataclass
 class EvalConfig:
-    model: str = field(default="Qwen/Qwen2.5-1.5B-Instruct", metadata={"help": "Hub name or local folder; 'tiny' / 'lab' are built in code"})
+    model: str = field(default="Qwen/Qwen2.5-1.5B-Instruct", metadata={"help": "Hub id or local folder; 'tiny' / 'lab' are built in code"})
     adapter: Optional[str] = field(default=None, metadata={"help": "LoRA folder written by train.py (its output_dir)"})
     dataset: str = field(default="gsm8k", metadata={"help": "gsm8k (test) | math500 | aime24 | math (test) | tiny | lab | a local file"})
     question_field: Optional[str] = field(default=None, metadata={"help": "question field of a local file"})
@@ -74,20 +75,25 @@ class EvalConfig:
     batch_size: int = field(default=64, metadata={"help": "sequences per generate() call"})
     load_in_4bit: bool = field(default=True, metadata={"help": "load the base weights in 4-bit NF4"})
     output_dir: str = field(default="runs/eval", metadata={"help": "results.json and completions.jsonl go here"})
+    dtype: str = field(default="auto", metadata={"help": "compute dtype: auto, bf16, fp16 or fp32"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch; 0 = $OMP_NUM_THREADS, else one per core"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
 
 
 def main(argv=None):
-    from transformers import HfArgumentParser
-    cfg, = HfArgumentParser(EvalConfig).parse_args_into_dataclasses(args=argv)
+    parser = loading.dataclass_parser(EvalConfig, __doc__.splitlines()[0], choices={"dtype": ["auto", *loading.DTYPES]})
+    cfg = EvalConfig(**vars(parser.parse_args(argv)))
     if cfg.k < 1 or (cfg.limit is not None and cfg.limit < 1):
         raise UserError("--k and --limit must be at least 1")
     if cfg.k > 1 and cfg.temperature <= 0:
         raise UserError(f"--k {cfg.k}: several samples need --temperature > 0 (the paper uses 0.6)")
+    if not 0 < cfg.top_p <= 1:
+        raise UserError(f"--top_p {cfg.top_p}: must be in (0, 1]")
+    loading.set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    from train import resolve_model
-    rows = cegppo.load_rows(cfg.dataset, "test", cfg.question_field, cfg.answer_field, cfg.limit)
-    model, tok = cegppo.load_model(resolve_model(cfg.model), four_bit=cfg.load_in_4bit, adapter=cfg.adapter)
+    rows = loading.load_rows(cfg.dataset, "test", cfg.question_field, cfg.answer_field, cfg.limit)
+    model, tok = loading.load_model(loading.resolve_model(cfg.model), four_bit=cfg.load_in_4bit, adapter=cfg.adapter,
+                                    dtype=cfg.dtype)
     model.eval()
     res = evaluate(model, tok, rows, cfg.max_completion_length, cfg.batch_size, cfg.k, cfg.temperature, cfg.top_p,
                    progress=True)
@@ -106,4 +112,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cegppo.run_script(main)
+    loading.run_script(main)

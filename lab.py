@@ -16,8 +16,13 @@ import json
 import os
 import random
 import re
+import shutil
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+import cegppo
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -57,8 +62,6 @@ def build_tokenizer(vocab_size=None):
     token for the instruction sentence of cegppo.INSTRUCTION. vocab_size: pad the vocabulary to this
     size with tokens "~0", "~1", ... that encoding never produces but decoding writes out, so that a
     random model with a large vocabulary decodes to distinct texts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
     b2u = _byte_to_unicode()
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
     tokens = SPECIAL + [b2u[ord(c)] for c in chars]
@@ -72,14 +75,12 @@ def build_tokenizer(vocab_size=None):
                                    additional_special_tokens=SPECIAL[1:], chat_template=CHAT_TEMPLATE)
     # The fixed instruction of every prompt as one token, as a BPE merge of a frequent phrase would be:
     # prompts shrink from about 110 characters to about 35 tokens, and the CPU lab runs several times faster.
-    import cegppo
     fast.add_tokens([cegppo.INSTRUCTION])
     return fast
 
 
 def build_model(size="tiny", seed=0):
     """(random-init Qwen2ForCausalLM, tokenizer), deterministic for a given size and seed."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
     shape = {"tie_word_embeddings": False, **SIZES[size]}
     tok = build_tokenizer(shape.pop("vocab_size", None))
     cfg = Qwen2Config(vocab_size=len(tok), max_position_embeddings=1024, eos_token_id=tok.eos_token_id,
@@ -100,7 +101,6 @@ def save_atomic(model, tok, folder):
     try:
         os.rename(tmp, folder)
     except OSError:          # another process won the race: its copy is as good as ours
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -176,7 +176,6 @@ def warm_start_path(size="lab", seed=0):
     RL starts from a mean reward well between 0 and 1 and has one lesson to learn: work it out.
     The folder name is a hash of every setting, so a sweep of runs builds it once.
     """
-    import cegppo
     w = WARM[size]
     key = hashlib.md5(json.dumps([size, seed, w, SIZES[size], cegppo.INSTRUCTION, CHAT_TEMPLATE, 1],
                                  sort_keys=True).encode()).hexdigest()[:10]
@@ -189,7 +188,6 @@ def warm_start_path(size="lab", seed=0):
 
 
 def _warm_start(size, seed, w, folder):
-    import cegppo
     print(f"warm start: supervised fine-tune of the {size} model on the toy task "
           f"({w['steps']} steps, cached in {folder})", flush=True)
     model, tok = build_model(size, seed)

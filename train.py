@@ -3,18 +3,19 @@
     python train.py                                      # CE-GPPO, Qwen2.5-1.5B-Instruct, GSM8K
     python train.py --model Qwen/Qwen2.5-0.5B-Instruct --beta1 0.75 --beta2 1.0
     python train.py --algo grpo                          # the same loop with beta1 = beta2 = 0
-    python train.py --preset lab                         # CPU lab: a tiny model learns arithmetic
+    python train.py --preset lab                         # CPU lab: a small model learns arithmetic
     python train.py --model tiny --dataset tiny          # offline smoke run (seconds, CPU)
 
-One step, in the order the code below runs it:
-  1. rollout     P prompts x G completions each, sampled at temperature T   (cegppo.rollout)
-  2. reward      1 if the last \\boxed{} equals the reference, else 0         (cegppo.math_reward)
-  3. advantages  z-score within each group; all-equal groups are dropped      (cegppo.group_advantages)
-  4. old logp    log pi_old of every sampled token, once, with no gradient    (cegppo.completion_logprobs)
-  5. updates     the rollout is split into `steps_per_generation` mini-batches, one optimizer
-                 update each: after the first, the policy has moved, ratios leave 1 and the clip
-                 regions fill up. That is where CE-GPPO and GRPO differ (cegppo.cegppo_loss).
-  6. log, evaluate, checkpoint.
+One RL step, in the order main() runs it (the numbers match the comments in the loop):
+  1. rollout      P prompts x G completions each, sampled at temperature T      (cegppo.rollout)
+  2. reward       1 if the last \\boxed{} equals the reference, else 0            (cegppo.math_reward)
+  3. advantages   z-score within each group; all-equal groups are dropped         (cegppo.group_advantages)
+  4. old log-probs  log pi_old of every sampled token, once, with no gradient     (cegppo.completion_logprobs)
+  5. updates      the kept groups are split into `steps_per_generation` mini-batches, one optimizer
+                  update each: after the first, the policy has moved, ratios leave 1 and the clip
+                  regions fill up. That is where CE-GPPO and GRPO differ            (cegppo.cegppo_loss)
+  6. log          one metrics row, samples and curves; evaluation every `eval_steps`
+  7. checkpoint   atomic; --resume continues exactly
 
 Deviations from the paper (besides those listed in cegppo.py): LoRA on a 4-bit model instead of
 full fine-tuning (hence a larger learning rate, 1e-5 instead of 1e-6), far smaller batches and
@@ -38,7 +39,10 @@ import torch
 from tqdm import tqdm
 
 import cegppo
-from cegppo import UserError
+import loading
+import plot
+from eval import evaluate
+from loading import UserError
 
 
 def _f(default, help):
@@ -48,24 +52,26 @@ def _f(default, help):
 @dataclass
 class Config:
     # model
-    model: str = _f("Qwen/Qwen2.5-1.5B-Instruct", "Hub name or local folder of a causal LM; 'tiny' and 'lab' are built in code")
-    load_in_4bit: bool = _f(True, "load the base weights in 4-bit NF4 (bitsandbytes); --no_load_in_4bit for bf16/fp32")
+    model: str = _f("Qwen/Qwen2.5-1.5B-Instruct", "Hub id or local folder of a causal LM; 'tiny' and 'lab' are built in code")
+    load_in_4bit: bool = _f(True, "load the base weights in 4-bit NF4 (bitsandbytes)")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f("auto", "compute dtype; auto: bf16 on GPUs that have it, fp16 on older GPUs (with loss scaling), fp32 on CPU")
     lora_r: int = _f(16, "LoRA rank (LoRA on all linear layers, dropout 0)")
     lora_alpha: int = _f(32, "LoRA alpha")
     gradient_checkpointing: bool = _f(True, "recompute activations in the backward pass (saves memory)")
     # data
     dataset: str = _f("gsm8k", "gsm8k | math | tiny | lab | a local .jsonl/.json/.parquet file")
-    question_field: Optional[str] = _f(None, "question field of a local file (default 'question')")
-    answer_field: Optional[str] = _f(None, "answer field of a local file (default 'answer'; GSM8K '#### x' understood)")
-    eval_dataset: Optional[str] = _f(None, "held-out set; default: the named dataset's test split, none for a local file")
+    question_field: Optional[str] = _f(None, "question field of a local file; unset: 'question'")
+    answer_field: Optional[str] = _f(None, "answer field of a local file; unset: 'answer' (GSM8K '#### x' understood)")
+    eval_dataset: Optional[str] = _f(None, "held-out set; unset: the named dataset's test split, none for a local file")
     max_prompt_length: int = _f(512, "prompts longer than this (tokens) are skipped and counted")
-    # algorithm
-    algo: Literal["cegppo", "grpo", "dapo"] = _f("cegppo", "sets the defaults of the five knobs below")
-    beta1: Optional[float] = _f(None, "gradient scale for ratio < 1-eps_low, A < 0 (NA&LP: lowers entropy); cegppo 0.5")
-    beta2: Optional[float] = _f(None, "gradient scale for ratio > 1+eps_high, A > 0 (PA&LP: raises entropy); cegppo 1.0")
-    epsilon_low: Optional[float] = _f(None, "lower clip range: 0.2 for all three algorithms")
-    epsilon_high: Optional[float] = _f(None, "upper clip range: 0.2 (cegppo, grpo), 0.28 (dapo clip-higher)")
-    dual_clip: Optional[float] = _f(None, "dual clip c for A < 0 (loss <= -c*A); 10 as in the authors' scripts; 0 = off")
+    # algorithm: --algo fills in the five knobs below that are not given (cegppo.ALGOS)
+    algo: Literal["cegppo", "grpo", "dapo"] = _f("cegppo", "sets the defaults of the five loss knobs below")
+    beta1: Optional[float] = _f(None, "gradient scale in the low clip region (ratio < 1-eps_low, A < 0; NA&LP): lowers entropy")
+    beta2: Optional[float] = _f(None, "gradient scale in the high clip region (ratio > 1+eps_high, A > 0; PA&LP): raises entropy")
+    epsilon_low: Optional[float] = _f(None, "clip range below 1")
+    epsilon_high: Optional[float] = _f(None, "clip range above 1 (DAPO's clip-higher raises it)")
+    dual_clip: Optional[float] = _f(None, "dual clip c for A < 0 (loss <= -c*A), as in the authors' scripts; 0 = off")
+    sft_coef: float = _f(0.0, "weight of the authors' SFT term on fully rewarded responses (their scripts: 0.1; the paper: 0)")
     # rollout
     prompts_per_step: int = _f(8, "P: prompts per RL step")
     num_generations: int = _f(8, "G: sampled completions per prompt (the group)")
@@ -74,7 +80,7 @@ class Config:
     top_p: float = _f(1.0, "nucleus sampling for the rollout (1.0 = the plain softmax, as in the paper)")
     generation_batch_size: int = _f(64, "sequences per generate() call; halves itself on out-of-memory")
     # optimisation
-    steps_per_generation: int = _f(4, "optimizer updates per rollout (mini-batches); 1 would make ratio = 1 always")
+    steps_per_generation: int = _f(4, "optimizer updates per rollout (mini-batches of whole groups); 1 makes ratio = 1 always")
     num_iterations: int = _f(1, "passes over each rollout (the paper: 1)")
     micro_batch_size: int = _f(8, "responses per forward/backward (gradient accumulation inside a mini-batch)")
     learning_rate: float = _f(1e-5, "AdamW learning rate (constant after warm-up)")
@@ -83,24 +89,17 @@ class Config:
     max_grad_norm: float = _f(1.0, "gradient clipping")
     max_steps: int = _f(200, "RL steps")
     seed: int = _f(42, "seed for data order, sampling and LoRA init")
+    threads: int = _f(0, "CPU threads for torch; 0 = $OMP_NUM_THREADS, else one per core")
     # logging, evaluation, checkpoints
-    output_dir: str = _f("runs/cegppo", "metrics.jsonl, samples.jsonl, curves.png, checkpoint/, final adapter")
+    output_dir: str = _f("runs/cegppo", "metrics.jsonl, samples.jsonl, curves.png, checkpoint/, final adapter (presets: runs/<preset>)")
     logging_steps: int = _f(1, "write samples.jsonl and redraw curves.png every N steps")
     eval_steps: int = _f(25, "greedy accuracy on the held-out subset every N steps (and at step 1 and the end)")
-    eval_limit: int = _f(64, "size of the fixed held-out subset")
+    eval_limit: int = _f(64, "size of the fixed held-out subset; 0 = no evaluation")
     save_steps: int = _f(25, "checkpoint every N steps (and at the end and on Ctrl-C)")
     resume: bool = _f(False, "continue from output_dir/checkpoint")
     wandb: bool = _f(False, "also log to Weights & Biases (pip install wandb)")
-    preset: Optional[str] = _f(None, "'lab': the CPU lab's settings (other flags still apply on top)")
+    preset: Optional[str] = _f(None, "tiny | lab: other defaults for the offline smoke run or the CPU lab; flags still win")
 
-
-# --algo sets these five knobs unless a flag gives them explicitly. beta1 = beta2 = 0 is PPO-clip;
-# with group advantages that is GRPO, and with eps_high 0.28 it is DAPO's clip-higher.
-ALGOS = {
-    "cegppo": dict(beta1=0.5, beta2=1.0, epsilon_low=0.2, epsilon_high=0.2, dual_clip=10.0),
-    "grpo": dict(beta1=0.0, beta2=0.0, epsilon_low=0.2, epsilon_high=0.2, dual_clip=10.0),
-    "dapo": dict(beta1=0.0, beta2=0.0, epsilon_low=0.2, epsilon_high=0.28, dual_clip=10.0),
-}
 
 # --preset NAME changes the defaults; flags on the command line still win.
 PRESETS = {
@@ -117,48 +116,365 @@ PRESETS = {
 }
 
 # Flags that may change between a run and its --resume; any other difference is refused.
-RESUME_MAY_CHANGE = {"resume", "max_steps", "save_steps", "eval_steps", "logging_steps", "wandb", "generation_batch_size"}
+RESUME_MAY_CHANGE = {"resume", "max_steps", "save_steps", "eval_steps", "logging_steps", "wandb",
+                     "generation_batch_size", "threads"}
+AT_LEAST_1 = ("prompts_per_step", "num_generations", "max_completion_length", "steps_per_generation", "num_iterations",
+              "micro_batch_size", "max_steps", "logging_steps", "eval_steps", "save_steps", "generation_batch_size",
+              "max_prompt_length", "lora_r", "lora_alpha")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: flags -> Config, checked before anything is loaded or written
+# ----------------------------------------------------------------------------------------------
+def _default_text(f):
+    """What --help shows as a flag's default: the algorithms' values for the loss knobs."""
+    if f.name in cegppo.ALGOS["cegppo"]:
+        return ", ".join(f"{a} {v[f.name]:g}" for a, v in cegppo.ALGOS.items())
+    return "unset" if f.default is None else str(f.default)
 
 
 def parse_config(argv=None):
-    from transformers import HfArgumentParser
-    parser = HfArgumentParser(Config)
-    args = sys.argv[1:] if argv is None else argv
-    cfg, = parser.parse_args_into_dataclasses(args=args)
-    if cfg.preset is None and cfg.model == "tiny":
-        cfg.preset = "tiny"
-        args = [*args, "--preset", "tiny"]
-    if cfg.preset:
-        if cfg.preset not in PRESETS:
-            raise UserError(f"--preset {cfg.preset}: unknown; use one of {', '.join(PRESETS)}")
-        parser.set_defaults(**PRESETS[cfg.preset])
-        cfg, = parser.parse_args_into_dataclasses(args=args)
-    for k, v in ALGOS[cfg.algo].items():
+    """Config from flags: a preset's defaults, then the flags, then --algo's loss knobs, then checks."""
+    parser = loading.dataclass_parser(Config, __doc__.splitlines()[0], _default_text, {"preset": list(PRESETS)})
+    given = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    preset = given.get("preset") or ("tiny" if given.get("model") == "tiny" else None)
+    cfg = Config(**{**PRESETS.get(preset, {}), **given, "preset": preset})
+    for k, v in cegppo.ALGOS[cfg.algo].items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
-    for name in ("prompts_per_step", "num_generations", "max_completion_length", "steps_per_generation",
-                 "num_iterations", "micro_batch_size", "max_steps", "logging_steps", "eval_steps", "save_steps",
-                 "generation_batch_size", "max_prompt_length"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} {getattr(cfg, name)}: must be at least 1")
-    if cfg.num_generations < 2:
-        raise UserError(f"--num_generations {cfg.num_generations}: a group needs at least 2 completions")
-    if cfg.temperature <= 0:
-        raise UserError(f"--temperature {cfg.temperature}: RL sampling needs a temperature > 0")
+    check_config(cfg)
     return cfg
 
 
-def resolve_model(name):
-    """'tiny' and 'lab' are built locally (lab.py); anything else is a Hub name or a folder."""
-    import lab
-    if name in ("tiny", "lab"):
-        return lab.warm_start_path(name)
-    return name
+def check_config(cfg):
+    """Every range a flag must be in; one line naming the flag when it is not."""
+    def need(ok, name, what):
+        if not ok:
+            raise UserError(f"--{name} {getattr(cfg, name)}: {what}")
+    for name in AT_LEAST_1:
+        need(getattr(cfg, name) >= 1, name, "must be at least 1")
+    need(cfg.num_generations >= 2, "num_generations", "a group needs at least 2 completions")
+    for name in ("beta1", "beta2", "sft_coef", "weight_decay", "warmup_steps", "eval_limit", "threads"):
+        need(getattr(cfg, name) >= 0, name, "must be >= 0")
+    for name in ("epsilon_low", "epsilon_high"):
+        need(0 <= getattr(cfg, name) < 1, name, "must be in [0, 1)")
+    need(cfg.dual_clip == 0 or cfg.dual_clip > 1, "dual_clip", "must be 0 (off) or greater than 1")
+    need(0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
+    need(cfg.temperature > 0, "temperature", "RL sampling needs a temperature > 0")
+    need(cfg.learning_rate > 0, "learning_rate", "must be > 0")
+    need(cfg.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+    if cfg.dtype == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise UserError("--dtype bf16: this GPU has no bf16; use --dtype fp16 (loss-scaled) or auto")
+
+
+def check_resume(cfg):
+    """The checkpoint to resume from (or None); refuses a run folder that would be overwritten."""
+    out = cfg.output_dir
+    if not cfg.resume:
+        if os.path.exists(os.path.join(out, "metrics.jsonl")):
+            raise UserError(f"--output_dir {out}: holds a run already; pass --resume to continue it or pick a new folder")
+        return None
+    ckpt = find_checkpoint(out)
+    if ckpt is None:
+        raise UserError(f"--resume: no checkpoint in {out}")
+    saved = json.load(open(os.path.join(out, "config.json")))
+    for k, v in dataclasses.asdict(cfg).items():
+        if k not in RESUME_MAY_CHANGE and saved.get(k) != v:
+            raise UserError(f"--resume: --{k} is {v!r} here but {saved.get(k)!r} in {out}/config.json")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup: data, model, optimizer
+# ----------------------------------------------------------------------------------------------
+def load_data(cfg):
+    """The training rows and the fixed held-out subset: [(question, answer)] each."""
+    train_rows = loading.load_rows(cfg.dataset, "train", cfg.question_field, cfg.answer_field)
+    eval_name = cfg.eval_dataset or (None if cfg.dataset.endswith(loading.LOCAL_FILE) else cfg.dataset)
+    eval_rows = []
+    if eval_name and cfg.eval_limit > 0:
+        eval_rows = loading.load_rows(eval_name, "test", cfg.question_field, cfg.answer_field, cfg.eval_limit)
+    return train_rows, eval_rows
+
+
+def usable_prompts(cfg, tok, rows):
+    """Chat-formatted (prompt, answer) pairs that fit --max_prompt_length; the others are counted."""
+    formatted = [(cegppo.format_prompt(tok, q), a) for q, a in rows]
+    prompts = [(p, a) for p, a in formatted if len(tok(p)["input_ids"]) <= cfg.max_prompt_length]
+    if len(prompts) < len(formatted):
+        print(f"skipped {len(formatted) - len(prompts)} prompts longer than --max_prompt_length "
+              f"{cfg.max_prompt_length}", file=sys.stderr)
+    if not prompts:
+        raise UserError(f"--dataset {cfg.dataset}: no usable prompts")
+    if len(prompts) < cfg.prompts_per_step:
+        raise UserError(f"--dataset {cfg.dataset}: {len(prompts)} usable prompts, fewer than --prompts_per_step "
+                        f"{cfg.prompts_per_step}; lower --prompts_per_step or add data")
+    return prompts
+
+
+def load_policy(cfg, ckpt):
+    """The 4-bit base with a LoRA adapter (fresh, or the checkpoint's), its optimizer and loss scaler."""
+    model, tok = loading.load_model(loading.resolve_model(cfg.model), four_bit=cfg.load_in_4bit, lora_rank=cfg.lora_r,
+                                    lora_alpha=cfg.lora_alpha, adapter=ckpt and os.path.join(ckpt, "adapter"),
+                                    trainable=True, gradient_checkpointing=cfg.gradient_checkpointing,
+                                    dtype=cfg.dtype)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    # fused: one kernel for all LoRA tensors instead of a few small ops per tensor (CPU and CUDA)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (the scaler is then a no-op)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scaler = torch.amp.GradScaler(device, enabled=loading.compute_dtype(cfg.dtype) == torch.float16)
+    return model, tok, params, optimizer, scaler
 
 
 def lr_at(step, cfg):
     """Linear warm-up over warmup_steps RL steps, then constant (the paper's schedule)."""
     return cfg.learning_rate * min(1.0, step / max(1, cfg.warmup_steps))
+
+
+@dataclass
+class State:
+    """Everything a checkpoint restores besides the adapter and the optimizer."""
+    step: int = 0
+    epoch: int = 0
+    pos: int = 0
+    skipped_updates: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The step's phases, in order
+# ----------------------------------------------------------------------------------------------
+def sample_prompts(prompts, state, cfg):
+    """1a. The next P prompts of a seeded shuffle; a new shuffle each epoch (resumable from state)."""
+    batch = []
+    while len(batch) < cfg.prompts_per_step:
+        if state.pos == len(prompts):
+            state.epoch, state.pos = state.epoch + 1, 0
+        order = list(range(len(prompts)))
+        random.Random(cfg.seed + state.epoch).shuffle(order)
+        batch.append(prompts[order[state.pos]])
+        state.pos += 1
+    return batch
+
+
+def score(texts, answers):
+    """2. The verifiable reward of every completion: [B] floats."""
+    return torch.tensor([cegppo.math_reward(c, a) for c, a in zip(texts, answers)])
+
+
+def trim(ids, amask, cmask, prompt_len):
+    """Drop the columns that are padding in every row of this micro-batch (saves compute)."""
+    start = int((amask.sum(0) > 0).nonzero()[0])       # first column any row attends to
+    T = int(cmask.sum(1).max())
+    return ids[:, start:prompt_len + T], amask[:, start:prompt_len + T], cmask[:, :T], prompt_len - start
+
+
+def micro_batch(ro, idx):
+    """The rows idx of a rollout, trimmed: (input_ids, attention_mask, completion_mask, prompt_len)."""
+    return trim(ro["input_ids"][idx], ro["attention_mask"][idx], ro["completion_mask"][idx], ro["prompt_len"])
+
+
+@torch.no_grad()
+def old_logprobs(model, ro, cfg):
+    """4. log pi_old and the entropy of every sampled token, micro-batch by micro-batch: [B, T] each."""
+    B, T = ro["completion_mask"].shape
+    old_logp, entropy = torch.zeros(B, T), torch.zeros(B, T)
+    for s in range(0, B, cfg.micro_batch_size):
+        ids, amask, _, p = micro_batch(ro, slice(s, s + cfg.micro_batch_size))
+        lp, ent = cegppo.completion_logprobs(model, ids, amask, p, cfg.temperature)
+        old_logp[s:s + len(ids), :lp.shape[1]] = lp.float().cpu()
+        entropy[s:s + len(ids), :lp.shape[1]] = ent.float().cpu()
+    return old_logp, entropy
+
+
+# cegppo_loss's statistics that are averaged over the tokens of all updates of a step
+TOKEN_STATS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/dual_mean", "approx_kl", "ratio/mean")
+
+
+def update_policy(model, optimizer, scaler, params, ro, old_logp, adv, positive, kept_groups, cfg, state):
+    """5. `steps_per_generation` optimizer updates per pass over the kept groups, `num_iterations` passes.
+
+    Mini-batches are whole groups: a group's advantages sum to zero, so an update that saw only its
+    wrong answers would push down the tokens that right and wrong answers share.
+    Returns the per-update losses and grad norms and the token-weighted loss statistics.
+    """
+    G = cfg.num_generations
+    log = {"loss": [], "sft_loss": [], "grad_norm": [], "ratio/max": [], "stat_sums": {}, "stat_tokens": 0}
+    for _ in range(cfg.num_iterations):
+        for groups in torch.tensor_split(kept_groups, min(cfg.steps_per_generation, max(1, len(kept_groups)))):
+            if len(groups) == 0:
+                continue
+            mb = (groups[:, None] * G + torch.arange(G)).flatten()            # the responses of those groups
+            losses = accumulate_gradients(model, scaler, ro, mb, old_logp, adv, positive, cfg, log)
+            if optimizer_step(optimizer, scaler, params, cfg, losses, log):
+                continue
+            state.skipped_updates += 1
+            tqdm.write(f"warning: step {state.step}: non-finite loss or gradient, update skipped "
+                       f"({state.skipped_updates} so far)")
+    return log
+
+
+def accumulate_gradients(model, scaler, ro, mb, old_logp, adv, positive, cfg, log):
+    """Forward and backward over one mini-batch in micro-batches; returns (policy, sft) loss sums or None."""
+    cmask = ro["completion_mask"]
+    mb_tokens, pos_tokens = int(cmask[mb].sum()), int(cmask[mb][positive[mb]].sum())
+    device = ro["input_ids"].device
+    policy_sum, sft_sum = 0.0, 0.0
+    for s in range(0, len(mb), cfg.micro_batch_size):
+        idx = mb[s:s + cfg.micro_batch_size]
+        ids, amask, c, p = micro_batch(ro, idx)
+        lp, _ = cegppo.completion_logprobs(model, ids, amask, p, cfg.temperature, with_entropy=False)
+        loss, st = cegppo.cegppo_loss(lp, old_logp[idx, :c.shape[1]].to(device), adv[idx].to(device), c,
+                                      epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta1=cfg.beta1,
+                                      beta2=cfg.beta2, dual_clip=cfg.dual_clip, num_tokens=mb_tokens)
+        sft = cegppo.positive_sft_loss(lp, c, positive[idx].to(device), num_tokens=pos_tokens)
+        total = loss + cfg.sft_coef * sft if cfg.sft_coef else loss
+        if not torch.isfinite(total):
+            return None
+        scaler.scale(total).backward()
+        policy_sum, sft_sum = policy_sum + loss.item(), sft_sum + sft.item()
+        n = int(c.sum())
+        log["stat_tokens"] += n
+        for k in TOKEN_STATS:
+            log["stat_sums"][k] = log["stat_sums"].get(k, 0.0) + st[k] * n
+        log["ratio/max"].append(st["ratio/max"])
+    return policy_sum, sft_sum
+
+
+def optimizer_step(optimizer, scaler, params, cfg, losses, log):
+    """Clip and apply the accumulated gradient; False (and nothing applied) if it is not finite.
+
+    With fp16 the gradient is unscaled first, and an overflow lowers the loss scale for the next
+    update (GradScaler's dynamic scaling); a nan/inf never reaches the weights in any dtype.
+    """
+    finite = losses is not None
+    if finite:
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        scaler.step(optimizer)
+        log["loss"].append(losses[0])
+        log["sft_loss"].append(losses[1])
+        log["grad_norm"].append(grad_norm.item())
+    if scaler.is_enabled() and losses is not None:
+        scaler.update()                 # halves the scale after an overflow, grows it after a quiet run
+    optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
+def _mean(xs):
+    return sum(xs) / max(1, len(xs))
+
+
+def metrics_row(state, cfg, ro, rewards, old_logp, entropy, adv, zero_std, kept_groups, upd, times, scaler):
+    """6. One row of metrics.jsonl; names follow TRL's GRPOTrainer where it logs the same quantity."""
+    cmask, G = ro["completion_mask"], cfg.num_generations
+    lengths = cmask.sum(1).float()
+    trained = (kept_groups[:, None] * G + torch.arange(G)).flatten()
+    return {
+        "step": state.step,
+        "reward": rewards.mean().item(),
+        "reward_std": rewards.view(-1, G).std(1).mean().item(),
+        "frac_reward_zero_std": zero_std.float().mean().item(),
+        "entropy": entropy[cmask.bool()].mean().item(),
+        **{k: upd["stat_sums"].get(k, 0.0) / max(1, upd["stat_tokens"]) for k in TOKEN_STATS},
+        "clip_ratio/region_mean": sum(upd["stat_sums"].get(k, 0.0) for k in
+                                      ("clip_ratio/low_mean", "clip_ratio/high_mean")) / max(1, upd["stat_tokens"]),
+        "ratio/max": max(upd["ratio/max"], default=1.0),
+        "completions/mean_length": lengths.mean().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": ro["truncated"].float().mean().item(),
+        "num_tokens": int(cmask.sum()),
+        "update_tokens": int(cmask[trained].sum()) * cfg.num_iterations,
+        "trained_responses": len(trained),
+        "updates": len(upd["loss"]),
+        "skipped_updates": state.skipped_updates,
+        "loss": _mean(upd["loss"]),
+        "sft_loss": _mean(upd["sft_loss"]),
+        "grad_norm": _mean(upd["grad_norm"]),
+        "learning_rate": lr_at(state.step, cfg),
+        "epoch": state.epoch,
+        **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}),
+        **cegppo.token_quadrants(old_logp, entropy, adv, cmask),
+        **{f"time/{k}_s": v for k, v in times.items()},
+    }
+
+
+def log_step(out, row, ro, batch, answers, rewards, cfg, wandb_run, bar):
+    """6. Append the row, print one line, write samples and redraw the curves every logging_steps."""
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if wandb_run:
+        wandb_run.log(row, step=row["step"])
+    bar.update(1)
+    ev = f" | eval {row['eval/accuracy']:.3f}" if "eval/accuracy" in row else ""
+    tqdm.write(f"step {row['step']:4d} | reward {row['reward']:.3f} | entropy {row['entropy']:.3f} | clip low "
+               f"{row['clip_ratio/low_mean']:.3f} high {row['clip_ratio/high_mean']:.3f} | kl {row['approx_kl']:.1e} | "
+               f"len {row['completions/mean_length']:.0f} | {row['updates']} upd | {row['time/step_s']:.1f}s{ev}")
+    if row["step"] % cfg.logging_steps and row["step"] != cfg.max_steps:
+        return
+    G = cfg.num_generations
+    with open(os.path.join(out, "samples.jsonl"), "a") as f:
+        for j in range(min(4, len(ro["texts"]))):
+            f.write(json.dumps({"step": row["step"], "prompt": batch[j // G][0], "completion": ro["texts"][j],
+                                "answer": answers[j], "reward": rewards[j].item()}) + "\n")
+    plot.plot_runs([out], os.path.join(out, "curves.png"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, peak memory, Ctrl-C
+# ----------------------------------------------------------------------------------------------
+def rng_state():
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(out, model, optimizer, scaler, state):
+    """7. Adapter + optimizer + loss scale + State + RNG, written to a temp folder and renamed."""
+    final, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(os.path.join(tmp, "adapter"))
+    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                **dataclasses.asdict(state)}, os.path.join(tmp, "state.pt"))
+    if os.path.isdir(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(out):
+    for name in ("checkpoint", "checkpoint.old"):   # .old only survives a crash between two renames
+        path = os.path.join(out, name)
+        if os.path.isfile(os.path.join(path, "state.pt")):
+            return path
+    return None
+
+
+def restore(ckpt, out, optimizer, scaler):
+    """State from a checkpoint; metrics rows written after it (a crash) are dropped, to be redone."""
+    st = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+    optimizer.load_state_dict(st["optimizer"])
+    scaler.load_state_dict(st["scaler"])
+    set_rng_state(st["rng"])
+    state = State(**{k: st[k] for k in ("step", "epoch", "pos", "skipped_updates")})
+    path = os.path.join(out, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= state.step)
+    os.replace(tmp, path)
+    print(f"resumed from {ckpt} at step {state.step}", file=sys.stderr)
+    return state
 
 
 def reset_peak_mem():
@@ -185,124 +501,8 @@ def peak_mem_gb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6    # Linux reports KiB
 
 
-def trim(ids, amask, cmask, P):
-    """Drop the columns that are padding in every row of this micro-batch (saves compute)."""
-    start = int((amask.sum(0) > 0).nonzero()[0])       # first column any row attends to
-    T = int(cmask.sum(1).max())
-    return ids[:, start:P + T], amask[:, start:P + T], cmask[:, :T], P - start
-
-
-def rng_state():
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s):
-    random.setstate(s["python"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_checkpoint(out, model, optimizer, state):
-    """Adapter + optimizer + step, RNG and data position, written to a temp folder and renamed."""
-    final, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(os.path.join(tmp, "adapter"))
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state(), **state}, os.path.join(tmp, "state.pt"))
-    if os.path.isdir(final):
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(out):
-    for name in ("checkpoint", "checkpoint.old"):   # .old only survives a crash between two renames
-        path = os.path.join(out, name)
-        if os.path.isfile(os.path.join(path, "state.pt")):
-            return path
-    return None
-
-
-def write_rows(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
-
-
-def main(argv=None):
-    cfg = parse_config(argv)
-    out = cfg.output_dir
-    os.makedirs(out, exist_ok=True)
-    metrics_path = os.path.join(out, "metrics.jsonl")
-
-    ckpt = None
-    if cfg.resume:
-        ckpt = find_checkpoint(out)
-        if ckpt is None:
-            raise UserError(f"--resume: no checkpoint in {out}")
-        saved = json.load(open(os.path.join(out, "config.json")))
-        for k, v in dataclasses.asdict(cfg).items():
-            if k not in RESUME_MAY_CHANGE and saved.get(k) != v:
-                raise UserError(f"--resume: --{k} is {v!r} here but {saved.get(k)!r} in {out}/config.json")
-    elif os.path.exists(metrics_path):
-        raise UserError(f"--output_dir {out}: holds a run already; pass --resume to continue it or pick a new folder")
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-
-    # ---- data -------------------------------------------------------------------------------
-    model_path = resolve_model(cfg.model)
-    train_rows = cegppo.load_rows(cfg.dataset, "train", cfg.question_field, cfg.answer_field)
-    eval_name = cfg.eval_dataset or (cfg.dataset if not cfg.dataset.endswith((".jsonl", ".json", ".parquet")) else None)
-    eval_rows = cegppo.load_rows(eval_name, "test", cfg.question_field, cfg.answer_field, cfg.eval_limit) if eval_name else []
-
-    # ---- model: 4-bit base + a LoRA adapter (fresh, or the checkpoint's) ----------------------
-    if not torch.cuda.is_available() and cfg.model not in ("tiny", "lab"):
-        print("No CUDA GPU found: running on the CPU, which is very slow for real models. "
-              "For a CPU run use `python train.py --preset lab` (see README).", file=sys.stderr)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)                  # LoRA init, then sampling
-    model, tok = cegppo.load_model(model_path, four_bit=cfg.load_in_4bit, lora_rank=cfg.lora_r,
-                                   lora_alpha=cfg.lora_alpha, adapter=ckpt and os.path.join(ckpt, "adapter"),
-                                   trainable=True, gradient_checkpointing=cfg.gradient_checkpointing)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    # fused: one kernel for all LoRA tensors instead of a few small ops per tensor (CPU and CUDA)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
-
-    formatted = [(cegppo.format_prompt(tok, q), a) for q, a in train_rows]
-    prompts = [(p, a) for p, a in formatted if len(tok(p)["input_ids"]) <= cfg.max_prompt_length]
-    n_long = len(formatted) - len(prompts)
-    if n_long:
-        print(f"skipped {n_long} prompts longer than --max_prompt_length {cfg.max_prompt_length}", file=sys.stderr)
-    if not prompts:
-        raise UserError(f"--dataset {cfg.dataset}: no usable prompts")
-
-    # ---- state that a checkpoint restores ----------------------------------------------------
-    step, epoch, pos, skipped_updates = 0, 0, 0, 0
-    if ckpt:
-        st = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
-        optimizer.load_state_dict(st["optimizer"])
-        step, epoch, pos, skipped_updates = st["step"], st["epoch"], st["pos"], st["skipped_updates"]
-        set_rng_state(st["rng"])
-        # rows written after the checkpoint (a crash) are redone: drop them
-        rows = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
-        write_rows(metrics_path, [r for r in rows if r["step"] <= step])
-        print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
-    order = list(range(len(prompts)))
-    random.Random(cfg.seed + epoch).shuffle(order)
-
-    wandb_run = None
-    if cfg.wandb:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("--wandb: wandb is not installed (pip install wandb)")
-        wandb_run = wandb.init(project="cegppo", name=os.path.basename(out), config=dataclasses.asdict(cfg))
-
-    # Ctrl-C: finish the step in progress (a half-updated step cannot be checkpointed), then save.
+def catch_ctrl_c():
+    """Ctrl-C finishes the step in progress (a half-updated step cannot be checkpointed), then saves."""
     stop = {"asked": False}
 
     def on_sigint(signum, frame):
@@ -311,169 +511,92 @@ def main(argv=None):
         stop["asked"] = True
         tqdm.write("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
     signal.signal(signal.SIGINT, on_sigint)
+    return stop
 
-    from eval import evaluate
+
+def start_wandb(cfg):
+    if not cfg.wandb:
+        return None
+    try:
+        import wandb            # optional: only for --wandb
+    except ImportError:
+        raise UserError("--wandb: wandb is not installed (pip install wandb)")
+    return wandb.init(project="cegppo", name=os.path.basename(cfg.output_dir), config=dataclasses.asdict(cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+def main(argv=None):
+    cfg = parse_config(argv)
+    loading.set_threads(cfg.threads)
+    ckpt = check_resume(cfg)
+    if not torch.cuda.is_available() and cfg.model not in ("tiny", "lab"):
+        print(f"No CUDA GPU found: a real model trains very slowly on the CPU; {loading.CPU_HINT}.", file=sys.stderr)
+    if cfg.model not in ("tiny", "lab"):
+        loading.check_model_source(cfg.model)            # a wrong name or no Hub: one line, before anything slow
+    train_rows, eval_rows = load_data(cfg)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)                          # LoRA init, then sampling
+    model, tok, params, optimizer, scaler = load_policy(cfg, ckpt)
+    prompts = usable_prompts(cfg, tok, train_rows)
+    out, G = cfg.output_dir, cfg.num_generations
+    os.makedirs(out, exist_ok=True)                      # only now: every input was good
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    state = restore(ckpt, out, optimizer, scaler) if ckpt else State()
+    wandb_run, stop = start_wandb(cfg), catch_ctrl_c()
     gen_bs = cfg.generation_batch_size
-    G = cfg.num_generations
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="steps", dynamic_ncols=True)
-    while step < cfg.max_steps and not stop["asked"]:
-        step += 1
-        t0 = time.time()
-        reset_peak_mem()                             # peak_mem_gb is this step's peak
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="steps", dynamic_ncols=True)
+    while state.step < cfg.max_steps and not stop["asked"]:
+        state.step += 1
+        times, t0 = {}, time.time()
+        reset_peak_mem()                                 # peak_mem_gb is this step's peak
         for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, cfg)
-
+            g["lr"] = lr_at(state.step, cfg)
         # 1. rollout: P prompts, G samples each, from the current policy (= pi_old for this step)
-        batch = []
-        while len(batch) < cfg.prompts_per_step:
-            if pos == len(order):
-                epoch, pos = epoch + 1, 0
-                order = list(range(len(prompts)))
-                random.Random(cfg.seed + epoch).shuffle(order)
-            batch.append(prompts[order[pos]])
-            pos += 1
+        batch = sample_prompts(prompts, state, cfg)
         ro = cegppo.rollout(model, tok, [p for p, _ in batch], G, cfg.max_completion_length,
                             cfg.temperature, cfg.top_p, gen_bs)
-        gen_bs = ro["gen_batch_size"]
-        t_rollout = time.time() - t0
-
+        gen_bs, times["rollout"] = ro["gen_batch_size"], time.time() - t0
         # 2. reward
-        t1 = time.time()
+        t = time.time()
         answers = [a for _, a in batch for _ in range(G)]
-        rewards = torch.tensor([cegppo.math_reward(c, a) for c, a in zip(ro["texts"], answers)])
-        t_reward = time.time() - t1
-
+        rewards = score(ro["texts"], answers)
+        times["reward"] = time.time() - t
         # 3. advantages; groups whose G rewards are all equal carry no signal and are dropped
         adv, zero_std = cegppo.group_advantages(rewards, G)
-        kept_groups = (~zero_std).nonzero()[:, 0]                          # [K] prompts to train on
-
-        # 4. log-probs and entropy under the sampling policy, no gradient, once per step
-        t2 = time.time()
-        ids, amask, cmask, P = ro["input_ids"], ro["attention_mask"], ro["completion_mask"], ro["prompt_len"]
-        T = cmask.shape[1]
-        old_logp = torch.zeros(ids.shape[0], T)
-        entropy = torch.zeros(ids.shape[0], T)
-        with torch.no_grad():
-            for s in range(0, ids.shape[0], cfg.micro_batch_size):
-                i, a, c, p = trim(ids[s:s + cfg.micro_batch_size], amask[s:s + cfg.micro_batch_size],
-                                  cmask[s:s + cfg.micro_batch_size], P)
-                lp, ent = cegppo.completion_logprobs(model, i, a, p, cfg.temperature)
-                old_logp[s:s + len(i), :lp.shape[1]] = lp.float().cpu()
-                entropy[s:s + len(i), :lp.shape[1]] = ent.float().cpu()
-        t_old = time.time() - t2
-
-        # 5. several optimizer updates on mini-batches of the kept responses
-        t3 = time.time()
-        upd = {"loss": [], "grad_norm": [], "ratio_max": []}
-        tok_stats, n_stat_tokens = {}, 0
-        device = ids.device
-        for _ in range(cfg.num_iterations):
-            # Mini-batches of whole groups: a group's advantages sum to zero, so an update that saw
-            # only its wrong answers would push down the tokens that right and wrong answers share.
-            for groups in torch.tensor_split(kept_groups, min(cfg.steps_per_generation, max(1, len(kept_groups)))):
-                if len(groups) == 0:
-                    continue
-                mb = (groups[:, None] * G + torch.arange(G)).flatten()         # the responses of those groups
-                mb_tokens = int(cmask[mb].sum())
-                loss_sum, finite = 0.0, True
-                for s in range(0, len(mb), cfg.micro_batch_size):
-                    idx = mb[s:s + cfg.micro_batch_size]
-                    i, a, c, p = trim(ids[idx], amask[idx], cmask[idx], P)
-                    lp, _ = cegppo.completion_logprobs(model, i, a, p, cfg.temperature, with_entropy=False)
-                    loss, st = cegppo.cegppo_loss(
-                        lp, old_logp[idx, :c.shape[1]].to(device), adv[idx].to(device), c,
-                        eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high, beta1=cfg.beta1, beta2=cfg.beta2,
-                        dual_clip=cfg.dual_clip, num_tokens=mb_tokens)
-                    if not torch.isfinite(loss):
-                        finite = False
-                        break
-                    loss.backward()
-                    loss_sum += loss.item()
-                    n = int(c.sum())
-                    n_stat_tokens += n
-                    for k in ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl", "ratio_mean"):
-                        tok_stats[k] = tok_stats.get(k, 0.0) + st[k] * n
-                    upd["ratio_max"].append(st["ratio_max"])
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if finite else None
-                if not finite or not torch.isfinite(grad_norm):
-                    # never let a nan/inf reach the weights: drop this update, keep going
-                    skipped_updates += 1
-                    tqdm.write(f"warning: step {step}: non-finite loss or gradient, update skipped "
-                               f"({skipped_updates} so far)")
-                    optimizer.zero_grad(set_to_none=True)
-                    continue
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                upd["loss"].append(loss_sum)
-                upd["grad_norm"].append(grad_norm.item())
-        t_update = time.time() - t3
-
-        # 6. log: one row per step, in one place
-        cm = cmask.bool()
-        row = {
-            "step": step,
-            "reward": rewards.mean().item(),
-            "accuracy": (rewards > 0.5).float().mean().item(),
-            "entropy": entropy[cm].mean().item(),
-            **{k: tok_stats.get(k, 0.0) / max(1, n_stat_tokens)
-               for k in ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl", "ratio_mean")},
-            "ratio_max": max(upd["ratio_max"], default=1.0),
-            "response_length": cmask.sum(1).float().mean().item(),
-            "completion_tokens": int(cmask.sum()),
-            "update_tokens": int(cmask[(kept_groups[:, None] * G + torch.arange(G)).flatten()].sum()) * cfg.num_iterations,
-            "truncated_frac": ro["truncated"].float().mean().item(),
-            "zero_std_groups": int(zero_std.sum()),
-            "trained_responses": len(kept_groups) * G,
-            "updates": len(upd["loss"]),
-            "skipped_updates": skipped_updates,
-            "loss": sum(upd["loss"]) / max(1, len(upd["loss"])),
-            "grad_norm": sum(upd["grad_norm"]) / max(1, len(upd["grad_norm"])),
-            "lr": lr_at(step, cfg),
-            "epoch": epoch,
-            **cegppo.token_quadrants(old_logp, entropy, adv, cmask),
-            "rollout_time_s": t_rollout,
-            "reward_time_s": t_reward,
-            "old_logprob_time_s": t_old,
-            "update_time_s": t_update,
-        }
-        if eval_rows and (step == 1 or step % cfg.eval_steps == 0 or step == cfg.max_steps):
+        kept_groups = (~zero_std).nonzero()[:, 0]        # [K] prompts to train on
+        # 4. old log-probs and entropy under the sampling policy, no gradient, once per step
+        t = time.time()
+        old_logp, entropy = old_logprobs(model, ro, cfg)
+        times["old_logprob"] = time.time() - t
+        # 5. several optimizer updates on mini-batches of the kept groups
+        t = time.time()
+        upd = update_policy(model, optimizer, scaler, params, ro, old_logp, adv, rewards >= 1.0, kept_groups, cfg, state)
+        times["update"] = time.time() - t
+        # 6. log (and evaluate)
+        row = metrics_row(state, cfg, ro, rewards, old_logp, entropy, adv, zero_std, kept_groups, upd, times, scaler)
+        if eval_rows and (state.step == 1 or state.step % cfg.eval_steps == 0 or state.step == cfg.max_steps):
             res = evaluate(model, tok, eval_rows, max_new_tokens=cfg.max_completion_length, batch_size=gen_bs)
-            row.update({"eval/accuracy": res["accuracy"], "eval/response_length": res["mean_response_length"]})
+            row.update({"eval/accuracy": res["accuracy"], "eval/mean_length": res["mean_response_length"]})
             model.train()
-        row["step_time_s"] = time.time() - t0
-        row["peak_mem_gb"] = peak_mem_gb()
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if wandb_run:
-            wandb_run.log(row, step=step)
-        bar.update(1)
-        bar.set_postfix(reward=f"{row['reward']:.2f}", H=f"{row['entropy']:.2f}")
-        ev = f" eval {row['eval/accuracy']:.3f}" if "eval/accuracy" in row else ""
-        tqdm.write(f"step {step:4d} | reward {row['reward']:.3f} | entropy {row['entropy']:.3f} | "
-                   f"clip low {row['clip_frac_low']:.3f} high {row['clip_frac_high']:.3f} | kl {row['approx_kl']:.1e} | "
-                   f"len {row['response_length']:.0f} | {row['updates']} upd | {row['step_time_s']:.1f}s{ev}")
-        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-            with open(os.path.join(out, "samples.jsonl"), "a") as f:
-                for j in range(min(4, len(ro["texts"]))):
-                    f.write(json.dumps({"step": step, "prompt": batch[j // G][0], "completion": ro["texts"][j],
-                                        "answer": answers[j], "reward": rewards[j].item()}) + "\n")
-            import plot
-            plot.plot_runs([out], os.path.join(out, "curves.png"))
-
+        row.update({"time/step_s": time.time() - t0, "peak_mem_gb": peak_mem_gb()})
+        log_step(out, row, ro, batch, answers, rewards, cfg, wandb_run, bar)
         # 7. checkpoint
-        if step % cfg.save_steps == 0 or step == cfg.max_steps or stop["asked"]:
-            save_checkpoint(out, model, optimizer, {"step": step, "epoch": epoch, "pos": pos,
-                                                    "skipped_updates": skipped_updates})
+        if state.step % cfg.save_steps == 0 or state.step == cfg.max_steps or stop["asked"]:
+            save_checkpoint(out, model, optimizer, scaler, state)
     bar.close()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if stop["asked"]:
-        print(f"stopped at step {step}; checkpoint saved in {out}/checkpoint; continue with --resume", file=sys.stderr)
+        print(f"stopped at step {state.step}; checkpoint saved in {out}/checkpoint; continue with --resume",
+              file=sys.stderr)
         return 130
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    print(f"done: {step} steps; adapter and tokenizer in {out}, curves in {out}/curves.png", file=sys.stderr)
+    print(f"done: {state.step} steps; adapter and tokenizer in {out}, curves in {out}/curves.png", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    cegppo.run_script(main)
+    loading.run_script(main)

@@ -26,5 +26,5 @@ def tiny_path():
 @pytest.fixture()
 def tiny_policy(tiny_path):
     """The real training path: 4-bit NF4 (bitsandbytes on CPU) + LoRA (peft) on the tiny model."""
-    import cegppo
-    return cegppo.load_model(tiny_path, four_bit=True, lora_rank=8, trainable=True)
+    import loading
+    return loading.load_model(tiny_path, four_bit=True, lora_rank=8, trainable=True)

@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-from cegppo import cegppo_loss, group_advantages, token_quadrants
+from cegppo import ALGOS, cegppo_loss, group_advantages, positive_sft_loss, token_quadrants
+
+DEFAULTS = ALGOS["cegppo"]
 
 
 def run(ratios, advs, mask=None, **kw):
@@ -13,31 +15,31 @@ def run(ratios, advs, mask=None, **kw):
     old = torch.zeros_like(logp)
     adv = torch.tensor([advs], dtype=torch.float64)
     m = torch.ones_like(old) if mask is None else torch.tensor([mask], dtype=torch.float64)
-    loss, stats = cegppo_loss(logp, old, adv, m, **kw)
+    loss, stats = cegppo_loss(logp, old, adv, m, **{**DEFAULTS, **kw})
     loss.backward()
     return loss.item(), logp.grad[0].tolist(), stats
 
 
 # Each case: ratio r, advantage A, expected per-token loss value and d(loss)/d(logp) for one token,
-# with eps 0.2, beta1 0.5, beta2 1.0, dual clip 10 (the paper's defaults).
+# with eps 0.2, beta1 0.5, beta2 1.0, dual clip 10 (the paper's defaults, cegppo.ALGOS).
 CASES = [
-    # left region (r < 0.8, A < 0): value -(1-eps)*A = 0.8; gradient -beta1*(1-eps)*A = 0.5*0.8 = 0.4
-    ("left", 0.5, -1.0, 0.8, 0.4),
-    # right region (r > 1.2, A > 0): value -(1+eps)*A = -1.2*2 = -2.4; gradient -beta2*(1+eps)*A = -2.4
-    ("right", 1.5, 2.0, -2.4, -2.4),
+    # low clip region (r < 0.8, A < 0): value -(1-eps)*A = 0.8; gradient -beta1*(1-eps)*A = 0.5*0.8 = 0.4
+    ("low region", 0.5, -1.0, 0.8, 0.4),
+    # high clip region (r > 1.2, A > 0): value -(1+eps)*A = -1.2*2 = -2.4; gradient -beta2*(1+eps)*A = -2.4
+    ("high region", 1.5, 2.0, -2.4, -2.4),
     # inside: value and gradient -r*A = -1.1*2 = -2.2
     ("inside", 1.1, 2.0, -2.2, -2.2),
     # r < 0.8 but A > 0: PPO does not clip here (min picks r*A), neither do we: -0.5, -0.5
     ("low ratio, A>0", 0.5, 1.0, -0.5, -0.5),
     # r > 1.2 but A < 0: not clipped either: -r*A = 1.5, gradient 1.5
     ("high ratio, A<0", 1.5, -1.0, 1.5, 1.5),
-    # just inside the left boundary (r = 0.8001): the PPO gradient r*A, not the beta1 one
-    ("left boundary inside", 0.8001, -1.0, 0.8001, 0.8001),
+    # just inside the low boundary (r = 0.8001): the PPO gradient r*A, not the beta1 one
+    ("low boundary inside", 0.8001, -1.0, 0.8001, 0.8001),
     # just outside it (r = 0.7999): value 0.8, gradient 0.4
-    ("left boundary outside", 0.7999, -1.0, 0.8, 0.4),
-    # just inside / outside the right boundary with A = 1: -1.1999 / -1.2 and beta2*1.2 = 1.2
-    ("right boundary inside", 1.1999, 1.0, -1.1999, -1.1999),
-    ("right boundary outside", 1.2001, 1.0, -1.2, -1.2),
+    ("low boundary outside", 0.7999, -1.0, 0.8, 0.4),
+    # just inside / outside the high boundary with A = 1: -1.1999 / -1.2 and beta2*1.2 = 1.2
+    ("high boundary inside", 1.1999, 1.0, -1.1999, -1.1999),
+    ("high boundary outside", 1.2001, 1.0, -1.2, -1.2),
     # dual clip binds (A < 0, r = 12: -r*A = 12 > 10 = -c*A): value 10, gradient 0
     ("dual clip", 12.0, -1.0, 10.0, 0.0),
     # dual clip does not bind at r = 9: value 9, gradient 9
@@ -53,10 +55,10 @@ def test_single_token_cases(name, r, a, value, grad):
 
 
 def test_exact_boundary_counts_as_inside():
-    # eps_low = 0: the left boundary is r = 1, hit exactly (logp == old_logp). r < 1 - eps is strict,
+    # eps_low = 0: the low boundary is r = 1, hit exactly (logp == old_logp). r < 1 - eps is strict,
     # so the token keeps PPO's gradient -r*A = 1 rather than beta1 * 1 * 1 = 0.5.
-    loss, g, stats = run([1.0], [-1.0], eps_low=0.0)
-    assert (loss, g[0], stats["clip_frac_low"]) == (1.0, 1.0, 0.0)
+    loss, g, stats = run([1.0], [-1.0], epsilon_low=0.0)
+    assert (loss, g[0], stats["clip_ratio/low_mean"]) == (1.0, 1.0, 0.0)
 
 
 def test_betas_scale_the_clipped_gradients():
@@ -68,15 +70,15 @@ def test_betas_scale_the_clipped_gradients():
 
 
 def test_token_mean_mask_and_stats():
-    # tokens: left (0.8), right (-1.2), inside (-2.2), masked (r=3, A=5 would be -15)
+    # tokens: low region (0.8), high region (-1.2), inside (-2.2), masked (r=3, A=5 would be -15)
     loss, g, stats = run([0.5, 1.5, 1.1, 3.0], [-1.0, 1.0, 2.0, 5.0], mask=[1, 1, 1, 0])
     assert loss == pytest.approx((0.8 - 1.2 - 2.2) / 3)
     assert g == pytest.approx([0.4 / 3, -1.2 / 3, -2.2 / 3, 0.0])
-    assert stats["clip_frac_low"] == pytest.approx(1 / 3)
-    assert stats["clip_frac_high"] == pytest.approx(1 / 3)
-    assert stats["dual_clip_frac"] == 0.0
-    assert stats["ratio_mean"] == pytest.approx((0.5 + 1.5 + 1.1) / 3)
-    assert stats["ratio_max"] == pytest.approx(1.5)          # the masked 3.0 is not counted
+    assert stats["clip_ratio/low_mean"] == pytest.approx(1 / 3)
+    assert stats["clip_ratio/high_mean"] == pytest.approx(1 / 3)
+    assert stats["clip_ratio/dual_mean"] == 0.0
+    assert stats["ratio/mean"] == pytest.approx((0.5 + 1.5 + 1.1) / 3)
+    assert stats["ratio/max"] == pytest.approx(1.5)          # the masked 3.0 is not counted
     # k3 KL: mean of (r - 1) - log r over the three tokens
     kl = sum((r - 1) - math.log(r) for r in (0.5, 1.5, 1.1)) / 3
     assert stats["approx_kl"] == pytest.approx(kl)
@@ -89,10 +91,10 @@ def test_num_tokens_makes_micro_batches_add_up():
     old = logp.detach() + torch.randn(4, 6) * 0.3
     adv = torch.randn(4)
     mask = (torch.rand(4, 6) > 0.3).float()
-    full, _ = cegppo_loss(logp, old, adv, mask)
+    full, _ = cegppo_loss(logp, old, adv, mask, **DEFAULTS)
     g_full, = torch.autograd.grad(full, logp)
     n = int(mask.sum())
-    parts = [cegppo_loss(logp[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2], num_tokens=n)[0] for i in (0, 2)]
+    parts = [cegppo_loss(logp[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2], num_tokens=n, **DEFAULTS)[0] for i in (0, 2)]
     g_parts, = torch.autograd.grad(sum(parts), logp)
     assert sum(parts).item() == pytest.approx(full.item(), rel=1e-6)
     assert torch.allclose(g_parts, g_full, atol=1e-7)
@@ -115,13 +117,14 @@ def test_beta_zero_is_ppo_clip_in_value_and_gradient(eps_low, eps_high, c):
     old = logp.detach() + torch.randn(6, 10, dtype=torch.float64) * 0.8   # many tokens outside the range
     adv = torch.randn(6, dtype=torch.float64) * 2
     mask = (torch.rand(6, 10) > 0.2).double()
-    ours, stats = cegppo_loss(logp, old, adv, mask, eps_low, eps_high, beta1=0.0, beta2=0.0, dual_clip=c)
+    ours, stats = cegppo_loss(logp, old, adv, mask, epsilon_low=eps_low, epsilon_high=eps_high, beta1=0.0, beta2=0.0,
+                              dual_clip=c)
     ref = ppo_clip(logp, old, adv, mask, eps_low, eps_high, c)
     g_ours, = torch.autograd.grad(ours, logp)
     g_ref, = torch.autograd.grad(ref, logp)
     assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
     assert torch.allclose(g_ours, g_ref, atol=1e-12)
-    assert stats["clip_frac_low"] > 0 and stats["clip_frac_high"] > 0    # the test really exercises clipping
+    assert stats["clip_ratio/low_mean"] > 0 and stats["clip_ratio/high_mean"] > 0    # the test really exercises clipping
 
 
 def test_group_advantages_and_zero_variance_groups():
@@ -143,12 +146,43 @@ def test_token_quadrants():
     adv = torch.tensor([[1.0, 1.0, -2.0, -2.0, 0.0]])       # the A = 0 token is in no quadrant
     mask = torch.tensor([[1, 1, 1, 1, 1]])
     q = token_quadrants(logp, ent, adv, mask)
-    assert [q[f"{k}_frac"] for k in ("pa_hp", "pa_lp", "na_hp", "na_lp")] == pytest.approx([0.2] * 4)
+    assert [q[f"quadrants/{k}_frac"] for k in ("pa_hp", "pa_lp", "na_hp", "na_lp")] == pytest.approx([0.2] * 4)
     # drive -(logp + H) * A: PA&HP -(0.5)*1 = -0.5 (down); PA&LP -(-1)*1 = 1 (up);
     # NA&HP -(0.8)*(-2) = 1.6 (up); NA&LP -(-2)*(-2) = -4 (down)
-    assert q["pa_hp_drive"] == pytest.approx(-0.5)
-    assert q["pa_lp_drive"] == pytest.approx(1.0)
-    assert q["na_hp_drive"] == pytest.approx(1.6)
-    assert q["na_lp_drive"] == pytest.approx(-4.0)
+    assert q["quadrants/pa_hp_drive"] == pytest.approx(-0.5)
+    assert q["quadrants/pa_lp_drive"] == pytest.approx(1.0)
+    assert q["quadrants/na_hp_drive"] == pytest.approx(1.6)
+    assert q["quadrants/na_lp_drive"] == pytest.approx(-4.0)
     empty = token_quadrants(logp, ent, torch.tensor([0.0]), mask)
-    assert empty["pa_hp_frac"] == 0.0 and empty["pa_hp_drive"] == 0.0
+    assert empty["quadrants/pa_hp_frac"] == 0.0 and empty["quadrants/pa_hp_drive"] == 0.0
+
+
+def test_algorithm_defaults_are_the_papers():
+    # beta1 0.5 / beta2 1.0 (the paper's 1.5B default), eps 0.2, c 10; GRPO and DAPO differ only in
+    # the betas (0) and DAPO's clip-higher eps_high 0.28
+    assert ALGOS["cegppo"] == dict(beta1=0.5, beta2=1.0, epsilon_low=0.2, epsilon_high=0.2, dual_clip=10.0)
+    assert ALGOS["grpo"] == {**ALGOS["cegppo"], "beta1": 0.0, "beta2": 0.0}
+    assert ALGOS["dapo"] == {**ALGOS["grpo"], "epsilon_high": 0.28}
+
+
+def test_positive_sft_loss_by_hand():
+    # two responses: the first earned the full reward (3 tokens, the last masked out), the second not.
+    logp = torch.tensor([[-0.5, -1.5, -9.0], [-2.0, -3.0, -4.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    positive = torch.tensor([True, False])
+    loss = positive_sft_loss(logp, mask, positive)
+    # token mean of -logp over the positive response's 2 tokens: (0.5 + 1.5) / 2 = 1.0
+    assert loss.item() == pytest.approx(1.0)
+    loss.backward()
+    # d/d logp = -1/2 on those two tokens, 0 elsewhere
+    assert logp.grad.tolist() == [[-0.5, -0.5, 0.0], [0.0, 0.0, 0.0]]
+    # num_tokens: the mini-batch's count of positive tokens when accumulating micro-batches
+    assert positive_sft_loss(logp, mask, positive, num_tokens=4).item() == pytest.approx(0.5)
+
+
+def test_positive_sft_loss_is_zero_without_a_positive_response():
+    logp = torch.tensor([[-0.5, -1.5]], requires_grad=True)
+    loss = positive_sft_loss(logp, torch.ones(1, 2), torch.tensor([False]))
+    assert loss.item() == 0.0
+    loss.backward()                                          # it still carries the graph
+    assert logp.grad.abs().sum() == 0

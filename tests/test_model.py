@@ -3,7 +3,9 @@ import pytest
 import torch
 
 import cegppo
-from cegppo import completion_logprobs, completion_mask, format_prompt, rollout
+import lab
+import loading
+from cegppo import completion_logprobs, completion_mask, format_prompt, rollout, token_logprobs
 
 
 def test_completion_mask_keeps_first_eos_and_flags_truncation():
@@ -48,6 +50,9 @@ def test_chunked_logprobs_equal_naive(tiny_path, temperature):
     assert lp.shape == ent.shape == (2, 5)
     assert torch.allclose(lp, ref_lp, atol=1e-5)
     assert torch.allclose(ent, ref_ent, atol=1e-5)
+    # the plain definition (token_logprobs on the whole logits) is the same quantity
+    plain_lp, plain_ent = completion_logprobs(model, ids, amask, P, temperature, chunked=False)
+    assert torch.allclose(lp, plain_lp, atol=1e-5) and torch.allclose(ent, plain_ent, atol=1e-5)
     # the temperature is really applied: at 1.0 the 0.7 numbers would be far off
     if temperature != 1.0:
         plain, _ = naive_logprobs(model, ids, amask, P, 1.0)
@@ -79,6 +84,17 @@ def test_chunked_logprob_backward_by_finite_differences():
     assert not ent.requires_grad
     _, none = cegppo._TokenLogProb.apply(h, w, b, targets, 0.7, 2, False)
     assert none.abs().sum() == 0
+
+
+def test_token_logprobs_definition_by_hand():
+    # logits [0, ln 3] at T = 1: p = (1/4, 3/4); log p(target 1) = ln 0.75; H = -(1/4 ln 1/4 + 3/4 ln 3/4)
+    import math
+    logp, ent = token_logprobs(torch.tensor([[0.0, math.log(3.0)]]), torch.tensor([1]))
+    assert logp.item() == pytest.approx(math.log(0.75))
+    assert ent.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    # T = 2 halves the logits: [0, ln 3 / 2] -> p = (1, sqrt 3) / (1 + sqrt 3)
+    logp, _ = token_logprobs(torch.tensor([[0.0, math.log(3.0)]]), torch.tensor([0]), temperature=2.0)
+    assert logp.item() == pytest.approx(math.log(1 / (1 + math.sqrt(3))))
 
 
 def test_rollout_on_4bit_lora_is_on_policy(tiny_policy):
@@ -143,7 +159,8 @@ def test_generate_train_generate_on_4bit(tiny_policy):
         ro = rollout(model, tok, prompts, num_generations=2, max_new_tokens=4)
         model.train()
         lp, _ = completion_logprobs(model, ro["input_ids"], ro["attention_mask"], ro["prompt_len"])
-        loss, _ = cegppo.cegppo_loss(lp, lp.detach() - 0.5, torch.tensor([1.0, -1.0]), ro["completion_mask"])
+        loss, _ = cegppo.cegppo_loss(lp, lp.detach() - 0.5, torch.tensor([1.0, -1.0]), ro["completion_mask"],
+                                     **cegppo.ALGOS["cegppo"])
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -153,13 +170,12 @@ def test_generate_train_generate_on_4bit(tiny_policy):
 @pytest.fixture()
 def warm_tiny_policy():
     """The tiny model after its short warm start: it writes answers and stops on its own."""
-    import lab
-    return cegppo.load_model(lab.warm_start_path("tiny"), four_bit=True, lora_rank=8, trainable=True)
+    return loading.load_model(lab.warm_start_path("tiny"), four_bit=True, lora_rank=8, trainable=True)
 
 
 def test_generation_stops_when_every_sequence_has_finished(warm_tiny_policy):
     model, tok = warm_tiny_policy
-    prompts = [format_prompt(tok, q) for q, _ in cegppo.load_rows("tiny", "train")[:4]]
+    prompts = [format_prompt(tok, q) for q, _ in loading.load_rows("tiny", "train")[:4]]
     torch.manual_seed(0)
     ro = rollout(model, tok, prompts, 4, 200, 1.0, 1.0, 8)       # two generate() calls of 8
     lengths = ro["completion_mask"].sum(1)
@@ -170,7 +186,7 @@ def test_generation_stops_when_every_sequence_has_finished(warm_tiny_policy):
 
 def test_generation_out_of_memory_halves_the_batch(warm_tiny_policy):
     model, tok = warm_tiny_policy
-    prompts = [format_prompt(tok, q) for q, _ in cegppo.load_rows("tiny", "train")[:2]]
+    prompts = [format_prompt(tok, q) for q, _ in loading.load_rows("tiny", "train")[:2]]
     real_generate, sizes = model.generate, []
 
     def small_gpu_generate(**kw):           # a device on which more than 2 sequences do not fit

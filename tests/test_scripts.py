@@ -10,10 +10,11 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS = ["step", "reward", "accuracy", "entropy", "clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl",
-        "response_length", "truncated_frac", "zero_std_groups", "loss", "grad_norm", "lr", "step_time_s",
-        "rollout_time_s", "update_time_s", "peak_mem_gb",
-        *[f"{q}_{m}" for q in ("pa_hp", "pa_lp", "na_hp", "na_lp") for m in ("frac", "drive")]]
+KEYS = ["step", "reward", "reward_std", "frac_reward_zero_std", "entropy", "clip_ratio/low_mean",
+        "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/dual_mean", "approx_kl", "ratio/mean",
+        "ratio/max", "completions/mean_length", "completions/clipped_ratio", "num_tokens", "loss", "sft_loss",
+        "grad_norm", "learning_rate", "time/step_s", "time/rollout_s", "time/update_s", "peak_mem_gb",
+        *[f"quadrants/{q}_{m}" for q in ("pa_hp", "pa_lp", "na_hp", "na_lp") for m in ("frac", "drive")]]
 
 
 def script(*args, cwd=ROOT, check=True):
@@ -28,11 +29,25 @@ def rows(out):
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    """One uninterrupted tiny run: 6 steps, a checkpoint every 2."""
+def baseline_run(tmp_path_factory):
+    """One uninterrupted tiny run: 6 steps, a checkpoint every 2. Returns (folder, its stderr)."""
     out = str(tmp_path_factory.mktemp("runs") / "baseline")
-    script("train.py", "--model", "tiny", "--dataset", "tiny", "--max_steps", "6", "--output_dir", out)
-    return out
+    p = script("train.py", "--model", "tiny", "--dataset", "tiny", "--max_steps", "6", "--output_dir", out)
+    return out, p.stderr
+
+
+@pytest.fixture(scope="module")
+def baseline(baseline_run):
+    return baseline_run[0]
+
+
+def test_first_screen_has_no_warnings(baseline_run):
+    # a normal run prints its step lines, a progress bar and where things went: nothing a user
+    # cannot act on (library warnings, deprecation notices, loading bars)
+    err = baseline_run[1]
+    for noise in ("Warning", "warning", "warn(", "kernels", "deprecated", "Loading weights", "Writing model"):
+        assert noise not in err, noise
+    assert "done: 6 steps" in err
 
 
 def test_train_end_to_end(baseline, tiny_path):
@@ -44,7 +59,7 @@ def test_train_end_to_end(baseline, tiny_path):
         for k in KEYS:
             assert k in r and math.isfinite(r[k]), (k, r.get(k))
     assert any(r["updates"] > 1 for r in rs)                         # several updates per rollout
-    assert any(r["clip_frac_low"] + r["clip_frac_high"] > 0 for r in rs)
+    assert any(r["clip_ratio/low_mean"] + r["clip_ratio/high_mean"] > 0 for r in rs)
     assert "eval/accuracy" in rs[0] and "eval/accuracy" in rs[-1]
     # the final adapter holds only LoRA weights, and they moved (peft starts lora_B at zero)
     w = load_file(os.path.join(baseline, "adapter_model.safetensors"))
@@ -89,7 +104,7 @@ def same_run(a, b):
     ra, rb = rows(a), rows(b)
     assert [r["step"] for r in rb] == [r["step"] for r in ra]
     for x, y in zip(ra, rb):      # the same data, samples and updates as the uninterrupted run
-        for k in ("reward", "entropy", "clip_frac_low", "clip_frac_high", "response_length", "loss"):
+        for k in ("reward", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "completions/mean_length", "loss"):
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (x["step"], k)
 
 
@@ -144,26 +159,55 @@ def test_eval_with_adapter(baseline, tmp_path):
     assert len(open(os.path.join(out2, "completions.jsonl")).read().splitlines()) == 12
 
 
-@pytest.mark.parametrize("case", ["missing_field", "no_file", "unknown_dataset", "no_model", "bad_flag_value"])
+BAD = {   # case: (flags, what the one error line must say); train.py and, where it has the flag, eval.py
+    "missing_field": (["--dataset", "{data}"], "{data}: row 1: field 'answer' is missing or empty"),
+    "no_file": (["--dataset", "{tmp}/nope.jsonl"], "no such file"),
+    "unknown_dataset": (["--dataset", "gsm9k"], "--dataset gsm9k: unknown"),
+    "no_model": (["--model", "{tmp}/no_model_here"], "no such folder"),
+    "one_generation": (["--num_generations", "1"], "--num_generations 1: a group needs at least 2"),
+    "negative_beta1": (["--beta1", "-1"], "--beta1 -1.0: must be >= 0"),
+    "negative_beta2": (["--beta2", "-0.5"], "--beta2 -0.5: must be >= 0"),
+    "epsilon_low_1": (["--epsilon_low", "1"], "--epsilon_low 1.0: must be in [0, 1)"),
+    "epsilon_high_negative": (["--epsilon_high", "-0.1"], "--epsilon_high -0.1: must be in [0, 1)"),
+    "dual_clip_below_1": (["--dual_clip", "0.5"], "--dual_clip 0.5: must be 0 (off) or greater than 1"),
+    "top_p_0": (["--top_p", "0"], "--top_p 0.0: must be in (0, 1]"),
+    "top_p_above_1": (["--top_p", "1.5"], "--top_p 1.5: must be in (0, 1]"),
+    "learning_rate_0": (["--learning_rate", "0"], "--learning_rate 0.0: must be > 0"),
+    "negative_sft_coef": (["--sft_coef", "-0.1"], "--sft_coef -0.1: must be >= 0"),
+    "fewer_rows_than_prompts": (["--dataset", "{small}", "--prompts_per_step", "4"],
+                                "--dataset {small}: 2 usable prompts, fewer than --prompts_per_step 4"),
+}
+EVAL_HAS = {"missing_field", "no_file", "unknown_dataset", "no_model", "top_p_above_1"}
+
+
+@pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_one_clear_line(case, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?"}\n')
-    args = {
-        "missing_field": (["--dataset", str(data)], f"{data}: row 1: field 'answer' is missing or empty"),
-        "no_file": (["--dataset", str(tmp_path / "nope.jsonl")], "no such file"),
-        "unknown_dataset": (["--dataset", "gsm9k"], "--dataset gsm9k: unknown"),
-        "no_model": (["--model", str(tmp_path / "no_model_here")], "no such folder"),
-        "bad_flag_value": (["--num_generations", "1"], "--num_generations 1"),
-    }[case]
+    small = tmp_path / "small.jsonl"
+    small.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?", "answer": "4"}\n')
+    fill = lambda s: s.format(data=data, tmp=tmp_path, small=small)
+    flags, message = [fill(a) for a in BAD[case][0]], fill(BAD[case][1])
     for prog in ("train.py", "eval.py"):
-        if prog == "eval.py" and case == "bad_flag_value":
+        if prog == "eval.py" and case not in EVAL_HAS:
             continue
         base = ["--model", "tiny", "--dataset", "tiny"] if prog == "eval.py" else ["--preset", "tiny"]
-        p = script(prog, *base, *args[0], "--output_dir", str(tmp_path / prog), check=False)
+        out = tmp_path / prog
+        p = script(prog, *base, *flags, "--output_dir", str(out), check=False)
         assert p.returncode == 2, p.stderr[-2000:]
         last = p.stderr.strip().splitlines()[-1]
-        assert last.startswith("error: ") and args[1] in last, last
+        assert last.startswith("error: ") and message in last, last
         assert "Traceback" not in p.stderr
+        assert not out.exists()                      # a failed run leaves no folder behind
+
+
+def test_help_shows_each_algorithms_defaults_once():
+    p = script("train.py", "--help")
+    text = " ".join(p.stdout.split())
+    assert "(default: cegppo 0.5, grpo 0, dapo 0)" in text              # --beta1
+    assert "(default: cegppo 0.2, grpo 0.2, dapo 0.28)" in text         # --epsilon_high
+    assert "default: None" not in text and text.count("(default:") == text.count("(default: ")
+    assert "{tiny,lab}" in text and "same as --load_in_4bit false" in text
 
 
 def test_plot_two_runs(baseline, tmp_path):
@@ -177,9 +221,48 @@ def test_plot_two_runs(baseline, tmp_path):
     p = script("plot.py", baseline, other, "--output", png)
     assert os.path.getsize(png) > 10_000 and "wrote" in p.stdout
     import plot
-    assert plot.label(baseline) != plot.label(other)
+    (la, ra), (lb, rb) = plot.group_by_setting([baseline, other])
+    assert (ra, rb) == ([baseline], [other]) and "algo=cegppo" in la and "algo=grpo" in lb and "beta1=0.5" in la
     from PIL import Image
     assert Image.open(png).size[0] > 1000
+
+
+def fake_run(folder, seed, beta1, entropies):
+    os.makedirs(folder)
+    json.dump({"algo": "cegppo", "beta1": beta1, "beta2": 1.0, "seed": seed, "output_dir": folder},
+              open(os.path.join(folder, "config.json"), "w"))
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        for step, h in enumerate(entropies, 1):
+            f.write(json.dumps({"step": step, "entropy": h, "reward": 0.5}) + "\n")
+
+
+def test_seeds_of_one_setting_become_one_band(tmp_path):
+    import plot
+    runs = [str(tmp_path / n) for n in ("b0-s1", "b0-s2", "b1-s1", "b1-s2")]
+    fake_run(runs[0], 1, 0.0, [1.0, 0.8, 0.6])
+    fake_run(runs[1], 2, 0.0, [1.0, 0.6, 0.2])
+    fake_run(runs[2], 1, 1.0, [1.0, 0.5, 0.3])
+    fake_run(runs[3], 2, 1.0, [0.9, 0.5, 0.1])
+    groups = plot.group_by_setting(runs)
+    # runs that differ only by seed are one setting, labelled by what differs between settings
+    assert groups == [("beta1=0 (2 seeds)", runs[:2]), ("beta1=1 (2 seeds)", runs[2:])]
+    curves = [{r["step"]: r["entropy"] for r in plot.read_rows(run)} for run in runs[:2]]
+    steps, mean, low, high = plot.seed_band(curves)
+    assert steps == [1, 2, 3] and mean == pytest.approx([1.0, 0.7, 0.4])
+    assert low == [1.0, 0.6, 0.2] and high == [1.0, 0.8, 0.6]
+    png = str(tmp_path / "bands.png")
+    assert plot.main([*runs, "--output", png, "--window", "1"]) == 0 and os.path.getsize(png) > 10_000
+
+
+def test_gradient_weight_figure(tmp_path):
+    import plot
+    # PPO-clip: F = r inside, 0 where the clip binds; CE-GPPO: beta * bound there instead
+    assert plot.gradient_weight(1.1, 1.0) == 1.1 and plot.gradient_weight(1.5, 1.0) == 0.0
+    assert plot.gradient_weight(0.5, -1.0, beta1=0.5) == pytest.approx(0.4)
+    assert plot.gradient_weight(1.5, 1.0, beta2=1.0) == pytest.approx(1.2)
+    assert plot.gradient_weight(0.5, 1.0, beta1=0.5, beta2=1.0) == 0.5        # A > 0, low ratio: not clipped
+    png = str(tmp_path / "gw.png")
+    assert plot.main(["--gradient-weight", png]) == 0 and os.path.getsize(png) > 10_000
 
 
 def test_long_prompts_are_skipped_and_counted(tmp_path):
@@ -212,6 +295,6 @@ def test_zero_advantage_groups_get_no_forward_or_backward_with_grad(tmp_path, mo
     finally:
         signal.signal(signal.SIGINT, handler)
     r = rows(out)
-    assert sum(x["zero_std_groups"] for x in r) > 0                  # some groups were all right or all wrong
+    assert sum(x["frac_reward_zero_std"] for x in r) > 0             # some groups were all right or all wrong
     assert sum(trained) == 2 * sum(x["trained_responses"] for x in r)
-    assert all(x["trained_responses"] == 4 * (4 - x["zero_std_groups"]) for x in r)
+    assert all(x["trained_responses"] == round(16 * (1 - x["frac_reward_zero_std"])) for x in r)

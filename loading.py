@@ -1,0 +1,301 @@
+"""Loading for the scripts: the model (4-bit NF4 + LoRA), the datasets, CPU threads, and the one error type.
+
+Everything here is engineering around the algorithm in cegppo.py: train.py, eval.py, bench.py and
+the TRL bridge share it. Nothing here changes what CE-GPPO computes.
+
+    load_model      a Hub name or a local folder -> (model, tokenizer), 4-bit + LoRA if asked
+    load_rows       a named dataset, a built-in toy task or a local file -> [(question, answer)]
+    resolve_model   'tiny' and 'lab' (built in code by lab.py) -> their local folders
+    set_threads     torch's CPU threads (oversubscription on a busy machine is the usual trap)
+    UserError, run_script   bad input -> one `error:` line and exit code 2
+"""
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+import socket
+import sys
+import urllib.parse
+import warnings
+from typing import Literal, get_args, get_origin
+
+# Before bitsandbytes is imported (peft and transformers import it): on CPUs with AVX512-BF16 it
+# looks for an optional inference kernel package ("kernels") and logs a warning that reads like a
+# broken install when it is absent. That kernel serves only the inference layout that
+# cpu_safe_4bit switches off, so the message gives the user nothing to act on.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+# peft 0.21 asks transformers 5 for `is_gradient_checkpointing`, a deprecated alias of
+# `is_activation_checkpointing` with the same value: the warning is about peft's spelling, not ours.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+import bitsandbytes as bnb  # noqa: E402
+import torch  # noqa: E402
+import datasets  # noqa: E402
+from datasets import load_dataset  # noqa: E402
+from huggingface_hub import constants as hub_constants  # noqa: E402
+from huggingface_hub import try_to_load_from_cache  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+import cegppo  # noqa: E402
+import lab  # noqa: E402
+
+# transformers' per-load progress bars ("Loading weights", "Writing model shards") for models that
+# load in a second are noise on the first screen; downloads keep the Hub client's own bars.
+hf_logging.disable_progress_bar()
+
+
+class UserError(Exception):
+    """Bad input from the user (a flag, a file, a field): the scripts print it as one line and exit 2."""
+
+
+def run_script(main, *args):
+    """A script's entry point: exit with main()'s code; a UserError becomes one `error:` line and code 2."""
+    try:
+        sys.exit(main(*args))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _bool(text):
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def dataclass_parser(cls, description, default_text=None, choices=None):
+    """argparse for a config dataclass: one flag per field, its help the field's one-line metadata
+    plus its real default (default_text(field) where given). Flags not given stay out of the
+    namespace, so a caller can layer them over presets. A bool field also gets --no_<name>."""
+    ap = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(cls):
+        shown = default_text(f) if default_text else ("unset" if f.default is None else str(f.default))
+        help = f"{f.metadata['help']} (default: {shown})"
+        if f.type is bool:
+            ap.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True, metavar="BOOL", help=help)
+            ap.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=f"same as --{f.name} false")
+        elif get_origin(f.type) is Literal or f.name in (choices or {}):
+            ap.add_argument(f"--{f.name}", choices=(choices or {}).get(f.name) or get_args(f.type), help=help)
+        else:
+            typ = next((t for t in get_args(f.type) if t is not type(None)), f.type)   # Optional[X] -> X
+            ap.add_argument(f"--{f.name}", type=typ, metavar=typ.__name__.upper(), help=help)
+    return ap
+
+
+CPU_HINT = "on a CPU, `python train.py --preset lab` runs the whole pipeline on a small model built in code"
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU threads
+# ----------------------------------------------------------------------------------------------
+def set_threads(threads=0):
+    """Set torch's intra-op threads; 0 = automatic. Returns the number in use.
+
+    Automatic: $OMP_NUM_THREADS if set, else one thread per core this process may use. torch's own
+    default is similar, but its threads spin while they wait: with another busy process on the
+    same cores they fight over them and a run slows down 10-30x. Setting the number explicitly to
+    what is free (--threads, or OMP_NUM_THREADS=1 for every job on a busy 2-core machine) fixes it.
+    """
+    if threads <= 0:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    return threads
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def compute_dtype(choice="auto"):
+    """The compute dtype: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU; or the choice."""
+    if choice != "auto":
+        return DTYPES[choice]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")     # org/name, as the Hub spells repository ids
+
+
+def resolve_model(name):
+    """'tiny' and 'lab' are built locally (lab.py); anything else is a Hub id or a folder, unchanged."""
+    if name in ("tiny", "lab"):
+        return lab.warm_start_path(name)
+    return name
+
+
+def check_model_source(name):
+    """Fail fast, in one line, when `name` is neither a folder nor a loadable Hub id.
+
+    A Hub id that is not in the local cache needs the Hub; when it cannot be reached, the Hub client
+    would retry for about half a minute before failing, so we look first (a 3 s connection).
+    """
+    if os.path.isdir(name):
+        return
+    if not HUB_ID.match(name) or name.startswith("."):
+        raise UserError(f"--model {name}: no such folder (and not a Hub id like Qwen/Qwen2.5-0.5B-Instruct)")
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return                                              # in the local Hub cache: no network needed
+    if hub_constants.HF_HUB_OFFLINE:
+        raise UserError(f"--model {name}: not in the local Hugging Face cache and the Hub is offline "
+                        f"(HF_HUB_OFFLINE); pass a local folder with --model, or {CPU_HINT}")
+    if not hub_reachable():
+        raise UserError(f"--model {name}: cannot reach the Hugging Face Hub ({hub_constants.ENDPOINT}) to "
+                        f"download it; pass a local folder with --model, or {CPU_HINT}")
+
+
+def hub_reachable(timeout=3.0):
+    """Can a TCP connection to the Hub's endpoint be opened within `timeout` seconds?"""
+    url = urllib.parse.urlparse(hub_constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_model(name, four_bit=True, lora_rank=0, lora_alpha=None, adapter=None, trainable=False,
+               gradient_checkpointing=True, dtype="auto"):
+    """(model, tokenizer) from a Hub id (through the Hub cache) or a local folder.
+
+    four_bit: NF4 with double quantisation (bitsandbytes); compute in `dtype` (compute_dtype).
+              Otherwise the weights load in that compute dtype.
+    lora_rank > 0: a fresh LoRA on all linear layers (dropout 0: dropout would make the ratio
+              differ from 1 even on-policy). adapter: a LoRA folder saved by train.py instead.
+    trainable: prepare for training (k-bit preparation, gradient checkpointing).
+    """
+    check_model_source(name)
+    if adapter and not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise UserError(f"--adapter {adapter}: no adapter_config.json there (a folder saved by train.py)")
+    dt = compute_dtype(dtype)
+    kwargs = {"dtype": dt}
+    if four_bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dt)
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": 0}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model {name}: cannot load it ({first})") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if trainable:
+        prepare_for_training(model, four_bit, gradient_checkpointing)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    elif lora_rank > 0:
+        model = get_peft_model(model, LoraConfig(
+            r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, lora_dropout=0.0,
+            target_modules="all-linear", task_type="CAUSAL_LM"))
+    cpu_safe_4bit(model)
+    return model, tokenizer
+
+
+def prepare_for_training(model, four_bit, gradient_checkpointing):
+    """peft's k-bit preparation (norms in fp32, base frozen), then non-reentrant activation checkpointing.
+
+    Checkpointing is switched on here, through transformers 5's own name for it, rather than by
+    peft (which would call the deprecated alias). Non-reentrant checkpointing needs no
+    requires-grad hook on the input embeddings."""
+    if four_bit:
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def cpu_safe_4bit(model):
+    """Keep 4-bit layers trainable on CPUs with AVX512-BF16.
+
+    There, bitsandbytes repacks a Linear4bit weight into an inference-only layout on the first
+    no-grad eval forward (generation); the next training forward then fails inside matmul_4bit
+    ("a view of a leaf Variable that requires grad is being used in an in-place operation").
+    Switching that path off costs a little CPU inference speed and changes nothing on a GPU.
+    """
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+
+
+# ----------------------------------------------------------------------------------------------
+# The data
+# ----------------------------------------------------------------------------------------------
+# Named datasets: (Hub id, config, split for training, split for evaluation, question field, answer
+# field). The answer field of MATH is a worked solution whose last \boxed{} is the answer.
+DATASETS = {
+    "gsm8k": ("openai/gsm8k", "main", "train", "test", "question", "answer"),
+    "math": ("DigitalLearningGmbH/MATH-lighteval", "default", "train", "test", "problem", "solution"),
+    "math500": ("HuggingFaceH4/MATH-500", None, "test", "test", "problem", "answer"),
+    "aime24": ("HuggingFaceH4/aime_2024", None, "train", "train", "problem", "answer"),
+}
+LOCAL_FILE = (".jsonl", ".json", ".parquet")
+
+
+def load_rows(dataset, split="train", question_field=None, answer_field=None, limit=None):
+    """[(question, answer), ...] from a named dataset (DATASETS, or 'tiny' / 'lab' built in code)
+    or a local .jsonl / .json / .parquet file. A missing or empty field stops with a UserError
+    naming the file, the row and the field."""
+    if dataset in ("tiny", "lab"):
+        return lab.toy_rows(split, tiny=dataset == "tiny")[:limit]
+    if dataset in DATASETS:
+        ds, qf, af, where = _hub_dataset(dataset, split)
+    elif dataset.endswith(LOCAL_FILE):
+        ds, qf, af, where = _local_dataset(dataset)
+    else:
+        raise UserError(f"--dataset {dataset}: unknown; use one of {', '.join(['tiny', 'lab', *DATASETS])} "
+                        "or a .jsonl / .json / .parquet file")
+    qf, af = question_field or qf, answer_field or af
+    rows = []
+    for i, row in enumerate(ds):
+        if limit is not None and i >= limit:
+            break
+        for f in (qf, af):
+            v = row.get(f)
+            if v is None or not str(v).strip():
+                raise UserError(f"{where}: row {i}: field '{f}' is missing or empty")
+        answer = str(row[af])
+        if dataset == "math":
+            answer = cegppo.extract_boxed(answer) or answer
+        rows.append((str(row[qf]), answer))
+    return rows
+
+
+def _hub_dataset(dataset, split):
+    hub, cfg, train_split, eval_split, qf, af = DATASETS[dataset]
+    prepared = os.path.join(datasets.config.HF_DATASETS_CACHE, hub.replace("/", "___"))   # datasets' own cache
+    cached = os.path.isdir(prepared) or isinstance(try_to_load_from_cache(hub, "README.md", repo_type="dataset"), str)
+    if not cached and not hub_constants.HF_HUB_OFFLINE and not hub_reachable():
+        raise UserError(f"--dataset {dataset}: cannot reach the Hugging Face Hub to download {hub}; pass a "
+                        f"local .jsonl / .json / .parquet file with --dataset, or {CPU_HINT}")
+    try:
+        ds = load_dataset(hub, cfg, split=train_split if split == "train" else eval_split)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"--dataset {dataset}: cannot load {hub} ({type(e).__name__}: {first}); offline, pass "
+                        f"a local .jsonl / .json / .parquet file, or {CPU_HINT}") from e
+    return ds, qf, af, hub
+
+
+def _local_dataset(path):
+    if not os.path.isfile(path):
+        raise UserError(f"--dataset {path}: no such file")
+    kind = "parquet" if path.endswith(".parquet") else "json"
+    try:
+        ds = load_dataset(kind, data_files=path, split="train")
+    except Exception as e:
+        raise UserError(f"--dataset {path}: cannot read it as {kind} ({type(e).__name__})") from e
+    return ds, "question", "answer", path
