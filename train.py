@@ -89,6 +89,7 @@ class Config:
     max_grad_norm: float = _f(1.0, "gradient clipping")
     max_steps: int = _f(200, "RL steps")
     seed: int = _f(42, "seed for data order, sampling and LoRA init")
+    seeds: Optional[str] = _f(None, "comma-separated seeds, e.g. 1,2,3: one run per seed, in output_dir/seed-<n>")
     threads: int = _f(0, "CPU threads for torch; 0 = $OMP_NUM_THREADS, else one per core")
     # logging, evaluation, checkpoints
     output_dir: str = _f("runs/cegppo", "metrics.jsonl, samples.jsonl, curves.png, checkpoint/, final adapter (presets: runs/<preset>)")
@@ -116,7 +117,7 @@ PRESETS = {
 }
 
 # Flags that may change between a run and its --resume; any other difference is refused.
-RESUME_MAY_CHANGE = {"resume", "max_steps", "save_steps", "eval_steps", "logging_steps", "wandb",
+RESUME_MAY_CHANGE = {"resume", "seeds", "max_steps", "save_steps", "eval_steps", "logging_steps", "wandb",
                      "generation_batch_size", "threads"}
 AT_LEAST_1 = ("prompts_per_step", "num_generations", "max_completion_length", "steps_per_generation", "num_iterations",
               "micro_batch_size", "max_steps", "logging_steps", "eval_steps", "save_steps", "generation_batch_size",
@@ -143,6 +144,8 @@ def parse_config(argv=None):
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
     check_config(cfg)
+    if cfg.seeds:
+        seed_list(cfg.seeds)
     return cfg
 
 
@@ -528,7 +531,30 @@ def start_wandb(cfg):
 # The loop
 # ----------------------------------------------------------------------------------------------
 def main(argv=None):
+    """Parse the flags and train once, or once per seed of --seeds (each in output_dir/seed-<n>)."""
     cfg = parse_config(argv)
+    if not cfg.seeds:
+        return train(cfg)
+    for seed in seed_list(cfg.seeds):
+        rc = train(dataclasses.replace(cfg, seed=seed, seeds=None, output_dir=os.path.join(cfg.output_dir, f"seed-{seed}")))
+        if rc:
+            return rc
+    print(f"compare the seeds with: python plot.py {cfg.output_dir}/seed-* --output seeds.png", file=sys.stderr)
+    return 0
+
+
+def seed_list(text):
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {text}: expected comma-separated integers, e.g. 1,2,3")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {text}: expected distinct comma-separated integers, e.g. 1,2,3")
+    return seeds
+
+
+def train(cfg):
+    """One run: the RL loop below, from a checked Config."""
     loading.set_threads(cfg.threads)
     ckpt = check_resume(cfg)
     if not torch.cuda.is_available() and cfg.model not in ("tiny", "lab"):
