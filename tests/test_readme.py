@@ -1,4 +1,4 @@
-"""The README's offline commands run as written, and every train.py flag is documented there."""
+"""The README's commands: the offline ones run as written, the others parse; its tables match the code."""
 import dataclasses
 import os
 import re
@@ -7,35 +7,98 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
+import cegppo
+import eval as eval_script
+import loading
+import microscope
+import train
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, "README.md")).read()
 
 
+def block(name):
+    return README.split(f"<!-- {name} -->")[1].split(f"<!-- /{name} -->")[0]
+
+
+def commands(prog):
+    """Every `python <prog> ...` line of the README's code blocks, as argument lists (comments dropped)."""
+    code = "\n".join(re.findall(r"```bash\n(.*?)```", README, re.S))
+    return [shlex.split(line, comments=True)[2:] for line in code.splitlines() if line.startswith(f"python {prog} ")]
+
+
 def test_offline_commands_run(tmp_path):
-    block = README.split("<!-- offline-commands -->")[1].split("<!-- /offline-commands -->")[0]
-    commands = [line for line in block.splitlines() if line.startswith("python ")]
-    assert len(commands) >= 4
+    cmds = [line for line in block("offline-commands").splitlines() if line.startswith("python ")]
+    assert len(cmds) >= 5
     for f in os.listdir(ROOT):                       # run in a scratch copy: runs/ lands there
         if f.endswith(".py"):
             shutil.copy(os.path.join(ROOT, f), tmp_path)
-    for cmd in commands:
+    for cmd in cmds:
         p = subprocess.run([sys.executable, *shlex.split(cmd)[1:]], cwd=tmp_path, capture_output=True, text=True)
         assert p.returncode == 0, f"{cmd}\n{p.stderr[-3000:]}"
     steps = [int(re.search(r'"step": (\d+)', line).group(1)) for line in open(tmp_path / "runs/tiny/metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "runs/tiny-eval/results.json").exists() and (tmp_path / "runs/tiny.png").exists()
+    assert (tmp_path / "runs/microscope/microscope.json").exists()
+
+
+def test_every_train_and_eval_command_parses():
+    # the commands that need a GPU or the Hub cannot run here, but each one's flags must be valid
+    assert len(commands("train.py")) >= 10 and len(commands("eval.py")) >= 4
+    for args in commands("train.py"):
+        train.parse_config(args)
+    parser = loading.dataclass_parser(eval_script.EvalConfig, "eval")
+    for args in commands("eval.py"):
+        eval_script.EvalConfig(**vars(parser.parse_args(args)))
+    for args in commands("microscope.py"):
+        microscope.parse_args(args)
 
 
 def test_every_flag_is_in_the_readme():
-    import train
     for f in dataclasses.fields(train.Config):
         assert f"`--{f.name}`" in README, f"--{f.name} is not documented in README.md"
 
 
-def test_readme_defaults_match_the_code():
-    import train
-    c = train.Config()
+def shown_default(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def test_flag_table_defaults_match_the_code():
+    # single-flag rows: `| `--name` | default | meaning |`; the loss knobs show every algorithm's value
     rows = {m.group(1): m.group(2) for m in re.finditer(r"\| `--(\w+)` \| `?([^|`]+?)`? \|", README)}
+    fields = {f.name: f for f in dataclasses.fields(train.Config)}
+    checked = 0
     for name, shown in rows.items():
-        if hasattr(c, name) and getattr(c, name) is not None and not isinstance(getattr(c, name), bool):
-            assert str(getattr(c, name)) == shown or float(getattr(c, name)) == float(shown), (name, shown)
+        if name not in fields:
+            continue
+        f = fields[name]
+        if name in cegppo.ALGOS["cegppo"]:
+            assert shown == train._default_text(f), (name, shown)
+        elif f.default is None:
+            assert shown.startswith("unset"), (name, shown)
+        else:
+            assert shown == shown_default(f.default), (name, shown)
+        checked += 1
+    assert checked >= 35 and {"beta1", "beta2", "epsilon_high", "dual_clip"} <= set(rows)
+
+
+def test_algorithm_table_matches_algos():
+    rows = [r for r in block("algos").splitlines() if r.startswith("| `") and "--" not in r]
+    assert len(rows) == len(cegppo.ALGOS)
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        algo = re.match(r"`(\w+)`", cells[0]).group(1)
+        knobs = ["beta1", "beta2", "epsilon_low", "epsilon_high", "dual_clip"]
+        assert [float(c) for c in cells[1:]] == [cegppo.ALGOS[algo][k] for k in knobs], algo
+
+
+@pytest.mark.parametrize("algo", list(cegppo.ALGOS))
+def test_algo_flag_fills_in_its_knobs(algo):
+    cfg = train.parse_config(["--algo", algo])
+    assert {k: getattr(cfg, k) for k in cegppo.ALGOS[algo]} == cegppo.ALGOS[algo]
+    cfg = train.parse_config(["--algo", algo, "--beta1", "0.25"])     # an explicit flag wins
+    assert cfg.beta1 == 0.25

@@ -298,3 +298,23 @@ def test_zero_advantage_groups_get_no_forward_or_backward_with_grad(tmp_path, mo
     assert sum(x["frac_reward_zero_std"] for x in r) > 0             # some groups were all right or all wrong
     assert sum(trained) == 2 * sum(x["trained_responses"] for x in r)
     assert all(x["trained_responses"] == round(16 * (1 - x["frac_reward_zero_std"])) for x in r)
+
+
+def test_sft_term_changes_the_update(tmp_path):
+    # the same seed gives the same first rollout; with --sft_coef the first update's gradient differs
+    # by the SFT term on the fully rewarded responses (its value is tested by hand in test_loss.py)
+    import train
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        runs = {}
+        for coef in ("0", "0.5"):
+            out = str(tmp_path / coef)
+            assert train.main(["--model", "tiny", "--max_steps", "1", "--eval_limit", "0", "--sft_coef", coef,
+                               "--output_dir", out]) == 0
+            runs[coef] = rows(out)[0]
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    a, b = runs["0"], runs["0.5"]
+    assert a["reward"] == b["reward"] > 0                              # the same rollout, some right answers
+    assert a["sft_loss"] > 0 and a["sft_loss"] == pytest.approx(b["sft_loss"], rel=1e-3)   # logged either way
+    assert a["grad_norm"] != pytest.approx(b["grad_norm"], rel=1e-3)  # but only one run trained on it
