@@ -66,17 +66,24 @@ top, the four quadrants' drives (share x mean drive: the four add up to the batc
 """
 
 import argparse
+import io
 import json
 import math
 import os
 import sys
 import time
 
+import matplotlib
+import numpy as np
 import torch
+from PIL import Image
 
 import cegppo
 
-QUADRANTS = ("pa_hp", "pa_lp", "na_hp", "na_lp")      # token_quadrants' keys: quadrants/<q>_frac, _drive
+matplotlib.use("Agg")                 # files only, no window
+import matplotlib.pyplot as plt      # noqa: E402
+
+QUADRANTS = cegppo.QUADRANTS                          # token_quadrants' keys: quadrants/<q>_frac, _drive
 METRICS = ("entropy", "reward", "clip_low", "clip_high") + tuple(
     f"{q}_{k}" for q in QUADRANTS for k in ("frac", "drive"))
 
@@ -290,7 +297,6 @@ LABELS = {"grpo": "grpo (b1=0 b2=0)", "dapo": "dapo (b1=b2=0, eps_high 0.28)"}
 
 def style(name, knobs):
     """Colour and dash per setting: blues for beta2 = 0, reds for beta2 > 0, darker for larger beta1."""
-    import matplotlib.pyplot as plt
     if name in cegppo.ALGOS and knobs["beta1"] == knobs["beta2"] == 0:
         return dict(color="black" if name == "grpo" else "tab:green", linestyle="--" if name != "grpo" else "-")
     cmap = plt.get_cmap("Reds" if knobs["beta2"] > 0 else "Blues")
@@ -307,10 +313,6 @@ def panel_curves(c, key):
 
 def plot(results, path):
     """Two rows: what happens (entropy, reward, clip fractions) and why (the quadrants' drives)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
     fig, axes = plt.subplots(2, 4, figsize=(16, 7.5), sharex=True)
     for name, c in results["curves"].items():
         st = style(name, results["settings"][name])
@@ -340,8 +342,6 @@ def plot(results, path):
 
 def save_small_png(fig, path, dpi=80):
     """A 256-colour PNG: a third of the size of matplotlib's RGBA one, small enough to commit."""
-    import io
-    from PIL import Image
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     buf.seek(0)

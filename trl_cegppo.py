@@ -71,6 +71,8 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 import cegppo
 
@@ -84,9 +86,6 @@ def check_trl_version(version):
     The bridge overrides private GRPOTrainer methods whose signatures change between TRL
     releases; failing here, in one line, beats a KeyError deep inside a training step.
     """
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
-
     if SpecifierSet(TESTED_TRL).contains(Version(version), prereleases=True):
         return
     if os.environ.get(ALLOW_UNTESTED_ENV) == "1":

@@ -40,6 +40,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)      # cegppo, loading and trl_cegppo live at the repository root
 
 import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+from trl import TrlParser  # noqa: E402
 
 import cegppo  # noqa: E402
 import loading  # noqa: E402
@@ -72,7 +76,6 @@ def _defaults():
 
 
 def parse(argv=None):
-    from trl import TrlParser
     parser = TrlParser((ScriptArguments, CEGPPOConfig))
     parser.set_defaults(**_defaults())
     script, config = parser.parse_args_and_config(argv)
@@ -88,7 +91,6 @@ def math_reward(completions, answer, **kwargs):
 
 def build_dataset(tokenizer, script):
     """Prompts as train.py formats them (the tokenizer's chat template around question + INSTRUCTION)."""
-    from datasets import Dataset
     rows = loading.load_rows(script.dataset, "train", script.question_field, script.answer_field, script.limit)
     if not rows:
         raise loading.UserError(f"--dataset {script.dataset}: no rows")
@@ -98,8 +100,6 @@ def build_dataset(tokenizer, script):
 
 def build_trainer(argv=None):
     script, config = parse(argv)
-    from peft import LoraConfig
-    from transformers import AutoTokenizer
 
     with config.main_process_first(desc="model"):   # 'tiny' / 'lab' are built once, by the main process
         name = loading.resolve_model(script.model)
