@@ -1,0 +1,172 @@
+"""memory.py's arithmetic against the real tensors of the tiny model (4-bit NF4 + LoRA, bitsandbytes on CPU).
+
+Every line of the table is a formula of the model's shape; here each formula is applied to the
+tiny model's shape and compared with the bytes of the tensors that loading.load_model, generate()
+and the log-prob pass really hold. Nothing here needs a GPU, and nothing is timed.
+"""
+import bitsandbytes as bnb
+import pytest
+import torch
+
+import cegppo
+import loading
+import memory
+import train
+
+
+def tensor_bytes(t):
+    return t.numel() * t.element_size()
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    """The tiny model as train.py loads it by default, with fp16 compute: (model, tokenizer, shape)."""
+    import lab
+    model, tok = loading.load_model(lab.tiny_model_path("tiny"), four_bit=True, lora_rank=8, trainable=True,
+                                    dtype="fp16")
+    return model, tok, memory.ModelShape.from_config(model.config, "tiny")
+
+
+def test_shape_of_the_tiny_model(loaded):
+    model, _, shape = loaded
+    c = model.config
+    assert (shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.vocab, shape.tied) == (
+        c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.vocab_size, False)
+
+
+def test_four_bit_weight_bytes_are_the_quant_states(loaded):
+    model, _, shape = loaded
+    total, count = 0, 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            qs = m.weight.quant_state
+            assert qs.nested and qs.blocksize == memory.NF4_BLOCK and qs.state2.blocksize == memory.NESTED_BLOCK
+            total += sum(tensor_bytes(t) for t in (m.weight.data, qs.absmax, qs.code, qs.offset,
+                                                   qs.state2.absmax, qs.state2.code))
+            count += 1
+    assert count == 7 * shape.layers
+    assert total == memory.quantised_bytes(shape)
+
+
+def test_unquantised_and_lora_bytes(loaded):
+    model, _, shape = loaded
+    rest = [p for n, p in model.named_parameters() if "lora_" not in n and type(p).__name__ != "Params4bit"]
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    # peft's k-bit preparation casts embeddings, head, norms and biases to float32 despite fp16 compute
+    assert {p.dtype for p in rest} == {torch.float32}
+    assert sum(tensor_bytes(p) for p in rest) == memory.base_weight_bytes(shape, "fp16", True)[1]
+    assert {p.dtype for p in lora} == {torch.float32} and all(p.requires_grad for p in lora)
+    assert sum(tensor_bytes(p) for p in lora) == 4 * memory.lora_numel(shape, 8)
+
+
+def test_sixteen_bit_weight_bytes():
+    import lab
+    model, _ = loading.load_model(lab.tiny_model_path("tiny"), four_bit=False, lora_rank=8, trainable=True,
+                                  dtype="fp16")
+    shape = memory.ModelShape.from_config(model.config)
+    base = [p for n, p in model.named_parameters() if "lora_" not in n]
+    assert {p.dtype for p in base} == {torch.float16}
+    assert sum(tensor_bytes(p) for p in base) == memory.base_weight_bytes(shape, "fp16", False)[1]
+
+
+def test_kv_cache_matches_generate(loaded):
+    """The rollout's cache: float32 in the 4-bit path (the residual stream is float32 after k-bit preparation)."""
+    model, tok, shape = loaded
+    prompts = [cegppo.format_prompt(tok, q) for q in ("What is 2+3?", "What is 7*8?", "What is 9-4?")]
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    new = 6
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             return_dict_in_generate=True, use_cache=True, pad_token_id=tok.pad_token_id)
+    model.train()
+    cache = out.past_key_values
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    assert len(tensors) == 2 * shape.layers
+    assert {t.dtype for t in tensors} == {torch.float32}
+    seq = enc["input_ids"].shape[1] + new - 1          # the last sampled token is never fed back
+    assert sum(tensor_bytes(t) for t in tensors) == memory.kv_cache_bytes(
+        shape, len(prompts), seq, memory.residual_bytes("fp16", True))
+
+
+@pytest.mark.parametrize("four_bit", [True, False])
+def test_one_layer_saved_activations(four_bit):
+    """One decoder block's tensors saved for backward, per token, as autograd sees them (measured at
+    two lengths: the difference drops anything that does not grow with the tokens)."""
+    import lab
+    model, _ = loading.load_model(lab.tiny_model_path("tiny"), four_bit=four_bit, lora_rank=8, trainable=True,
+                                  dtype="fp16", gradient_checkpointing=False)
+    shape = memory.ModelShape.from_config(model.config)
+    body = model.get_decoder()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes(S, B=2):
+        store = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s.data_ptr() not in params:
+                store[s.data_ptr()] = s.nbytes()
+            return t
+        ids = torch.randint(3, 90, (B, S))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            x = body.embed_tokens(ids).requires_grad_(True)
+            pos = torch.arange(S)[None].expand(B, S)
+            body.layers[1](x, attention_mask=None, position_ids=pos, position_embeddings=body.rotary_emb(x, pos))
+        return sum(store.values())
+    per_token = (saved_bytes(128) - saved_bytes(64)) / (2 * 64)
+    resid, fp32 = memory.layer_activation_elems(shape, 8, four_bit)
+    assert per_token == resid * memory.residual_bytes("fp16", four_bit) + fp32 * 4
+
+
+def test_logprob_chunk_is_what_the_pass_uses(loaded, monkeypatch):
+    """The largest LM-head matmul of completion_logprobs has cegppo.chunk_size rows (float32 [chunk, V] logits)."""
+    model, tok, shape = loaded
+    B, P, T = 4, 5, 40
+    ids = torch.randint(3, 90, (B, P + T))
+    rows = []
+    real = torch.nn.functional.linear
+
+    def spy(x, w, b=None):
+        if w.shape[0] == shape.vocab:
+            rows.append(x.shape[0])
+        return real(x, w, b)
+    monkeypatch.setattr(cegppo.F, "linear", spy)
+    lp, _ = cegppo.completion_logprobs(model, ids, torch.ones_like(ids), P, 1.0)
+    lp.sum().backward()
+    assert max(rows) == cegppo.chunk_size(B * T) < B * T
+    cfg = train.Config(micro_batch_size=B, max_completion_length=T)
+    line = memory.estimate(shape, cfg)["update: log-prob chunk (2 x chunk x V fp32)"]
+    assert line == 2 * cegppo.chunk_size(B * T) * shape.vocab * 4
+
+
+def test_qwen_shapes_and_total():
+    m = memory.QWEN["Qwen2.5-0.5B"]
+    assert (m.head_dim, m.kv_heads * m.head_dim) == (64, 128)
+    est = memory.estimate(m, train.Config(dtype="fp16"))
+    parts = [v for k, v in est.items() if not k.startswith("peak")]
+    persistent = sum(v for k, v in est.items() if not k.startswith(("rollout", "update", "peak")))
+    rollout = sum(v for k, v in est.items() if k.startswith("rollout"))
+    update = sum(v for k, v in est.items() if k.startswith("update"))
+    assert est["peak = persistent + max(rollout, update)"] == persistent + max(rollout, update) < sum(parts)
+    # tied head: the 0.5B's float32 embedding table is vocab x hidden x 4 bytes, counted once
+    assert est["embeddings / head, norms, biases (fp32)"] > 151936 * 896 * 4
+    assert est["embeddings / head, norms, biases (fp32)"] < 151936 * 896 * 4 * 1.01
+
+
+def test_fit_suggestions_fit():
+    cfg = train.Config(dtype="fp16")
+    for m in memory.QWEN.values():
+        for card in memory.CARDS_GB:
+            changed, peak = memory.fit(m, cfg, card)
+            assert changed is not None and peak + memory.HEADROOM_GB <= card
+            assert memory.peak_gb(m, __import__("dataclasses").replace(cfg, **changed)) == peak
+
+
+def test_printed_table_matches_the_function(capsys):
+    assert memory.main([]) == 0
+    out = capsys.readouterr().out
+    table = memory.table(list(memory.QWEN.values()), train.Config(dtype="fp16"))
+    assert table in out and "computed from tensor sizes, not measured" in out
+    for line in table.splitlines()[2:]:
+        assert line.startswith("| ") and line.count("|") == 4
