@@ -319,20 +319,20 @@ def rollout(model, tokenizer, prompts, num_generations, max_new_tokens, temperat
             batch_size=64):
     """Sample `num_generations` completions for each chat-formatted prompt.
 
-    Returns a dict:
-      input_ids       [B, P + T] left-padded prompt then completion, B = len(prompts) * G
-      attention_mask  [B, P + T] 1 on prompt tokens and on completion tokens up to the first EOS
+    Returns a dict (L: padded prompt length, T: completion length, B = P prompts x G):
+      input_ids       [B, L + T] left-padded prompt then completion, B = len(prompts) * G
+      attention_mask  [B, L + T] 1 on prompt tokens and on completion tokens up to the first EOS
       completion_mask [B, T]     1 on completion tokens up to and including the first EOS
       truncated       [B] bool   no EOS within max_new_tokens
-      prompt_len      P          completion tokens are input_ids[:, P:]
+      prompt_len      L          completion tokens are input_ids[:, L:]
       texts           B strings  the decoded completions (special tokens dropped)
       gen_batch_size  the generation sub-batch that fit in memory (for the next call)
     temperature 0 means greedy. The responses to one prompt are next to each other.
     """
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-    ids = enc["input_ids"].repeat_interleave(num_generations, dim=0).to(device)             # [B, P]
-    amask = enc["attention_mask"].repeat_interleave(num_generations, dim=0).to(device)      # [B, P]
+    ids = enc["input_ids"].repeat_interleave(num_generations, dim=0).to(device)             # [B, L]
+    amask = enc["attention_mask"].repeat_interleave(num_generations, dim=0).to(device)      # [B, L]
     stop = eos_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     # Every sampling knob is set here: a model's own generation_config (Qwen2.5 ships top_k 20,
@@ -382,7 +382,7 @@ def completion_logprobs(model, input_ids, attention_mask, prompt_len, temperatur
                         with_entropy=True, chunked=True):
     """Per-token log pi(a_t) and full-vocabulary entropy H_t for the completion tokens.
 
-    input_ids, attention_mask: [B, P + T] as returned by rollout; completion tokens start at prompt_len.
+    input_ids, attention_mask: [B, L + T] as returned by rollout; completion tokens start at prompt_len.
     Returns (logp [B, T], entropy [B, T]) in float32; logp carries the gradient when grad is on.
     with_entropy=False skips the entropy (zeros come back): the optimizer updates do not need it.
     chunked=False computes the plain definition (token_logprobs) on the whole [B*T, V] logits.
@@ -394,9 +394,9 @@ def completion_logprobs(model, input_ids, attention_mask, prompt_len, temperatur
     body, head = model.get_decoder(), model.get_output_embeddings()
     # Position ids from the attention mask, as generate() computes them: with left padding the
     # first real prompt token is position 0. Without this the logits differ from the rollout's.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)                # [B, P + T]
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)                # [B, L + T]
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  use_cache=False).last_hidden_state                                  # [B, P + T, d]
+                  use_cache=False).last_hidden_state                                  # [B, L + T, d]
     B, T = input_ids.shape[0], input_ids.shape[1] - prompt_len
     h = hidden[:, prompt_len - 1:-1].reshape(B * T, -1)       # [B*T, d] the state that predicts token t
     targets = input_ids[:, prompt_len:].reshape(B * T)         # [B*T]
