@@ -15,6 +15,10 @@ CPU) is each one's own. Writes bench.json in --output_dir and prints a table.
 that cannot download the real one; its reward is a coin flip (see coin_reward).
 --logprob-memory: the log-prob pass's peak memory against naive float32 logits, nothing else.
 --profile: torch.profiler's table of the ops our side spends its time in (ours/profile.txt).
+--both-rollouts: our side twice, sampling from the dense copy (--rollout_model dense) and from the
+4-bit + LoRA policy (--rollout_model policy); the second's numbers come back prefixed `policy_`.
+--rollout-copy-cost: what building the dense rollout copy costs (fresh, and refreshed in place), its
+bytes, and its logits' distance from the 4-bit + LoRA policy's; nothing else.
 
 TRL gets the same model object (4-bit + LoRA built by loading.load_model), the same chat-formatted
 prompts and reward, the same P prompts x G generations, completion length, temperature, top_p,
@@ -34,6 +38,7 @@ import shutil
 import tempfile
 import time
 
+import loading  # noqa: I001  (first: it quiets bitsandbytes' optional-kernel warning before transformers loads it)
 import torch
 from datasets import Dataset
 from torch.profiler import ProfilerActivity, profile
@@ -41,7 +46,7 @@ from transformers import TrainerCallback
 
 import cegppo
 import lab
-import loading
+import rollout_copy
 import train
 from loading import UserError
 
@@ -106,14 +111,23 @@ def run_ours(train_args, steps, out, coin=False, profile=False):
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1:]    # drop the warm-up
     # medians: a shared machine's hiccups, and math-verify's first parse of a new kind of answer
     # (it imports and builds its parsers lazily), would otherwise land in one step's mean
-    median = lambda k: statistics.median(r[k] for r in rows)
+    median = lambda k: statistics.median(r.get(k, 0.0) for r in rows)
+    gen_s = [r["time/rollout_s"] - r.get("time/rollout_copy_s", 0.0) for r in rows]
+    mismatch = [r for r in rows if "sampling/sampling_logp_difference/mean" in r]
     return {
         "step_s": median("time/step_s"),
         "rollout_s": median("time/rollout_s"),
         "reward_s": median("time/reward_s"),
         "old_logprob_s": median("time/old_logprob_s"),
         "update_s": median("time/update_s"),
+        "rollout_copy_s": median("time/rollout_copy_s"),          # building the dense copy (inside rollout_s)
+        "sampling_logprob_s": median("time/sampling_logprob_s"),  # log pi_sample for the mismatch metric
         "rollout_tokens_per_s": sum(r["num_tokens"] for r in rows) / sum(r["time/rollout_s"] for r in rows),
+        "generate_tokens_per_s": sum(r["num_tokens"] for r in rows) / sum(gen_s),   # without the copy's build
+        **({"sampling_logp_difference_mean": statistics.mean(r["sampling/sampling_logp_difference/mean"]
+                                                             for r in mismatch),
+            "sampling_logp_difference_max": max(r["sampling/sampling_logp_difference/max"] for r in mismatch)}
+           if mismatch else {}),
         "update_tokens_per_s": sum(r["update_tokens"] for r in rows) / max(1e-9, sum(r["time/update_s"] for r in rows)),
         "updates_per_step": statistics.mean(r["updates"] for r in rows),
         "frac_reward_zero_std": statistics.mean(r["frac_reward_zero_std"] for r in rows),
@@ -242,6 +256,48 @@ def logprob_memory(out_dir, positions=LOGPROB_TOKENS):
     print(f"wrote {out_dir}/logprob_memory.json")
 
 
+def rollout_copy_cost(cfg, out_dir, repeats=3):
+    """Build the dense rollout copy of cfg's 4-bit + LoRA policy (LoRA B set to small random values, as
+    after training): time to build it fresh and to refresh it in place (medians of `repeats`), the
+    bytes it adds, RSS before and after, and the max |logit difference| from the policy on a prompt."""
+    loading.set_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model, tok = loading.load_model(loading.resolve_model(cfg.model), four_bit=cfg.load_in_4bit, lora_rank=cfg.lora_r,
+                                    lora_alpha=cfg.lora_alpha, trainable=True,
+                                    gradient_checkpointing=cfg.gradient_checkpointing, dtype=cfg.dtype)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 1e-3)
+    rss = lambda: int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmRSS:"))) / 1e6
+    rss0, fresh, refresh = rss(), [], []
+    for _ in range(repeats):
+        t = time.time()
+        dense = rollout_copy.dense_copy(model)
+        fresh.append(time.time() - t)
+        rss1 = rss()
+        del dense
+    dense = rollout_copy.dense_copy(model)
+    for _ in range(repeats):
+        t = time.time()
+        rollout_copy.dense_copy(model, into=dense)
+        refresh.append(time.time() - t)
+    ids = tok([cegppo.format_prompt(tok, "What is 7 * 8?")], return_tensors="pt")["input_ids"]
+    ids = ids.to(next(model.parameters()).device)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits.float(), dense(input_ids=ids).logits.float()
+    row = {"build_fresh_s": statistics.median(fresh), "refresh_in_place_s": statistics.median(refresh),
+           "copy_bytes_gb": rollout_copy.copy_bytes(model) / 1e9, "rss_before_gb": rss0, "rss_with_copy_gb": rss1,
+           "max_abs_logit_diff": (a - b).abs().max().item(), "max_abs_logit": a.abs().max().item(),
+           "dtype": str(rollout_copy.compute_dtype(model))}
+    for k, v in row.items():
+        print(f"  {k:<22} {v:10.4g}" if isinstance(v, float) else f"  {k:<22} {v}")
+    with open(os.path.join(out_dir, "rollout_copy_cost.json"), "w") as f:
+        json.dump(row, f, indent=2)
+    print(f"wrote {out_dir}/rollout_copy_cost.json")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Benchmark train.py's RL step (all train.py flags apply).")
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
@@ -257,6 +313,10 @@ def main(argv=None):
     ap.add_argument("--synthetic-0.5b", dest="synthetic", action="store_true",
                     help="benchmark a random-init model with Qwen2.5-0.5B's shapes on the lab prompts, with a "
                          "coin-flip reward (for machines without the real checkpoint)")
+    ap.add_argument("--both-rollouts", action="store_true", help="run our side twice: generating from the dense "
+                    "copy and from the 4-bit + LoRA policy (the second's numbers prefixed policy_)")
+    ap.add_argument("--rollout-copy-cost", action="store_true", help="instead: the dense rollout copy's build "
+                    "time (fresh and refreshed in place), size and logits' distance from the policy's")
     ap.add_argument("--profile", action="store_true", help="run our side under torch.profiler and write the "
                     "ops that take the time to ours/profile.txt (the timings then include its overhead)")
     args, train_args = ap.parse_known_args(argv)
@@ -268,6 +328,10 @@ def main(argv=None):
         return 0
     if args.synthetic:
         train_args = ["--model", synthetic_model(), "--dataset", "lab", *train_args]   # later flags win
+    if args.rollout_copy_cost:
+        os.makedirs(args.output_dir, exist_ok=True)
+        rollout_copy_cost(train.parse_config(train_args), args.output_dir)
+        return 0
     cfg = train.parse_config(train_args)
     os.makedirs(args.output_dir, exist_ok=True)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
@@ -277,26 +341,42 @@ def main(argv=None):
     if args.synthetic:
         result["model"], result["reward"] = "random-init, Qwen2.5-0.5B shapes", "coin flip"
     # ours, TRL, ours, TRL, ...: a slow minute of a shared machine then hits both sides alike
-    ours, trl = [], []
+    ours, trl, ours_policy = [], [], []
+    if args.both_rollouts:
+        train_args = [*train_args, "--rollout_model", "dense"]
     for _ in range(args.repeats):
         shutil.rmtree(os.path.join(args.output_dir, "ours"), ignore_errors=True)
         ours.append(run_ours(train_args, args.steps, os.path.join(args.output_dir, "ours"), args.synthetic,
                              args.profile))
+        if args.both_rollouts:
+            shutil.rmtree(os.path.join(args.output_dir, "ours_policy"), ignore_errors=True)
+            ours_policy.append(run_ours([*train_args, "--rollout_model", "policy"], args.steps,
+                                        os.path.join(args.output_dir, "ours_policy"), args.synthetic))
         if args.vs_trl:
             trl.append(run_trl(train_args, args.steps, os.path.join(args.output_dir, "trl"), args.synthetic))
     middle = lambda runs, k: sorted(runs, key=lambda r: r[k])[len(runs) // 2]        # the median run
     result.update(middle(ours, "step_s"), step_s_repeats=[r["step_s"] for r in ours])
+    if args.both_rollouts:
+        result.update({f"policy_{k}": v for k, v in middle(ours_policy, "step_s").items()},
+                      policy_step_s_repeats=[r["step_s"] for r in ours_policy])
+        result["rollout_speedup"] = result["generate_tokens_per_s"] / result["policy_generate_tokens_per_s"]
     if args.vs_trl:
         result.update(middle(trl, "trl_step_s"), trl_step_s_repeats=[r["trl_step_s"] for r in trl])
         result["step_ratio"] = result["step_s"] / result["trl_step_s"]
         result["mem_ratio"] = result["peak_mem_gb"] / result["trl_peak_mem_gb"]
+        if args.both_rollouts:
+            result["policy_step_ratio"] = result["policy_step_s"] / result["trl_step_s"]
+            result["policy_mem_ratio"] = result["policy_peak_mem_gb"] / result["trl_peak_mem_gb"]
     with open(os.path.join(args.output_dir, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(f"device {device}, model {result['model']}, {args.steps} timed steps, {args.repeats} repeat(s)")
-    for k in ("step_s", "rollout_s", "old_logprob_s", "update_s", "reward_s", "rollout_tokens_per_s",
-              "update_tokens_per_s", "peak_mem_gb", "trl_step_s", "trl_peak_mem_gb", "step_ratio", "mem_ratio"):
+    keys = ("step_s", "rollout_s", "rollout_copy_s", "sampling_logprob_s", "old_logprob_s", "update_s", "reward_s",
+            "rollout_tokens_per_s", "generate_tokens_per_s", "update_tokens_per_s", "peak_mem_gb",
+            "sampling_logp_difference_mean", "sampling_logp_difference_max")
+    for k in (*keys, *(f"policy_{k}" for k in keys), "rollout_speedup", "trl_step_s", "trl_peak_mem_gb",
+              "step_ratio", "mem_ratio", "policy_step_ratio", "policy_mem_ratio"):
         if k in result:
-            print(f"  {k:<22} {result[k]:10.3f}")
+            print(f"  {k:<36} {result[k]:12.3g}")
     print(f"wrote {args.output_dir}/bench.json" + (f" and {args.output_dir}/ours/profile.txt" if args.profile else ""))
     return 0
 

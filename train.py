@@ -7,7 +7,7 @@
     python train.py --model tiny --dataset tiny          # offline smoke run (seconds, CPU)
 
 One RL step, in the order main() runs it (the numbers match the comments in the loop):
-  1. rollout      P prompts x G completions each, sampled at temperature T      (cegppo.rollout)
+  1. rollout      P prompts x G completions each, sampled at the temperature    (cegppo.rollout)
   2. reward       1 if the last \\boxed{} equals the reference, else 0            (cegppo.math_reward)
   3. advantages   z-score within each group; all-equal groups are dropped         (cegppo.group_advantages)
   4. old log-probs  log pi_old of every sampled token, once, with no gradient     (cegppo.completion_logprobs)
@@ -41,6 +41,7 @@ from tqdm import tqdm
 import cegppo
 import loading
 import plot
+import rollout_copy
 from eval import evaluate
 from loading import UserError
 
@@ -79,6 +80,7 @@ class Config:
     temperature: float = _f(1.0, "sampling temperature (the log-probs use the same one)")
     top_p: float = _f(1.0, "nucleus sampling for the rollout (1.0 = the plain softmax, as in the paper)")
     generation_batch_size: int = _f(64, "sequences per generate() call; halves itself on out-of-memory")
+    rollout_model: Literal["auto", "dense", "policy"] = _f("auto", "sample from a dense copy of the policy (4-bit dequantised, LoRA merged; held while sampling) or through its 4-bit + LoRA layers; auto: dense on a GPU where it fits, else policy")
     # optimisation
     steps_per_generation: int = _f(4, "optimizer updates per rollout (mini-batches of whole groups); 1 makes ratio = 1 always")
     num_iterations: int = _f(1, "passes over each rollout (the paper: 1)")
@@ -110,15 +112,15 @@ PRESETS = {
                  warmup_steps=1, weight_decay=0.0, max_steps=4, eval_steps=2, eval_limit=8, save_steps=2,
                  output_dir="runs/tiny"),
     "lab": dict(model="lab", dataset="lab", lora_r=32, lora_alpha=64, gradient_checkpointing=False,
-                prompts_per_step=8, num_generations=8, max_completion_length=24, max_prompt_length=256,
-                steps_per_generation=8, num_iterations=2, micro_batch_size=32, learning_rate=1e-4, warmup_steps=10,
-                weight_decay=0.0, max_steps=120, eval_steps=10, eval_limit=64, save_steps=40, logging_steps=10,
-                output_dir="runs/lab"),
+                prompts_per_step=8, num_generations=8, max_completion_length=28, max_prompt_length=256,
+                steps_per_generation=8, num_iterations=2, micro_batch_size=32, learning_rate=2e-4, warmup_steps=10,
+                epsilon_low=0.1, epsilon_high=0.1, weight_decay=0.0, max_steps=100, eval_steps=25, eval_limit=140,
+                save_steps=50, logging_steps=10, output_dir="runs/lab"),
 }
 
 # Flags that may change between a run and its --resume; any other difference is refused.
 RESUME_MAY_CHANGE = {"resume", "seeds", "max_steps", "save_steps", "eval_steps", "logging_steps", "wandb",
-                     "generation_batch_size", "threads"}
+                     "generation_batch_size", "threads", "rollout_model"}
 AT_LEAST_1 = ("prompts_per_step", "num_generations", "max_completion_length", "steps_per_generation", "num_iterations",
               "micro_batch_size", "max_steps", "logging_steps", "eval_steps", "save_steps", "generation_batch_size",
               "max_prompt_length", "lora_r", "lora_alpha")
@@ -228,6 +230,9 @@ def load_policy(cfg, ckpt):
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (the scaler is then a no-op)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scaler = torch.amp.GradScaler(device, enabled=loading.compute_dtype(cfg.dtype) == torch.float16)
+    if scaler.is_enabled():
+        why = "no bf16 on this GPU" if cfg.dtype == "auto" else "--dtype fp16"
+        print(f"fp16 compute ({why}): dynamic loss scaling on", file=sys.stderr)
     return model, tok, params, optimizer, scaler
 
 
@@ -553,8 +558,8 @@ def seed_list(text):
     return seeds
 
 
-def train(cfg):
-    """One run: the RL loop below, from a checked Config."""
+def setup(cfg):
+    """Everything before the first step: the checks, the data, the policy, the output folder, the saved state."""
     loading.set_threads(cfg.threads)
     ckpt = check_resume(cfg)
     if not torch.cuda.is_available() and cfg.model not in ("tiny", "lab"):
@@ -566,13 +571,44 @@ def train(cfg):
     torch.manual_seed(cfg.seed)                          # LoRA init, then sampling
     model, tok, params, optimizer, scaler = load_policy(cfg, ckpt)
     prompts = usable_prompts(cfg, tok, train_rows)
-    out, G = cfg.output_dir, cfg.num_generations
-    os.makedirs(out, exist_ok=True)                      # only now: every input was good
-    with open(os.path.join(out, "config.json"), "w") as f:
+    os.makedirs(cfg.output_dir, exist_ok=True)           # only now: every input was good
+    with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
-    state = restore(ckpt, out, optimizer, scaler) if ckpt else State()
+    state = restore(ckpt, cfg.output_dir, optimizer, scaler) if ckpt else State()
+    return model, tok, params, optimizer, scaler, prompts, eval_rows, state
+
+
+def timed(times, name, fn, *args):
+    """fn(*args), its wall time added to times[name]."""
+    t = time.time()
+    out = fn(*args)
+    times[name] = times.get(name, 0.0) + time.time() - t
+    return out
+
+
+def rollout_step(model, tok, batch, rollout_mode, gen_bs, cfg, times):
+    """1. G samples for each prompt from the current policy (= pi_old for this step); on a GPU by default
+    through a dense copy of it (4-bit dequantised, LoRA merged: rollout_copy.py), freed before the updates.
+    Returns the rollout and, from a copy, log pi_sample of its tokens (for the mismatch metric)."""
+    sampler = timed(times, "rollout_copy", rollout_copy.dense_copy, model) if rollout_mode == "dense" else model
+    ro = timed(times, "rollout", cegppo.rollout, sampler, tok, [p for p, _ in batch], cfg.num_generations,
+               cfg.max_completion_length, cfg.temperature, cfg.top_p, gen_bs)
+    sample_logp = timed(times, "sampling_logprob", old_logprobs, sampler, ro, cfg)[0] if sampler is not model else None
+    return ro, sample_logp
+
+
+def due(step, every, cfg):
+    """Evaluation and checkpoints run every N steps and at the last step."""
+    return step % every == 0 or step == cfg.max_steps
+
+
+def train(cfg):
+    """One run: setup, then per RL step the seven steps below, then the final adapter."""
+    model, tok, params, optimizer, scaler, prompts, eval_rows, state = setup(cfg)
+    out, G, gen_bs = cfg.output_dir, cfg.num_generations, cfg.generation_batch_size
+    rollout_mode = rollout_copy.choose(cfg.rollout_model, model, min(gen_bs, cfg.prompts_per_step * G),
+                                       cfg.max_prompt_length + cfg.max_completion_length)
     wandb_run, stop = start_wandb(cfg), catch_ctrl_c()
-    gen_bs = cfg.generation_batch_size
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="steps", dynamic_ncols=True)
     while state.step < cfg.max_steps and not stop["asked"]:
         state.step += 1
@@ -580,39 +616,40 @@ def train(cfg):
         reset_peak_mem()                                 # peak_mem_gb is this step's peak
         for g in optimizer.param_groups:
             g["lr"] = lr_at(state.step, cfg)
-        # 1. rollout: P prompts, G samples each, from the current policy (= pi_old for this step)
+        # 1. rollout: P prompts, G completions each
         batch = sample_prompts(prompts, state, cfg)
-        ro = cegppo.rollout(model, tok, [p for p, _ in batch], G, cfg.max_completion_length,
-                            cfg.temperature, cfg.top_p, gen_bs)
-        gen_bs, times["rollout"] = ro["gen_batch_size"], time.time() - t0
+        ro, sample_logp = rollout_step(model, tok, batch, rollout_mode, gen_bs, cfg, times)
+        gen_bs = ro["gen_batch_size"]
         # 2. reward
-        t = time.time()
         answers = [a for _, a in batch for _ in range(G)]
-        rewards = score(ro["texts"], answers)
-        times["reward"] = time.time() - t
+        rewards = timed(times, "reward", score, ro["texts"], answers)
         # 3. advantages; groups whose G rewards are all equal carry no signal and are dropped
         adv, zero_std = cegppo.group_advantages(rewards, G)
         kept_groups = (~zero_std).nonzero()[:, 0]        # [K] prompts to train on
         # 4. old log-probs and entropy under the sampling policy, no gradient, once per step
-        t = time.time()
-        old_logp, entropy = old_logprobs(model, ro, cfg)
-        times["old_logprob"] = time.time() - t
+        old_logp, entropy = timed(times, "old_logprob", old_logprobs, model, ro, cfg)
         # 5. several optimizer updates on mini-batches of the kept groups
-        t = time.time()
-        upd = update_policy(model, optimizer, scaler, params, ro, old_logp, adv, rewards >= 1.0, kept_groups, cfg, state)
-        times["update"] = time.time() - t
+        upd = timed(times, "update", update_policy, model, optimizer, scaler, params, ro, old_logp, adv,
+                    rewards >= 1.0, kept_groups, cfg, state)
         # 6. log (and evaluate)
         row = metrics_row(state, cfg, ro, rewards, old_logp, entropy, adv, zero_std, kept_groups, upd, times, scaler)
-        if eval_rows and (state.step == 1 or state.step % cfg.eval_steps == 0 or state.step == cfg.max_steps):
+        if sample_logp is not None:                      # how far the copy's sampling is from pi_old
+            row.update(rollout_copy.sampling_mismatch(sample_logp, old_logp, ro["completion_mask"]))
+        if eval_rows and (state.step == 1 or due(state.step, cfg.eval_steps, cfg)):
             res = evaluate(model, tok, eval_rows, max_new_tokens=cfg.max_completion_length, batch_size=gen_bs)
             row.update({"eval/accuracy": res["accuracy"], "eval/mean_length": res["mean_response_length"]})
             model.train()
         row.update({"time/step_s": time.time() - t0, "peak_mem_gb": peak_mem_gb()})
         log_step(out, row, ro, batch, answers, rewards, cfg, wandb_run, bar)
         # 7. checkpoint
-        if state.step % cfg.save_steps == 0 or state.step == cfg.max_steps or stop["asked"]:
+        if due(state.step, cfg.save_steps, cfg) or stop["asked"]:
             save_checkpoint(out, model, optimizer, scaler, state)
     bar.close()
+    return finish(model, tok, state, stop, out)
+
+
+def finish(model, tok, state, stop, out):
+    """The final adapter and tokenizer, or after Ctrl-C the way to resume (exit code 130)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if stop["asked"]:
         print(f"stopped at step {state.step}; checkpoint saved in {out}/checkpoint; continue with --resume",

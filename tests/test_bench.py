@@ -100,3 +100,27 @@ def test_profile_command(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     table = open(tmp_path / "ours" / "profile.txt").read()
     assert "aten::mm" in table and "_TokenLogProb" in table
+
+
+def test_bench_both_rollouts(tmp_path):
+    # --both-rollouts: our side once per --rollout_model (dense copy, then the 4-bit + LoRA policy)
+    out = str(tmp_path / "r")
+    p = subprocess.run([sys.executable, "bench.py", "--model", "tiny", "--dataset", "tiny", "--steps", "1",
+                        "--both-rollouts", "--output_dir", out], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    b = json.load(open(os.path.join(out, "bench.json")))
+    assert b["rollout_copy_s"] > 0 and b["policy_rollout_copy_s"] < 1e-3        # only the dense side builds one
+    assert 0 <= b["sampling_logp_difference_mean"] <= b["sampling_logp_difference_max"] < 1e-3
+    assert "policy_sampling_logp_difference_mean" not in b
+    assert b["generate_tokens_per_s"] >= b["rollout_tokens_per_s"] > 0 and b["policy_generate_tokens_per_s"] > 0
+    assert b["rollout_speedup"] == pytest.approx(b["generate_tokens_per_s"] / b["policy_generate_tokens_per_s"])
+    assert os.path.isfile(os.path.join(out, "ours_policy", "metrics.jsonl"))
+
+
+def test_rollout_copy_cost_command(tmp_path):
+    p = subprocess.run([sys.executable, "bench.py", "--model", "tiny", "--dataset", "tiny", "--rollout-copy-cost",
+                        "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    c = json.load(open(tmp_path / "rollout_copy_cost.json"))
+    assert c["build_fresh_s"] > 0 and c["refresh_in_place_s"] > 0 and c["copy_bytes_gb"] > 0
+    assert c["max_abs_logit_diff"] < 1e-4 < c["max_abs_logit"]     # float32 rounding only (test_rollout_copy.py)

@@ -1,0 +1,204 @@
+"""The rollout's dense copy of the policy: 4-bit base dequantised, LoRA merged, in a plain transformers model.
+
+Generation through bitsandbytes' Linear4bit + peft's LoRA layers dequantises every weight of every
+layer at every decode step and adds two small LoRA matmuls per layer; on a CPU (where
+loading.cpu_safe_4bit switches the 4-bit inference kernel off) that is most of the rollout. Before
+each rollout train.py builds, from the current policy, a plain model of the same config whose
+Linear weights are W = dequantize_4bit(W_4bit) + scaling * B @ A (one matrix per layer, no
+bitsandbytes, no peft), lets generate() drive it, and frees it before the updates.
+
+Only the sampling moves to the copy. The old log-probs (train.py step 4) are still computed by
+the 4-bit + LoRA policy, so the first update's ratio is still exactly 1 and the loss unchanged;
+the copy samples from a distribution whose rounding differs slightly (merged weights, another
+summation order), which train.py logs every step as TRL logs its vLLM mismatch:
+sampling/sampling_logp_difference/mean and /max = |log pi_sample - log pi_old| per response token.
+
+    dense_copy(policy, into=None)  the copy (or refresh `into`, a copy built before, in place)
+    merged_weight(layer)           one Linear's dense weight: dequantised base + scaling * B @ A
+    copy_bytes(policy)             the memory the copy adds (parameters shared with the policy excluded)
+    choose(mode, policy, ...)      'dense' or 'policy' for --rollout_model auto|dense|policy
+    sampling_mismatch(...)         the two mismatch metrics
+"""
+
+import copy
+
+import loading  # noqa: F401  (first: it quiets bitsandbytes' optional-kernel warning before the import)
+import bitsandbytes as bnb
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from transformers import AutoModelForCausalLM
+
+
+def base_model(policy):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return policy.get_base_model() if isinstance(policy, PeftModel) else policy
+
+
+def _lora_adapters(layer):
+    """The active adapters of a LoRA layer that hold weights here: [(A [r, in], B [out, r], scaling)]."""
+    if not isinstance(layer, LoraLayer) or layer.disable_adapters:
+        return []
+    if layer.merged:
+        raise ValueError("the policy's LoRA is merged into its base layers already; the copy would add it twice")
+    out = []
+    for name in layer.active_adapters:
+        if name not in layer.lora_A:
+            continue
+        if layer.use_dora.get(name) or getattr(layer, "lora_bias", {}).get(name):
+            raise NotImplementedError("the dense rollout copy merges plain LoRA only (no DoRA, no LoRA bias)")
+        out.append((layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]))
+    return out
+
+
+def _base_weight(layer):
+    base = layer.get_base_layer() if isinstance(layer, LoraLayer) else layer
+    return base.weight, getattr(base, "bias", None)
+
+
+@torch.no_grad()
+def merged_weight(layer, dtype=None, out=None):
+    """A Linear's dense weight [out, in]: dequantised base (if 4-bit) plus scaling * B @ A per active
+    LoRA adapter, in `dtype` (default: the 4-bit layers' compute dtype, else the weight's own).
+    out: a tensor of that shape to write into (no allocation). The policy is only read."""
+    w, _ = _base_weight(layer)
+    if isinstance(w, bnb.nn.Params4bit):
+        dtype = dtype or w.quant_state.dtype
+        if out is not None and out.dtype == w.quant_state.dtype and out.is_cuda:
+            bnb.functional.dequantize_4bit(w.data, w.quant_state, out=out)    # (no CPU kernel for out=)
+        else:
+            deq = bnb.functional.dequantize_4bit(w.data, w.quant_state)         # [out, in] compute dtype
+            out = deq.to(dtype) if out is None else out.copy_(deq)
+    else:
+        dtype = dtype or w.dtype
+        if out is None:
+            out = torch.empty(w.shape, dtype=dtype, device=w.device)
+        out.copy_(w)
+    for A, B, s in _lora_adapters(layer):
+        # W += s * B @ A, accumulated by the matmul kernel in float32 and rounded to out's dtype once
+        out.addmm_(B.to(out.dtype), A.to(out.dtype), alpha=s)
+    return out
+
+
+def _plain_config(policy):
+    cfg = copy.deepcopy(base_model(policy).config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    return cfg
+
+
+def compute_dtype(policy):
+    """The dtype the copy computes in: the 4-bit layers' compute dtype, else the Linear weights' dtype."""
+    for m in base_model(policy).modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            return m.weight.quant_state.dtype if m.weight.quant_state is not None else m.compute_dtype
+    return base_model(policy).get_input_embeddings().weight.dtype     # no 4-bit: no fp32 up-cast either
+
+
+def _pairs(dense, base):
+    """(name, dense module, policy module) for every module of the plain model."""
+    for name, dmod in dense.named_modules():
+        yield name, dmod, base.get_submodule(name) if name else base
+
+
+@torch.no_grad()
+def dense_copy(policy, into=None):
+    """A plain transformers model (no bitsandbytes, no peft) computing what `policy` computes, for generate().
+
+    Every nn.Linear gets merged_weight() of the policy's layer of the same name, in the compute
+    dtype. The other tensors (embeddings, norms, biases, rotary buffers) are frozen in the policy:
+    the copy shares them when their dtype and device already match (no memory), else holds a
+    converted copy; a tensor shared by two modules (a tied LM head) stays shared.
+    into: a copy built before from the same policy; only its merged Linear weights are rewritten
+    (the other tensors cannot have changed), with no allocation.
+    """
+    base = base_model(policy)
+    if into is not None:
+        for _, dmod, pmod in _pairs(into, base):
+            if isinstance(dmod, torch.nn.Linear) and _lora_adapters(pmod):
+                merged_weight(pmod, out=dmod.weight.data)
+        return into
+    dtype, device = compute_dtype(policy), next(base.parameters()).device
+    with torch.device("meta"):
+        dense = AutoModelForCausalLM.from_config(_plain_config(policy), dtype=dtype)
+    made = {}                                                     # source tensor -> its tensor in the copy
+
+    def converted(src, dt):
+        key = (src.data_ptr(), src.dtype, tuple(src.shape), dt)
+        if key not in made:
+            made[key] = src if (src.dtype == dt and src.device == device) else src.to(device=device, dtype=dt)
+        return made[key]
+
+    for name, dmod, pmod in _pairs(dense, base):
+        for pname, p in list(dmod.named_parameters(recurse=False)):
+            if isinstance(dmod, torch.nn.Linear) and pname == "weight":
+                w, _ = _base_weight(pmod)
+                if isinstance(w, bnb.nn.Params4bit) or _lora_adapters(pmod):
+                    t = merged_weight(pmod, dtype)
+                else:
+                    t = converted(w, dtype)                       # a plain Linear (the LM head): shared
+            elif isinstance(dmod, torch.nn.Linear) and pname == "bias":
+                t = converted(_base_weight(pmod)[1], dtype)
+            else:
+                t = converted(getattr(pmod, pname), dtype)
+            dmod._parameters[pname] = torch.nn.Parameter(t, requires_grad=False)
+        for bname, b in list(dmod.named_buffers(recurse=False)):
+            src = getattr(pmod, bname)
+            dmod._buffers[bname] = converted(src, src.dtype)      # rotary frequencies keep their float32
+    left = [n for n, t in [*dense.named_parameters(), *dense.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"dense rollout copy: no source for {left[:3]}")
+    dense.generation_config = copy.deepcopy(base.generation_config)
+    dense.eval()
+    return dense
+
+
+def copy_bytes(policy, dtype=None):
+    """Bytes the dense copy adds to memory: every Linear weight a LoRA or 4-bit layer holds, in the
+    compute dtype, plus the other parameters whose dtype differs from it (those are converted, not
+    shared). Counted from the policy's tensors' shapes; nothing is built."""
+    base, dtype = base_model(policy), dtype or compute_dtype(policy)
+    size, seen, total = torch.tensor([], dtype=dtype).element_size(), set(), 0
+    for m in base.modules():
+        if id(m) in seen or not (isinstance(m, (LoraLayer, bnb.nn.Linear4bit))):
+            continue
+        w, _ = _base_weight(m)
+        shape = w.quant_state.shape if isinstance(w, bnb.nn.Params4bit) else w.shape
+        total += size * torch.Size(shape).numel()
+        seen.update(id(x) for x in [*m.modules(), *m.parameters()])   # its base layer and LoRA: not again
+    for p in base.parameters():
+        if id(p) not in seen and p.dtype != dtype:
+            seen.add(id(p))
+            total += size * p.numel()
+    return total
+
+
+def kv_cache_bytes(policy, sequences, tokens):
+    """The KV cache of `sequences` sequences of `tokens` tokens, in the compute dtype."""
+    cfg = base_model(policy).config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    size = torch.tensor([], dtype=compute_dtype(policy)).element_size()
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * size * sequences * tokens
+
+
+def choose(mode, policy, sequences=1, tokens=1, margin=0.1):
+    """'dense' or 'policy' for --rollout_model. auto: dense on a GPU when the copy and the rollout's KV
+    cache fit in its free memory with `margin` of it to spare; the policy on a CPU, where the copy
+    did not pay for itself (docs/benchmarks.md: at Qwen2.5-0.5B's shapes, float32, generation ran
+    1.27x faster but the step, with the mismatch metric's extra forward pass, 1.06-1.10x slower)."""
+    if mode != "auto":
+        return mode
+    device = next(policy.parameters()).device
+    if device.type != "cuda":
+        return "policy"
+    need = copy_bytes(policy) + kv_cache_bytes(policy, sequences, tokens)
+    return "dense" if need <= (1 - margin) * torch.cuda.mem_get_info(device)[0] else "policy"
+
+
+def sampling_mismatch(sample_logp, old_logp, mask):
+    """TRL's names for |log pi_sample - log pi_old| over the response tokens: mean and max."""
+    d = (sample_logp.float() - old_logp.float()).abs()[mask.bool()]
+    if d.numel() == 0:
+        return {"sampling/sampling_logp_difference/mean": 0.0, "sampling/sampling_logp_difference/max": 0.0}
+    return {"sampling/sampling_logp_difference/mean": d.mean().item(),
+            "sampling/sampling_logp_difference/max": d.max().item()}

@@ -1,0 +1,123 @@
+"""rollout_copy.py: the dense (dequantised, LoRA-merged) copy of the policy that train.py samples from."""
+import hashlib
+import json
+import os
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+import cegppo
+import lab
+import loading
+import rollout_copy
+import train
+
+# Tolerance on the logits, CPU float32. The copy computes x @ (W + s B A)^T where the policy computes
+# x @ W^T + s (x A^T) B^T from the same dequantised W: the same real number, summed in another order,
+# so the logits differ by float32 rounding, measured at about 5e-6 on logits of size ~10 (relative
+# 1e-6, a few ulps after 2 layers). 1e-4 leaves 20x room for other BLAS paths, and is still 100x
+# below what a wrong merge gives: the LoRA update alone moves these logits by more than 1e-2
+# (asserted below), and NF4 rounding error (a copy of the unquantised weights) by about 1e-1.
+ATOL = 1e-4
+
+
+@pytest.fixture()
+def policy():
+    torch.manual_seed(0)
+    model, tok = loading.load_model(lab.warm_start_path("tiny"), four_bit=True, lora_rank=8, trainable=True)
+    return model, tok
+
+
+def logits(model, ids):
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    model.train(was)
+    return out
+
+
+def four_bit_state(model):
+    """Every 4-bit weight's packed bytes and scales, cloned."""
+    return {n: (m.weight.data.clone(), m.weight.quant_state.absmax.clone())
+            for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def test_dense_copy_follows_the_policy_through_updates(policy):
+    model, tok = policy
+    ids = tok([cegppo.format_prompt(tok, q) for q in ("What is 3 + 4?", "What is 9 * 2?")], return_tensors="pt",
+              padding=True)["input_ids"]
+    before = four_bit_state(model)
+    dense = rollout_copy.dense_copy(model)
+    # a plain transformers model: no 4-bit layers, no LoRA
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in dense.modules())
+    assert all(type(m).__module__.startswith(("torch", "transformers")) for m in dense.modules())
+    assert (logits(dense, ids) - logits(model, ids)).abs().max() < ATOL          # LoRA B = 0: base only
+
+    # some optimizer updates move the LoRA weights (B is zero at init, so the first update matters)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(3):
+        lp, _ = cegppo.completion_logprobs(model, ids, torch.ones_like(ids), 3, with_entropy=False)
+        (-lp.mean()).backward()
+        opt.step()
+        opt.zero_grad()
+    after = logits(model, ids)
+    stale = logits(dense, ids)
+    assert (stale - after).abs().max() > 1e-2           # the adapter moved the logits: the test has power
+    fresh = rollout_copy.dense_copy(model)
+    assert (logits(fresh, ids) - after).abs().max() < ATOL
+    refreshed = rollout_copy.dense_copy(model, into=dense)                # in place, no new model
+    assert refreshed is dense and (logits(dense, ids) - after).abs().max() < ATOL
+
+    # building the copies changed no 4-bit weight of the policy
+    for n, (data, absmax) in four_bit_state(model).items():
+        assert torch.equal(data, before[n][0]) and torch.equal(absmax, before[n][1]), n
+    # frozen tensors are shared (same dtype and device), the merged Linear weights are the copy's own
+    base = rollout_copy.base_model(model)
+    assert dense.model.embed_tokens.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()
+    linear_bytes = sum(m.weight.numel() * 4 for m in dense.modules()
+                       if isinstance(m, torch.nn.Linear) and m is not dense.lm_head)
+    assert rollout_copy.copy_bytes(model) == linear_bytes
+
+
+def test_choose_and_mismatch(policy):
+    model, _ = policy
+    assert rollout_copy.choose("policy", model) == "policy"
+    assert rollout_copy.choose("dense", model) == "dense"
+    assert rollout_copy.choose("auto", model, 64, 1024) == "policy"          # on a CPU (measured slower)
+    # on a GPU: dense when the copy and the KV cache fit in the free memory
+    assert rollout_copy.kv_cache_bytes(model, 4, 10) == 2 * 2 * 2 * 16 * 4 * 4 * 10   # 2 layers, 2 kv heads x 16
+    m = rollout_copy.sampling_mismatch(torch.tensor([[-1.0, -2.0, 5.0]]), torch.tensor([[-1.5, -2.0, 0.0]]),
+                                       torch.tensor([[1, 1, 0]]))
+    assert m == {"sampling/sampling_logp_difference/mean": 0.25, "sampling/sampling_logp_difference/max": 0.5}
+
+
+def folder_hash(folder):
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        h.update(name.encode() + open(os.path.join(folder, name), "rb").read())
+    return h.hexdigest()
+
+
+def test_train_step_with_dense_rollout(tmp_path):
+    folder = lab.warm_start_path("tiny")
+    disk = folder_hash(folder)
+    out = str(tmp_path / "run")
+    assert train.main(["--model", "tiny", "--dataset", "tiny", "--max_steps", "2", "--eval_limit", "0",
+                       "--rollout_model", "dense", "--output_dir", out]) == 0
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert len(rows) == 2
+    for r in rows:
+        mean, mx = r["sampling/sampling_logp_difference/mean"], r["sampling/sampling_logp_difference/max"]
+        # float32 rounding only (see ATOL): far below any log-prob difference that would matter
+        assert 0 <= mean <= mx < 1e-3
+        assert r["time/rollout_copy_s"] <= r["time/rollout_s"]
+    assert rows[0]["updates"] >= 1                    # the policy trained between the two rollouts
+    assert folder_hash(folder) == disk                                    # the base model's folder is untouched
+    out2 = str(tmp_path / "policy")
+    assert train.main(["--model", "tiny", "--dataset", "tiny", "--max_steps", "1", "--eval_limit", "0",
+                       "--rollout_model", "policy", "--output_dir", out2]) == 0
+    row = json.loads(open(os.path.join(out2, "metrics.jsonl")).readline())
+    assert "sampling/sampling_logp_difference/mean" not in row and row["time/rollout_copy_s"] < 1e-3
