@@ -9,6 +9,17 @@ The tokenizer is byte-level with one token per printable ASCII character plus Qw
 special tokens and a Qwen-style chat template, so `AutoTokenizer` loads it back exactly
 (transformers maps a qwen2 model folder to its Qwen2 tokenizer class, which expects byte-level
 vocabularies).
+
+The lab task (`--dataset lab`, see sum_solution) is built for the CE-GPPO lesson, not for
+arithmetic: "What is a+b+c?" for digits a, b, c, answered in two worked additions. The warm
+start's targets give the policy what the paper's analysis needs and a one-step task lacks:
+  - longer responses (about 20 tokens) with several tokens of real uncertainty each: the order
+    of each addition (4 equally right ways: entropy that no reward asks to keep or lose), the
+    occasional off-by-one slip (wrong digits held at low probability: NA&LP tokens), and a bare
+    guess instead of the working (always wrong: a lesson RL can learn in a few dozen steps);
+  - 140 held-out questions that are new combinations of facts the training split teaches, so
+    held-out accuracy measures the method and one question is worth less than 0.01.
+The tiny task (`--dataset tiny`, the fast tests) is the older one-step digit arithmetic.
 """
 
 import hashlib
@@ -114,14 +125,10 @@ def tiny_model_path(size="tiny", seed=0):
 
 
 # ----------------------------------------------------------------------------------------------
-# The toy task
+# The tiny task (tests): one-step arithmetic on digits
 # ----------------------------------------------------------------------------------------------
 def _expressions(seed, max_operand=9):
-    """Every a op b with 1 <= a, b <= max_operand and op in + - * (243 for digits), shuffled with seed.
-
-    Small enough for a 4-layer model to learn the facts in a short warm start, so that what RL
-    has to fix is the habit of guessing (see toy_solution), not missing knowledge.
-    """
+    """Every a op b with 1 <= a, b <= max_operand and op in + - * (243 for digits), shuffled with seed."""
     exprs = [f"{a}{op}{b}" for a in range(1, max_operand + 1) for b in range(1, max_operand + 1) for op in "+-*"]
     random.Random(seed).shuffle(exprs)
     return exprs
@@ -138,22 +145,9 @@ def _value(expr):
     return a, op, b, {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
 
 
-def toy_rows(split="train", tiny=False, seed=0):
-    """[(question, answer)] for the toy arithmetic task; `tiny` is a 64 / 16 row version for tests."""
-    exprs = [e for e in _expressions(seed) if _is_test(e) == (split != "train")]
-    if tiny:
-        exprs = exprs[:64 if split == "train" else 16]
-    return [(f"What is {e}?", str(_value(e)[3])) for e in exprs]
-
-
 def toy_solution(expr, rng, guess_frac):
-    """A warm-start target for the question 'What is {expr}?', in one of two styles.
-
-    worked (probability 1 - guess_frac): '7*8=\\boxed{56}', always right;
-    guess  (probability guess_frac):     '\\boxed{54}', the answer without working, always off by 1 to 3.
-    The warm-started policy mixes both, so it sometimes succeeds and sometimes not, and the
-    lesson RL can learn is one that carries over to every question: show the working.
-    """
+    """A tiny-task warm-start target: '7*8=\\boxed{56}' (always right) or, with probability
+    guess_frac, a bare guess '\\boxed{54}' (always off by 1 to 3)."""
     a, op, b, v = _value(expr)
     if rng.random() < guess_frac:
         v += rng.choice([-3, -2, -1, 1, 2, 3])
@@ -161,9 +155,69 @@ def toy_solution(expr, rng, guess_frac):
     return f"{a}{op}{b}=\\boxed{{{v}}}"
 
 
-# Warm-start settings per model size: SFT steps, batch, learning rate, share of (wrong) guesses.
+# ----------------------------------------------------------------------------------------------
+# The lab task: sums of three digits, worked in two steps, each written in either order
+# ----------------------------------------------------------------------------------------------
+def _sums(seed):
+    """Every 'a+b+c' with digits 1..9 (729 questions), shuffled with seed.
+
+    Held-out questions are new combinations of facts the training split teaches (every one-digit
+    sum and every 'two-digit + digit' sum up to 27 occurs in it), so held-out accuracy measures the
+    worked method, not memorised answers; 140 held-out questions make one worth < 0.01.
+    """
+    exprs = [f"{a}+{b}+{c}" for a in range(1, 10) for b in range(1, 10) for c in range(1, 10)]
+    random.Random(seed).shuffle(exprs)
+    return exprs
+
+
+def toy_rows(split="train", tiny=False, seed=0):
+    """[(question, answer)]: the lab task (three-digit sums), or with `tiny` the tests' 64 / 16 rows
+    of one-step digit arithmetic."""
+    if tiny:
+        exprs = [e for e in _expressions(seed) if _is_test(e) == (split != "train")]
+        return [(f"What is {e}?", str(_value(e)[3])) for e in exprs[:64 if split == "train" else 16]]
+    exprs = [e for e in _sums(seed) if _is_test(e) == (split != "train")]
+    return [(f"What is {e}?", str(sum(map(int, e.split("+"))))) for e in exprs]
+
+
+def _add(x, y, rng, slip):
+    """x + y, off by one with probability slip: the careless slips of the warm start's targets."""
+    return x + y + (rng.choice([-1, 1]) if rng.random() < slip else 0)
+
+
+def sum_solution(expr, rng, guess_frac, slip):
+    """A lab warm-start target for 'What is {expr}?' (expr = 'a+b+c').
+
+    guess (probability guess_frac): '\\boxed{17}', the total without working, always off by 1 to 3.
+    worked: 'b+a=12,12+c=\\boxed{15}': the first two digits in either order, then the partial sum
+    and the last digit in either order. All 4 ways are right, so the policy has entropy that carries
+    no reward. (Pairs in any order, 12 ways, were tried: the warm-started 4-layer model then copied
+    the wrong digits too often for RL to learn.) Each addition slips by one with probability `slip`,
+    which leaves wrong digits as low-probability tokens (NA&LP) that RL has to push down.
+    """
+    a, b, c = map(int, expr.split("+"))
+    if rng.random() < guess_frac:
+        return f"\\boxed{{{a + b + c + rng.choice([-3, -2, -1, 1, 2, 3])}}}"
+    x, y = (a, b) if rng.random() < 0.5 else (b, a)
+    s = _add(x, y, rng, slip)
+    t = _add(s, c, rng, slip)
+    u, v = (s, c) if rng.random() < 0.5 else (c, s)
+    return f"{x}+{y}={s},{u}+{v}=\\boxed{{{t}}}"
+
+
+def _target(size, question, rng, w):
+    """The warm-start target for a question of the size's task."""
+    expr = question[len("What is "):-1]
+    if size == "tiny":
+        return toy_solution(expr, rng, w["guess_frac"])
+    return sum_solution(expr, rng, w["guess_frac"], w["slip"])
+
+
+# Warm-start settings per model size: SFT steps, batch, learning rate, share of (wrong) guesses,
+# and for the lab the slip rate per addition and the name of the target format (both in the cache
+# key, so changing the targets rebuilds the cached warm start).
 WARM = {"tiny": dict(steps=300, batch=32, lr=3e-3, guess_frac=0.5),
-        "lab": dict(steps=1200, batch=32, lr=3e-3, guess_frac=0.5)}
+        "lab": dict(steps=1200, batch=32, lr=3e-3, guess_frac=0.5, slip=0.1, task="sums-4-ways")}
 
 
 def warm_start_path(size="lab", seed=0):
@@ -172,8 +226,9 @@ def warm_start_path(size="lab", seed=0):
     RL only learns from groups whose completions differ in reward, so it needs a policy that
     sometimes succeeds: a random model never writes \\boxed{} and every group is all zeros. The
     warm start teaches the answer format and the arithmetic facts, from targets of which half are
-    worked answers (always right) and half bare guesses (always wrong, see toy_solution), so that
-    RL starts from a mean reward well between 0 and 1 and has one lesson to learn: work it out.
+    worked answers (right, but for the lab's occasional slips) and half bare guesses (always wrong,
+    see toy_solution and sum_solution), so that RL starts from a mean reward well between 0 and 1
+    and has a lesson to learn: work it out (and, on the lab, carefully).
     The folder name is a hash of every setting, so a sweep of runs builds it once.
     """
     w = WARM[size]
@@ -198,7 +253,7 @@ def _warm_start(size, seed, w, folder):
     for step in range(w["steps"]):
         batch = [rng.choice(rows) for _ in range(w["batch"])]
         prompts = [cegppo.format_prompt(tok, q) for q, _ in batch]
-        answers = [toy_solution(q[len("What is "):-1], rng, w["guess_frac"]) + tok.eos_token for q, _ in batch]
+        answers = [_target(size, q, rng, w) + tok.eos_token for q, _ in batch]
         p_ids = [tok(p)["input_ids"] for p in prompts]
         a_ids = [tok(a)["input_ids"] for a in answers]
         L = max(len(p) + len(a) for p, a in zip(p_ids, a_ids))

@@ -1,7 +1,11 @@
 import os
 import sys
 
-import pytest
+# One torch thread per test process (and per script a test starts, which inherits the environment):
+# pytest runs one worker per core (pytest.ini), and more threads than cores make every job crawl.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

@@ -113,11 +113,11 @@ def test_train_step_with_dense_rollout(tmp_path):
         mean, mx = r["sampling/sampling_logp_difference/mean"], r["sampling/sampling_logp_difference/max"]
         # float32 rounding only (see ATOL): far below any log-prob difference that would matter
         assert 0 <= mean <= mx < 1e-3
-        assert r["time/rollout_copy_s"] <= r["time/rollout_s"]
+        assert r["time/rollout_copy_s"] > 0 and r["time/sampling_logprob_s"] > 0
     assert rows[0]["updates"] >= 1                    # the policy trained between the two rollouts
     assert folder_hash(folder) == disk                                    # the base model's folder is untouched
     out2 = str(tmp_path / "policy")
     assert train.main(["--model", "tiny", "--dataset", "tiny", "--max_steps", "1", "--eval_limit", "0",
                        "--rollout_model", "policy", "--output_dir", out2]) == 0
     row = json.loads(open(os.path.join(out2, "metrics.jsonl")).readline())
-    assert "sampling/sampling_logp_difference/mean" not in row and row["time/rollout_copy_s"] < 1e-3
+    assert "sampling/sampling_logp_difference/mean" not in row and "time/rollout_copy_s" not in row
