@@ -5,6 +5,8 @@ tiny model's shape and compared with the bytes of the tensors that loading.load_
 and the log-prob pass really hold. Nothing here needs a GPU, and nothing is timed.
 """
 import bitsandbytes as bnb
+import os
+
 import pytest
 import torch
 
@@ -170,3 +172,9 @@ def test_printed_table_matches_the_function(capsys):
     assert table in out and "computed from tensor sizes, not measured" in out
     for line in table.splitlines()[2:]:
         assert line.startswith("| ") and line.count("|") == 4
+
+
+def test_readme_table_is_the_functions():
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    block = readme.split("<!-- memory -->")[1].split("<!-- /memory -->")[0].strip()
+    assert block == memory.table(list(memory.QWEN.values()), train.Config(dtype="fp16"))
