@@ -298,7 +298,7 @@ def rollout_copy_cost(cfg, out_dir, repeats=3):
     print(f"wrote {out_dir}/rollout_copy_cost.json")
 
 
-def main(argv=None):
+def parse_args(argv):
     ap = argparse.ArgumentParser(description="Benchmark train.py's RL step (all train.py flags apply).")
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     ap.add_argument("--vs-trl", action="store_true", help="also run TRL's GRPOTrainer on the same settings")
@@ -322,54 +322,43 @@ def main(argv=None):
     args, train_args = ap.parse_known_args(argv)
     if args.steps < 1 or args.repeats < 1:
         raise UserError(f"--steps {args.steps} / --repeats {args.repeats}: both must be at least 1")
-    if args.logprob_memory:
-        os.makedirs(args.output_dir, exist_ok=True)
-        logprob_memory(args.output_dir, args.logprob_positions)
-        return 0
     if args.synthetic:
         train_args = ["--model", synthetic_model(), "--dataset", "lab", *train_args]   # later flags win
-    if args.rollout_copy_cost:
-        os.makedirs(args.output_dir, exist_ok=True)
-        rollout_copy_cost(train.parse_config(train_args), args.output_dir)
-        return 0
-    cfg = train.parse_config(train_args)
-    os.makedirs(args.output_dir, exist_ok=True)
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    result = {"device": device, "model": cfg.model, "settings": {k: getattr(cfg, k) for k in (
-        "prompts_per_step", "num_generations", "max_completion_length", "steps_per_generation", "num_iterations",
-        "micro_batch_size", "load_in_4bit", "lora_r", "temperature")}, "timed_steps": args.steps}
-    if args.synthetic:
-        result["model"], result["reward"] = "random-init, Qwen2.5-0.5B shapes", "coin flip"
-    # ours, TRL, ours, TRL, ...: a slow minute of a shared machine then hits both sides alike
-    ours, trl, ours_policy = [], [], []
     if args.both_rollouts:
         train_args = [*train_args, "--rollout_model", "dense"]
+    return args, train_args
+
+
+def run_sides(args, train_args):
+    """ours, TRL, ours, TRL, ...: a slow minute of a shared machine then hits both sides alike.
+    Returns the median run of each side, merged into one dict (the policy side's keys prefixed)."""
+    ours, trl, ours_policy = [], [], []
+    out = lambda name: os.path.join(args.output_dir, name)
     for _ in range(args.repeats):
-        shutil.rmtree(os.path.join(args.output_dir, "ours"), ignore_errors=True)
-        ours.append(run_ours(train_args, args.steps, os.path.join(args.output_dir, "ours"), args.synthetic,
-                             args.profile))
+        shutil.rmtree(out("ours"), ignore_errors=True)
+        ours.append(run_ours(train_args, args.steps, out("ours"), args.synthetic, args.profile))
         if args.both_rollouts:
-            shutil.rmtree(os.path.join(args.output_dir, "ours_policy"), ignore_errors=True)
-            ours_policy.append(run_ours([*train_args, "--rollout_model", "policy"], args.steps,
-                                        os.path.join(args.output_dir, "ours_policy"), args.synthetic))
+            shutil.rmtree(out("ours_policy"), ignore_errors=True)
+            ours_policy.append(run_ours([*train_args, "--rollout_model", "policy"], args.steps, out("ours_policy"),
+                                        args.synthetic))
         if args.vs_trl:
-            trl.append(run_trl(train_args, args.steps, os.path.join(args.output_dir, "trl"), args.synthetic))
+            trl.append(run_trl(train_args, args.steps, out("trl"), args.synthetic))
     middle = lambda runs, k: sorted(runs, key=lambda r: r[k])[len(runs) // 2]        # the median run
-    result.update(middle(ours, "step_s"), step_s_repeats=[r["step_s"] for r in ours])
+    result = {**middle(ours, "step_s"), "step_s_repeats": [r["step_s"] for r in ours]}
     if args.both_rollouts:
         result.update({f"policy_{k}": v for k, v in middle(ours_policy, "step_s").items()},
                       policy_step_s_repeats=[r["step_s"] for r in ours_policy])
         result["rollout_speedup"] = result["generate_tokens_per_s"] / result["policy_generate_tokens_per_s"]
     if args.vs_trl:
         result.update(middle(trl, "trl_step_s"), trl_step_s_repeats=[r["trl_step_s"] for r in trl])
-        result["step_ratio"] = result["step_s"] / result["trl_step_s"]
-        result["mem_ratio"] = result["peak_mem_gb"] / result["trl_peak_mem_gb"]
-        if args.both_rollouts:
-            result["policy_step_ratio"] = result["policy_step_s"] / result["trl_step_s"]
-            result["policy_mem_ratio"] = result["policy_peak_mem_gb"] / result["trl_peak_mem_gb"]
-    with open(os.path.join(args.output_dir, "bench.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"device {device}, model {result['model']}, {args.steps} timed steps, {args.repeats} repeat(s)")
+        for side in ("", "policy_") if args.both_rollouts else ("",):
+            result[f"{side}step_ratio"] = result[f"{side}step_s"] / result["trl_step_s"]
+            result[f"{side}mem_ratio"] = result[f"{side}peak_mem_gb"] / result["trl_peak_mem_gb"]
+    return result
+
+
+def print_table(result, args):
+    print(f"device {result['device']}, model {result['model']}, {args.steps} timed steps, {args.repeats} repeat(s)")
     keys = ("step_s", "rollout_s", "rollout_copy_s", "sampling_logprob_s", "old_logprob_s", "update_s", "reward_s",
             "rollout_tokens_per_s", "generate_tokens_per_s", "update_tokens_per_s", "peak_mem_gb",
             "sampling_logp_difference_mean", "sampling_logp_difference_max")
@@ -378,6 +367,28 @@ def main(argv=None):
         if k in result:
             print(f"  {k:<36} {result[k]:12.3g}")
     print(f"wrote {args.output_dir}/bench.json" + (f" and {args.output_dir}/ours/profile.txt" if args.profile else ""))
+
+
+def main(argv=None):
+    args, train_args = parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.logprob_memory:
+        logprob_memory(args.output_dir, args.logprob_positions)
+        return 0
+    cfg = train.parse_config(train_args)
+    if args.rollout_copy_cost:
+        rollout_copy_cost(cfg, args.output_dir)
+        return 0
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    result = {"device": device, "model": cfg.model, "settings": {k: getattr(cfg, k) for k in (
+        "prompts_per_step", "num_generations", "max_completion_length", "steps_per_generation", "num_iterations",
+        "micro_batch_size", "load_in_4bit", "lora_r", "temperature")}, "timed_steps": args.steps}
+    if args.synthetic:
+        result["model"], result["reward"] = "random-init, Qwen2.5-0.5B shapes", "coin flip"
+    result.update(run_sides(args, train_args))
+    with open(os.path.join(args.output_dir, "bench.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print_table(result, args)
     return 0
 
 
