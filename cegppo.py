@@ -5,7 +5,7 @@ clipping zeroes the gradient of every token whose importance ratio r = pi / pi_o
 [1 - eps, 1 + eps]. Those tokens are mostly low-probability ones, and they steer the policy's
 entropy: a negative-advantage low-probability token pushed further down lowers entropy, a
 positive-advantage low-probability token pushed up raises it. CE-GPPO puts their gradient back,
-scaled and bounded, through a stop-gradient. The two clipped regions, named as in TRL's metrics:
+scaled and bounded, through a stop-gradient. The two clip regions, named as in TRL's metrics:
 
     low clip region   ratio < 1 - eps_low  and A < 0: gradient coefficient beta1 * (1 - eps_low)
                       (the paper's NA&LP tokens: beta1 lowers entropy)
@@ -28,7 +28,7 @@ Read it top to bottom; a reader who stops at the last section has seen all of CE
 Where this implementation deviates from the paper, and why:
     * Aggregation is a token mean over all response tokens of the batch (the authors' verl code),
       not the per-sequence mean of the paper's Eq. 8: long responses are not down-weighted.
-    * In the two clipped regions the loss *value* is PPO-clip's value (bound * A) and only the
+    * In the two clip regions the loss *value* is PPO-clip's value (bound * A) and only the
       *gradient* carries beta. The paper writes beta * bound * r / sg(r) * A, whose value is
       beta * bound * A; the difference is a constant with no gradient, so training is identical,
       and beta1 = beta2 = 0 reproduces PPO-clip in value as well as in gradient.
@@ -85,7 +85,7 @@ def cegppo_loss(logp, old_logp, advantages, mask, *, epsilon_low, epsilon_high, 
     # of e^20 is far outside any clip range, so clamping changes nothing that is used.
     ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))              # [B, T]
 
-    # The masks, built once: which tokens sit in which clipped region.
+    # The masks, built once: which tokens sit in which clip region.
     low = (ratio < 1.0 - epsilon_low) & (adv < 0)                # [B, T] coefficient beta1 (NA&LP)
     high = (ratio > 1.0 + epsilon_high) & (adv > 0)              # [B, T] coefficient beta2 (PA&LP)
 

@@ -25,7 +25,7 @@ What to look for (the defaults, plain SGD; docs/microscope.png):
   * beta2 (the high clip region, PA&LP): early on it raises entropy above GRPO's (2.75 against 2.23
     at step 4), then it speeds up convergence (expected reward 0.9 after 12-15 steps instead of
     26-29) and ends with lower entropy. DAPO's clip-higher does the same, less strongly.
-  * 2-5% of answers sit in each clipped region on average, up to 15% during the transition.
+  * 2-5% of answers sit in each clip region on average, up to 15% during the transition.
   * The drive panels describe the batch as sampled (token_quadrants, before any clipping or beta):
     they say which quadrants are populated and which way each pushes. With a larger beta1 the NA&LP
     drive fades sooner late in the run: the rare wrong answers it would push down are gone.

@@ -35,7 +35,7 @@ PANELS = [
     ("quadrants/na_lp_drive", "NA&LP entropy drive (lowers H)"),
 ]
 NOT_A_SETTING = {"seed", "seeds", "output_dir", "resume", "max_steps", "save_steps", "eval_steps", "logging_steps", "wandb",
-                 "generation_batch_size", "threads", "preset"}
+                 "generation_batch_size", "threads", "preset", "rollout_model"}
 
 
 def read_config(run_dir):
@@ -126,7 +126,7 @@ def gradient_weight(ratio, advantage, epsilon=0.2, beta1=0.0, beta2=0.0):
     """The factor F in  d loss / d theta = -F * A * grad log pi  for one token (paper Eq. 10).
 
     PPO-clip: F = r inside the clip range or where the clip does not bind, 0 where it binds.
-    CE-GPPO: beta1 * (1 - eps) and beta2 * (1 + eps) in the two clipped regions instead of 0.
+    CE-GPPO: beta1 * (1 - eps) and beta2 * (1 + eps) in the two clip regions instead of 0.
     """
     if advantage < 0 and ratio < 1 - epsilon:
         return beta1 * (1 - epsilon)

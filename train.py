@@ -284,13 +284,13 @@ def micro_batch(ro, idx):
 
 
 @torch.no_grad()
-def old_logprobs(model, ro, cfg):
-    """4. log pi_old and the entropy of every sampled token, micro-batch by micro-batch: [B, T] each."""
+def old_logprobs(model, ro, cfg, with_entropy=True):
+    """4. log pi_old and the entropy of every sampled token, micro-batch by micro-batch: [B, T] each, on the CPU."""
     B, T = ro["completion_mask"].shape
     old_logp, entropy = torch.zeros(B, T), torch.zeros(B, T)
     for s in range(0, B, cfg.micro_batch_size):
         ids, amask, _, p = micro_batch(ro, slice(s, s + cfg.micro_batch_size))
-        lp, ent = cegppo.completion_logprobs(model, ids, amask, p, cfg.temperature)
+        lp, ent = cegppo.completion_logprobs(model, ids, amask, p, cfg.temperature, with_entropy=with_entropy)
         old_logp[s:s + len(ids), :lp.shape[1]] = lp.float().cpu()
         entropy[s:s + len(ids), :lp.shape[1]] = ent.float().cpu()
     return old_logp, entropy
@@ -377,8 +377,9 @@ def _mean(xs):
 
 
 def metrics_row(state, cfg, ro, rewards, old_logp, entropy, adv, zero_std, kept_groups, upd, times, scaler):
-    """6. One row of metrics.jsonl; names follow TRL's GRPOTrainer where it logs the same quantity."""
-    cmask, G = ro["completion_mask"], cfg.num_generations
+    """6. One row of metrics.jsonl; names follow TRL's GRPOTrainer where it logs the same quantity.
+    The log-probs live on the CPU (old_logprobs), so the mask is brought there too."""
+    cmask, G = ro["completion_mask"].cpu(), cfg.num_generations
     lengths = cmask.sum(1).float()
     trained = (kept_groups[:, None] * G + torch.arange(G)).flatten()
     return {
@@ -469,18 +470,20 @@ def find_checkpoint(out):
 
 
 def restore(ckpt, out, optimizer, scaler):
-    """State from a checkpoint; metrics rows written after it (a crash) are dropped, to be redone."""
+    """State from a checkpoint; metrics and sample rows written after it (a crash) are dropped, to be redone."""
     st = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
     optimizer.load_state_dict(st["optimizer"])
-    scaler.load_state_dict(st["scaler"])
+    if scaler.is_enabled() and st["scaler"]:     # a run saved without fp16 (or moved to fp16) starts a fresh scale
+        scaler.load_state_dict(st["scaler"])
     set_rng_state(st["rng"])
     state = State(**{k: st[k] for k in ("step", "epoch", "pos", "skipped_updates")})
-    path = os.path.join(out, "metrics.jsonl")
-    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= state.step)
-    os.replace(tmp, path)
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = os.path.join(out, name)
+        rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= state.step)
+        os.replace(tmp, path)
     print(f"resumed from {ckpt} at step {state.step}", file=sys.stderr)
     return state
 
@@ -541,7 +544,10 @@ def main(argv=None):
     if not cfg.seeds:
         return train(cfg)
     for seed in seed_list(cfg.seeds):
-        rc = train(dataclasses.replace(cfg, seed=seed, seeds=None, output_dir=os.path.join(cfg.output_dir, f"seed-{seed}")))
+        out = os.path.join(cfg.output_dir, f"seed-{seed}")
+        fresh = cfg.resume and not find_checkpoint(out) and not os.path.exists(os.path.join(out, "metrics.jsonl"))
+        # --resume of an interrupted --seeds run: the seeds that had not started yet start now
+        rc = train(dataclasses.replace(cfg, seed=seed, seeds=None, output_dir=out, resume=cfg.resume and not fresh))
         if rc:
             return rc
     print(f"compare the seeds with: python plot.py {cfg.output_dir}/seed-* --output seeds.png", file=sys.stderr)
@@ -593,7 +599,7 @@ def rollout_step(model, tok, batch, rollout_mode, gen_bs, cfg, times):
     sampler = timed(times, "rollout_copy", rollout_copy.dense_copy, model) if rollout_mode == "dense" else model
     ro = timed(times, "rollout", cegppo.rollout, sampler, tok, [p for p, _ in batch], cfg.num_generations,
                cfg.max_completion_length, cfg.temperature, cfg.top_p, gen_bs)
-    sample_logp = timed(times, "sampling_logprob", old_logprobs, sampler, ro, cfg)[0] if sampler is not model else None
+    sample_logp = None if sampler is model else timed(times, "sampling_logprob", old_logprobs, sampler, ro, cfg, False)[0]
     return ro, sample_logp
 
 
@@ -634,7 +640,7 @@ def train(cfg):
         # 6. log (and evaluate)
         row = metrics_row(state, cfg, ro, rewards, old_logp, entropy, adv, zero_std, kept_groups, upd, times, scaler)
         if sample_logp is not None:                      # how far the copy's sampling is from pi_old
-            row.update(rollout_copy.sampling_mismatch(sample_logp, old_logp, ro["completion_mask"]))
+            row.update(rollout_copy.sampling_mismatch(sample_logp, old_logp, ro["completion_mask"].cpu()))
         if eval_rows and (state.step == 1 or due(state.step, cfg.eval_steps, cfg)):
             res = evaluate(model, tok, eval_rows, max_new_tokens=cfg.max_completion_length, batch_size=gen_bs)
             row.update({"eval/accuracy": res["accuracy"], "eval/mean_length": res["mean_response_length"]})

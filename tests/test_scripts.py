@@ -318,3 +318,12 @@ def test_sft_term_changes_the_update(tmp_path):
     assert a["reward"] == b["reward"] > 0                              # the same rollout, some right answers
     assert a["sft_loss"] > 0 and a["sft_loss"] == pytest.approx(b["sft_loss"], rel=1e-3)   # logged either way
     assert a["grad_norm"] != pytest.approx(b["grad_norm"], rel=1e-3)  # but only one run trained on it
+
+
+def test_resume_of_a_seeds_run_starts_the_seeds_not_yet_begun(tmp_path):
+    # an interrupted `--seeds 1,2` run: seed 1 has a checkpoint, seed 2 never started
+    out = str(tmp_path / "seeds")
+    script("train.py", "--preset", "tiny", "--max_steps", "2", "--seed", "1", "--output_dir", f"{out}/seed-1")
+    script("train.py", "--preset", "tiny", "--max_steps", "3", "--seeds", "1,2", "--output_dir", out, "--resume")
+    assert [r["step"] for r in rows(f"{out}/seed-1")] == [1, 2, 3]          # continued
+    assert [r["step"] for r in rows(f"{out}/seed-2")] == [1, 2, 3]          # started
