@@ -136,6 +136,11 @@ def train(argv=None):
 
 def main(argv=None):
     train(argv)
+    # With several processes, close the process group before Python exits: left to the interpreter's
+    # teardown, gloo's worker threads can abort one rank ("terminate called without an active exception").
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
 
 
