@@ -112,18 +112,20 @@ def run_ours(train_args, steps, out, coin=False, profile=False):
     # medians: a shared machine's hiccups, and math-verify's first parse of a new kind of answer
     # (it imports and builds its parsers lazily), would otherwise land in one step's mean
     median = lambda k: statistics.median(r.get(k, 0.0) for r in rows)
-    gen_s = [r["time/rollout_s"] - r.get("time/rollout_copy_s", 0.0) for r in rows]
+    # train.py times generate() as time/rollout_s and building the dense copy apart: the rollout is both
+    for r in rows:
+        r["rollout_with_copy_s"] = r["time/rollout_s"] + r.get("time/rollout_copy_s", 0.0)
     mismatch = [r for r in rows if "sampling/sampling_logp_difference/mean" in r]
     return {
         "step_s": median("time/step_s"),
-        "rollout_s": median("time/rollout_s"),
+        "rollout_s": median("rollout_with_copy_s"),
         "reward_s": median("time/reward_s"),
         "old_logprob_s": median("time/old_logprob_s"),
         "update_s": median("time/update_s"),
         "rollout_copy_s": median("time/rollout_copy_s"),          # building the dense copy (inside rollout_s)
         "sampling_logprob_s": median("time/sampling_logprob_s"),  # log pi_sample for the mismatch metric
-        "rollout_tokens_per_s": sum(r["num_tokens"] for r in rows) / sum(r["time/rollout_s"] for r in rows),
-        "generate_tokens_per_s": sum(r["num_tokens"] for r in rows) / sum(gen_s),   # without the copy's build
+        "rollout_tokens_per_s": sum(r["num_tokens"] for r in rows) / sum(r["rollout_with_copy_s"] for r in rows),
+        "generate_tokens_per_s": sum(r["num_tokens"] for r in rows) / sum(r["time/rollout_s"] for r in rows),
         **({"sampling_logp_difference_mean": statistics.mean(r["sampling/sampling_logp_difference/mean"]
                                                              for r in mismatch),
             "sampling_logp_difference_max": max(r["sampling/sampling_logp_difference/max"] for r in mismatch)}
@@ -144,9 +146,7 @@ def trl_worker(spec_path):
         cegppo.math_reward = coin_reward
     cfg = train.parse_config(spec["train_args"])
     torch.manual_seed(cfg.seed)
-    model, tok = loading.load_model(loading.resolve_model(cfg.model), four_bit=cfg.load_in_4bit, lora_rank=cfg.lora_r,
-                                    lora_alpha=cfg.lora_alpha, trainable=True,
-                                    gradient_checkpointing=cfg.gradient_checkpointing, dtype=cfg.dtype)
+    model, tok = train.policy_model(cfg)
     rows = loading.load_rows(cfg.dataset, "train", cfg.question_field, cfg.answer_field)
     data = Dataset.from_list([{"prompt": cegppo.format_prompt(tok, q), "answer": a} for q, a in rows])
 
@@ -262,9 +262,7 @@ def rollout_copy_cost(cfg, out_dir, repeats=3):
     bytes it adds, RSS before and after, and the max |logit difference| from the policy on a prompt."""
     loading.set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model, tok = loading.load_model(loading.resolve_model(cfg.model), four_bit=cfg.load_in_4bit, lora_rank=cfg.lora_r,
-                                    lora_alpha=cfg.lora_alpha, trainable=True,
-                                    gradient_checkpointing=cfg.gradient_checkpointing, dtype=cfg.dtype)
+    model, tok = train.policy_model(cfg)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:

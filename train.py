@@ -217,12 +217,16 @@ def usable_prompts(cfg, tok, rows):
     return prompts
 
 
+def policy_model(cfg, adapter=None):
+    """(model, tokenizer): the 4-bit base with a fresh LoRA adapter, or `adapter`, as cfg asks (bench.py too)."""
+    return loading.load_model(loading.resolve_model(cfg.model), four_bit=cfg.load_in_4bit, lora_rank=cfg.lora_r,
+                              lora_alpha=cfg.lora_alpha, adapter=adapter, trainable=True,
+                              gradient_checkpointing=cfg.gradient_checkpointing, dtype=cfg.dtype)
+
+
 def load_policy(cfg, ckpt):
     """The 4-bit base with a LoRA adapter (fresh, or the checkpoint's), its optimizer and loss scaler."""
-    model, tok = loading.load_model(loading.resolve_model(cfg.model), four_bit=cfg.load_in_4bit, lora_rank=cfg.lora_r,
-                                    lora_alpha=cfg.lora_alpha, adapter=ckpt and os.path.join(ckpt, "adapter"),
-                                    trainable=True, gradient_checkpointing=cfg.gradient_checkpointing,
-                                    dtype=cfg.dtype)
+    model, tok = policy_model(cfg, ckpt and os.path.join(ckpt, "adapter"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel for all LoRA tensors instead of a few small ops per tensor (CPU and CUDA)
