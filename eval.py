@@ -34,8 +34,9 @@ def evaluate(model, tokenizer, rows, max_new_tokens, batch_size=64, k=1, tempera
     records = []
     for s in tqdm(range(0, len(rows), per_q), desc="eval", disable=not progress, leave=False):
         chunk = rows[s:s + per_q]
-        ro = cegppo.rollout(model, tokenizer, [cegppo.format_prompt(tokenizer, q) for q, _ in chunk], k,
-                            max_new_tokens, temperature, top_p, batch_size)
+        with loading.model_autocast(model):         # half precision on a GPU, as in training; none on a CPU
+            ro = cegppo.rollout(model, tokenizer, [cegppo.format_prompt(tokenizer, q) for q, _ in chunk], k,
+                                max_new_tokens, temperature, top_p, batch_size)
         lengths = ro["completion_mask"].sum(1).tolist()
         for j, text in enumerate(ro["texts"]):
             q, a = chunk[j // k]

@@ -49,6 +49,9 @@ SIZES = {
     # --synthetic-0.5b`, which measures speed and memory where no real checkpoint can be downloaded.
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936),
+    # Qwen2.5-1.5B's shapes, random weights: for gpu_check.py, train.py's default model size
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936),
 }
 
 

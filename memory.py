@@ -21,8 +21,13 @@ Where the bytes are, for the default path (4-bit NF4 base + LoRA, train.py's loa
   * LoRA on all seven linear layers of each block, rank r: r * (in + out) weights each, float32
     (peft keeps adapters in float32), plus their float32 gradients and AdamW's two moments.
   * Rollout (generation, no gradient): the KV cache of generation_batch_size sequences of prompt
-    + completion tokens, 2 (K, V) x kv_heads x head_dim per token and layer, and the sampling
-    logits (a few [batch, V] float32 tensors).
+    + completion tokens, 2 (K, V) x kv_heads x head_dim per token and layer; the prefill, the first
+    forward over all prompt tokens at once, one layer's transient tensors at a time (its MLP's
+    intermediate tensors dominate: sizes.layer_forward_elems); and the sampling logits (a few
+    [batch, V] float32 tensors). With --rollout_model dense, the dense copy (rollout_copy.py) is
+    held too, and the sampling's tensors are in its compute dtype; the table's `auto` counts the
+    4-bit policy, as auto takes the copy only where the GPU has room for it (rollout_copy.choose,
+    with the same formulas from sizes.py).
   * Update (forward + backward of one micro-batch): with gradient checkpointing, each layer's
     input hidden state ([micro_batch, prompt + completion, hidden]) plus one layer's activations
     while it is recomputed; without it, every layer's activations. The log-prob pass adds
@@ -31,61 +36,30 @@ Where the bytes are, for the default path (4-bit NF4 base + LoRA, train.py's loa
     the peak is persistent + max(rollout, update).
 
 Not counted: the CUDA context (0.3-0.5 GB outside torch's allocator), the allocator's
-fragmentation, the prompt-side activations of the old-log-prob pass (smaller than the update's),
-evaluation (greedy generation of eval batches, same KV-cache formula). The flag suggestions keep
-1 GB of headroom for those. One layer's recompute is a per-token count of the tensors a Qwen2
+fragmentation, the half-precision copy of the float32 LM head that autocast makes for each
+log-prob chunk and decode step on a GPU (vocab x hidden x 2 bytes, 0.47 GB at 1.5B, transient),
+the prompt-side activations of the old-log-prob pass (smaller than the update's), evaluation
+(greedy generation of eval batches, same KV-cache formula). The flag suggestions keep 1 GB of
+headroom for those. One layer's recompute is a per-token count of the tensors a Qwen2
 block saves for its backward (listed in layer_activation_elems); tests/test_memory.py checks it
-against the tiny model's saved tensors and every other line against real tensor sizes.
+against the tiny model's saved tensors and every other line against real tensor sizes (the
+prefill's against the CPU profiler's allocations).
 """
 
 import argparse
 import dataclasses
 import math
 import sys
-from dataclasses import dataclass
 
-import cegppo
 import train
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The parts of a Qwen2-style config that decide memory."""
-    name: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    tied: bool = True
-    qkv_bias: bool = True          # Qwen2 has biases on q, k and v
-
-    @property
-    def head_dim(self):
-        return self.hidden // self.heads
-
-    def linears(self):
-        """(in, out) of the seven nn.Linear of one decoder block: q, k, v, o, gate, up, down."""
-        h, i, kv = self.hidden, self.intermediate, self.kv_heads * self.head_dim
-        q = self.heads * self.head_dim
-        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
-
-    @classmethod
-    def from_config(cls, config, name=""):
-        """From a transformers config (Qwen2Config or the like)."""
-        return cls(name=name or getattr(config, "name_or_path", ""), hidden=config.hidden_size,
-                   intermediate=config.intermediate_size, layers=config.num_hidden_layers,
-                   heads=config.num_attention_heads,
-                   kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-                   vocab=config.vocab_size, tied=bool(getattr(config, "tie_word_embeddings", False)))
+from sizes import (BYTES, ModelShape, kv_cache_bytes, logprob_chunk_bytes, prefill_bytes,  # noqa: F401
+                   sampling_bytes, sampling_logits_bytes)
 
 
 QWEN = {
     "Qwen2.5-0.5B": ModelShape("Qwen2.5-0.5B", 896, 4864, 24, 14, 2, 151936, tied=True),
     "Qwen2.5-1.5B": ModelShape("Qwen2.5-1.5B", 1536, 8960, 28, 12, 2, 151936, tied=True),
 }
-BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 GB = 1e9                           # as train.py's peak_mem_gb
 NF4_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes' 4-bit block size and the double-quant block size
 
@@ -132,14 +106,18 @@ def lora_numel(m, rank):
     return m.layers * sum(rank * (i + o) for i, o in m.linears())
 
 
+def dense_copy_bytes(m, dtype, four_bit=True):
+    """The dense rollout copy (rollout_copy.dense_copy; rollout_copy.copy_bytes counts the same from a
+    loaded policy's tensors): every decoder Linear weight merged, in the compute dtype, plus in 4-bit
+    the embeddings, head, norms and biases, which k-bit preparation made float32 and the copy
+    converts (in float32 compute, and without 4-bit, it shares them with the policy)."""
+    rest = unquantised_numel(m, True) if four_bit and dtype != "fp32" else 0
+    return BYTES[dtype] * (m.layers * sum(i * o for i, o in m.linears()) + rest)
+
+
 def residual_bytes(dtype, four_bit):
     """Bytes per element of the residual stream, the KV cache and the saved hidden states."""
     return 4 if four_bit else BYTES[dtype]
-
-
-def kv_cache_bytes(m, sequences, tokens, elem_bytes):
-    """generate()'s cache: K and V of every layer for `sequences` x `tokens` positions."""
-    return sequences * tokens * m.layers * 2 * m.kv_heads * m.head_dim * elem_bytes
 
 
 def layer_activation_elems(m, rank, four_bit=True):
@@ -179,25 +157,45 @@ def estimate(m, cfg):
     resid, comp = layer_activation_elems(m, cfg.lora_r, four_bit)
     per_layer = mb * seq * (resid * rb + comp * 4)
     boundaries = (m.layers + 2) * mb * seq * m.hidden * rb        # each block's input, final norm in/out
-    chunk = cegppo.chunk_size(mb * cfg.max_completion_length)
+    # the sampler: the 4-bit + LoRA policy, or with --rollout_model dense its dense copy, whose residual
+    # stream is in the compute dtype (auto is counted as the policy: it takes the copy only where it fits)
+    dense = getattr(cfg, "rollout_model", "auto") == "dense"
+    sb = BYTES[dtype] if dense else rb
     lines = {
         "4-bit weights (NF4 + double-quant absmax)": q4,
         "embeddings / head, norms, biases (fp32)" if four_bit else f"base weights ({dtype})": rest,
         "LoRA weights (fp32)": 4 * lora,
         "LoRA grads + AdamW moments (fp32)": 3 * 4 * lora,
-        "rollout: KV cache": kv_cache_bytes(m, gen_batch, seq, rb),
-        "rollout: sampling logits (2 x [batch, V] fp32)": 2 * gen_batch * m.vocab * 4,
+        **({f"rollout: dense copy (merged weights, {dtype})": dense_copy_bytes(m, dtype, four_bit)} if dense else {}),
+        "rollout: KV cache": kv_cache_bytes(m, gen_batch, seq, sb),
+        "rollout: prefill activations (one layer)": prefill_bytes(m, gen_batch, cfg.max_prompt_length, sb,
+                                                                  lora=not dense),
+        "rollout: sampling logits (2 x [batch, V] fp32)": sampling_logits_bytes(m, gen_batch),
         ("update: layer-boundary hidden states" if cfg.gradient_checkpointing
          else "update: all layers' activations"): boundaries if cfg.gradient_checkpointing else
         (m.layers * per_layer + 2 * mb * seq * m.hidden * rb),
         "update: one layer's recompute": per_layer if cfg.gradient_checkpointing else 0,
-        "update: log-prob chunk (2 x chunk x V fp32)": 2 * chunk * m.vocab * 4,
+        "update: log-prob chunk (2 x chunk x V fp32)": logprob_chunk_bytes(m, mb * cfg.max_completion_length),
     }
     persistent = sum(v for k, v in lines.items() if not k.startswith(("rollout", "update")))
-    rollout = sum(v for k, v in lines.items() if k.startswith("rollout"))
+    # the rollout's lines do not all coexist: the prefill's activations are gone before the cache is
+    # full (sizes.generate_bytes); the same function as rollout_copy.choose's, with the copy on top
+    rollout = rollout_phase_bytes(m, cfg)
     update = sum(v for k, v in lines.items() if k.startswith("update"))
     lines["peak = persistent + max(rollout, update)"] = persistent + max(rollout, update)
     return lines
+
+
+def rollout_phase_bytes(m, cfg):
+    """The rollout phase at its peak: sizes.sampling_bytes for the sampler cfg picks, plus the dense
+    copy if it is one (with its log-prob pass for the mismatch metric, as rollout_copy.choose counts)."""
+    dtype = "fp32" if cfg.dtype == "auto" else cfg.dtype
+    dense = getattr(cfg, "rollout_model", "auto") == "dense"
+    sb = BYTES[dtype] if dense else residual_bytes(dtype, cfg.load_in_4bit)
+    gen_batch = min(cfg.generation_batch_size, cfg.prompts_per_step * cfg.num_generations)
+    held = sampling_bytes(m, gen_batch, cfg.max_prompt_length, cfg.max_prompt_length + cfg.max_completion_length,
+                          sb, lora=not dense, micro_batch=cfg.micro_batch_size if dense else 0)
+    return held + (dense_copy_bytes(m, dtype, cfg.load_in_4bit) if dense else 0)
 
 
 def peak_gb(m, cfg):
@@ -250,7 +248,8 @@ def describe(cfg):
     return (f"P {cfg.prompts_per_step} x G {cfg.num_generations}, prompt <= {cfg.max_prompt_length} + completion "
             f"<= {cfg.max_completion_length} tokens, generation batch {cfg.generation_batch_size}, micro-batch "
             f"{cfg.micro_batch_size}, LoRA r {cfg.lora_r}, {'4-bit NF4' if cfg.load_in_4bit else 'no 4-bit'}, "
-            f"compute {cfg.dtype}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}")
+            f"compute {cfg.dtype}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
+            + (", sampling from the dense copy" if cfg.rollout_model == "dense" else ""))
 
 
 def main(argv=None):
@@ -261,6 +260,9 @@ def main(argv=None):
         parser.add_argument(f"--{f}", type=int, default=getattr(train.Config, f))
     parser.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
                         help="compute dtype (auto is fp16 on a T4, bf16 on newer GPUs: the same bytes)")
+    parser.add_argument("--rollout_model", choices=("auto", "dense", "policy"), default="auto",
+                        help="dense: the rollout samples from the dense copy, held with its sampling (auto is "
+                             "counted as the policy: it takes the copy only where the GPU has room)")
     parser.add_argument("--no_load_in_4bit", dest="load_in_4bit", action="store_false")
     parser.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false")
     a = parser.parse_args(argv)

@@ -16,18 +16,22 @@ sampling/sampling_logp_difference/mean and /max = |log pi_sample - log pi_old| p
     dense_copy(policy, into=None)  the copy (or refresh `into`, a copy built before, in place)
     merged_weight(layer)           one Linear's dense weight: dequantised base + scaling * B @ A
     copy_bytes(policy)             the memory the copy adds (parameters shared with the policy excluded)
+    sampling_bytes(policy, ...)    what sampling from it holds besides the weights (memory.py's formulas)
     choose(mode, policy, ...)      'dense' or 'policy' for --rollout_model auto|dense|policy
+    release(copy)                  free the copy's memory now (and give it back to the driver on CUDA)
     sampling_mismatch(...)         the two mismatch metrics
 """
 
 import copy
 
-import loading  # noqa: F401  (first: it quiets bitsandbytes' optional-kernel warning before the import)
+import loading  # noqa: I001  (first: it quiets bitsandbytes' optional-kernel warning before the import)
 import bitsandbytes as bnb
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
+
+import sizes
 
 
 def base_model(policy):
@@ -88,17 +92,19 @@ def _plain_config(policy):
 
 
 def compute_dtype(policy):
-    """The dtype the copy computes in: the 4-bit layers' compute dtype, else the Linear weights' dtype."""
-    for m in base_model(policy).modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            return m.weight.quant_state.dtype if m.weight.quant_state is not None else m.compute_dtype
-    return base_model(policy).get_input_embeddings().weight.dtype     # no 4-bit: no fp32 up-cast either
+    """The dtype the copy computes in: the policy's (loading.model_compute_dtype: the 4-bit layers'
+    compute dtype, else the embeddings' dtype; without 4-bit there is no fp32 up-cast either)."""
+    return loading.model_compute_dtype(base_model(policy))
 
 
 def _pairs(dense, base):
     """(name, dense module, policy module) for every module of the plain model."""
     for name, dmod in dense.named_modules():
         yield name, dmod, base.get_submodule(name) if name else base
+
+
+def _device(policy):
+    return next(policy.parameters()).device
 
 
 @torch.no_grad()
@@ -155,16 +161,18 @@ def dense_copy(policy, into=None):
 
 def copy_bytes(policy, dtype=None):
     """Bytes the dense copy adds to memory: every Linear weight a LoRA or 4-bit layer holds, in the
-    compute dtype, plus the other parameters whose dtype differs from it (those are converted, not
-    shared). Counted from the policy's tensors' shapes; nothing is built."""
+    compute dtype, plus the other parameters (biases included) whose dtype differs from it (those
+    are converted, not shared). Counted from the policy's tensors' shapes; nothing is built."""
     base, dtype = base_model(policy), dtype or compute_dtype(policy)
     size, seen, total = torch.tensor([], dtype=dtype).element_size(), set(), 0
     for m in base.modules():
         if id(m) in seen or not (isinstance(m, (LoraLayer, bnb.nn.Linear4bit))):
             continue
-        w, _ = _base_weight(m)
+        w, bias = _base_weight(m)
         shape = w.quant_state.shape if isinstance(w, bnb.nn.Params4bit) else w.shape
         total += size * torch.Size(shape).numel()
+        if bias is not None and bias.dtype != dtype:                   # converted too (dense_copy)
+            total += size * bias.numel()
         seen.update(id(x) for x in [*m.modules(), *m.parameters()])   # its base layer and LoRA: not again
     for p in base.parameters():
         if id(p) not in seen and p.dtype != dtype:
@@ -173,26 +181,62 @@ def copy_bytes(policy, dtype=None):
     return total
 
 
-def kv_cache_bytes(policy, sequences, tokens):
-    """The KV cache of `sequences` sequences of `tokens` tokens, in the compute dtype."""
-    cfg = base_model(policy).config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    size = torch.tensor([], dtype=compute_dtype(policy)).element_size()
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * size * sequences * tokens
+def sampling_bytes(policy, sequences=1, tokens=1, prompt_tokens=None, micro_batch=0):
+    """Bytes sampling from the copy holds besides the weights: generate()'s KV cache, its prefill's
+    activations and its logits for `sequences` sequences of `prompt_tokens` (default: all `tokens`)
+    prompt and `tokens` positions in all, or, when larger, the no-grad log-prob pass over
+    `micro_batch` sequences that the mismatch metric runs while the copy is held. memory.py's
+    formulas (sizes.py), on the policy's shape, in the copy's compute dtype with merged Linears."""
+    shape = sizes.ModelShape.from_config(base_model(policy).config)
+    elem = torch.tensor([], dtype=compute_dtype(policy)).element_size()
+    return sizes.sampling_bytes(shape, sequences, tokens if prompt_tokens is None else prompt_tokens, tokens, elem,
+                                lora=False, micro_batch=micro_batch)
 
 
-def choose(mode, policy, sequences=1, tokens=1, margin=0.1):
-    """'dense' or 'policy' for --rollout_model. auto: dense on a GPU when the copy and the rollout's KV
-    cache fit in its free memory with `margin` of it to spare; the policy on a CPU, where the copy
-    did not pay for itself (docs/benchmarks.md: at Qwen2.5-0.5B's shapes, float32, generation ran
-    1.27x faster but the step, with the mismatch metric's extra forward pass, 1.06-1.10x slower)."""
+def choose(mode, policy, sequences=1, tokens=1, margin=0.1, prompt_tokens=None, micro_batch=0):
+    """'dense' or 'policy' for --rollout_model. auto: dense on a GPU when everything sampling from the
+    copy holds (copy_bytes + sampling_bytes: the copy, the KV cache, the prefill's activations, the
+    logits, the mismatch metric's log-prob pass) fits in its free memory with `margin` of it to
+    spare; the policy on a CPU, where the copy did not pay for itself (docs/benchmarks.md: at
+    Qwen2.5-0.5B's shapes, float32, generation ran 1.27x faster but the step, with the mismatch
+    metric's extra forward pass, 1.06-1.10x slower). train.py passes generation batch x (prompt +
+    completion) tokens, the prompt length and the micro-batch."""
     if mode != "auto":
         return mode
-    device = next(policy.parameters()).device
+    device = _device(policy)
     if device.type != "cuda":
         return "policy"
-    need = copy_bytes(policy) + kv_cache_bytes(policy, sequences, tokens)
-    return "dense" if need <= (1 - margin) * torch.cuda.mem_get_info(device)[0] else "policy"
+    need = copy_bytes(policy) + sampling_bytes(policy, sequences, tokens, prompt_tokens, micro_batch)
+    return "dense" if need <= (1 - margin) * free_gpu_bytes(device) else "policy"
+
+
+def free_gpu_bytes(device):
+    """What this process can still allocate on a CUDA device: the driver's free memory plus what
+    torch's allocator holds cached (reused before anything new is asked for), or less under a
+    per-process cap (torch.cuda.set_per_process_memory_fraction; the driver does not see it):
+    the cap minus what is allocated."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    free += torch.cuda.memory_reserved(device) - allocated
+    fraction = torch.cuda.get_per_process_memory_fraction(device)
+    return min(free, fraction * total - allocated) if fraction < 1 else free
+
+
+def release(dense):
+    """Free a dense copy now, whoever still refers to it: its own tensors (the merged weights, the
+    converted ones) are swapped for empty meta tensors, those it shares with the policy are only
+    dropped from it (the policy keeps them), and on CUDA the freed blocks go back from torch's
+    cache to the driver (torch.cuda.empty_cache), so that the updates, and anything else on the
+    card, get the memory back. The copy cannot be used afterwards; build a new one (dense_copy)."""
+    for module in dense.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = torch.empty_like(b, device="meta")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def sampling_mismatch(sample_logp, old_logp, mask):

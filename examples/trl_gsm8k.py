@@ -27,8 +27,9 @@ num_generations), so it feeds steps_per_generation / gradient_accumulation_steps
 processes the defaults generate 64 N completions per step: N times train.py's batch.
 
 What is not here: evaluation (use eval.py on the saved adapter: --adapter runs/trl_cegppo), 4-bit
-loading (each process holds a bf16 copy of the model), train.py's curves.png (TRL logs to the
-console, to `--report_to wandb/tensorboard/trackio`, and to trainer_state.json in checkpoints).
+loading (each process holds the model in the compute dtype: bf16, or fp16 on GPUs before Ampere),
+train.py's curves.png (TRL logs to the console, to `--report_to wandb/tensorboard/trackio`, and to
+trainer_state.json in checkpoints).
 """
 
 import os
@@ -64,15 +65,27 @@ class ScriptArguments:
 
 
 def _defaults():
-    """train.py's defaults, where CEGPPOConfig has the same knob; flags override them."""
+    """train.py's defaults, where CEGPPOConfig has the same knob; flags override them. The precision
+    follows the project's one rule (loading.compute_dtype): bf16 on GPUs with native bf16 (compute
+    capability 8.0+), fp16 with loss scaling on older GPUs (a T4), float32 on a CPU."""
     gpu = torch.cuda.is_available()
+    dtype = loading.compute_dtype()
     return dict(
         output_dir="runs/trl_cegppo", num_generations=8, per_device_train_batch_size=8,
         gradient_accumulation_steps=2, steps_per_generation=8, max_completion_length=512,
         temperature=1.0, top_p=1.0, learning_rate=1e-5, lr_scheduler_type="constant_with_warmup",
         warmup_steps=20, weight_decay=0.1, max_grad_norm=1.0, max_steps=800, logging_steps=1,
         save_steps=100, seed=42, report_to="none", disable_dropout=True, ddp_find_unused_parameters=False,
-        bf16=gpu and torch.cuda.is_bf16_supported(), gradient_checkpointing=gpu)
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, gradient_checkpointing=gpu)
+
+
+def model_dtype(config, lora_r):
+    """The weights' dtype: the compute dtype the config's bf16 / fp16 flags say, except float32 for
+    full fine-tuning (--lora_r 0) under fp16, whose loss scaling needs float32 trainable weights
+    (with LoRA, peft keeps the adapters in float32 and the frozen base can be fp16)."""
+    if config.bf16:
+        return "bfloat16"
+    return "float16" if config.fp16 and lora_r > 0 else "float32"
 
 
 def parse(argv=None):
@@ -111,7 +124,7 @@ def build_trainer(argv=None):
     if script.lora_r > 0:      # dropout 0: dropout would make the ratio differ from 1 even on-policy
         peft_config = LoraConfig(r=script.lora_r, lora_alpha=script.lora_alpha or 2 * script.lora_r,
                                  lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    config.model_init_kwargs = {"dtype": "auto", **(config.model_init_kwargs or {})}
+    config.model_init_kwargs = {"dtype": model_dtype(config, script.lora_r), **(config.model_init_kwargs or {})}
     return CEGPPOTrainer(model=name, reward_funcs=[math_reward], args=config,
                          train_dataset=build_dataset(tokenizer, script), processing_class=tokenizer,
                          peft_config=peft_config)

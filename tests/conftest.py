@@ -4,11 +4,30 @@ import sys
 # One torch thread per test process (and per script a test starts, which inherits the environment):
 # pytest runs one worker per core (pytest.ini), and more threads than cores make every job crawl.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The suite runs on the CPU on any machine, a GPU one included: CUDA is hidden before torch first
+# looks for it (the scripts a test starts inherit the environment). CEGPPO_GPU_TESTS=1 keeps CUDA
+# visible and runs the tests marked gpu instead; the CPU tests, which would then see the GPU, skip.
+GPU_TESTS = os.environ.get("CEGPPO_GPU_TESTS") == "1"
+if not GPU_TESTS:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+def pytest_collection_modifyitems(config, items):
+    """gpu-marked tests run only with CEGPPO_GPU_TESTS=1 and CUDA; the others only without it."""
+    cuda = GPU_TESTS and __import__("torch").cuda.is_available()
+    for item in items:
+        if item.get_closest_marker("gpu") is None:
+            if GPU_TESTS:
+                item.add_marker(pytest.mark.skip(reason="a CPU test: run the suite without CEGPPO_GPU_TESTS"))
+        elif not GPU_TESTS:
+            item.add_marker(pytest.mark.skip(reason="a GPU test: CEGPPO_GPU_TESTS=1 on a machine with CUDA"))
+        elif not cuda:
+            item.add_marker(pytest.mark.skip(reason="a GPU test: no CUDA GPU here"))
 
 
 @pytest.fixture(scope="session", autouse=True)

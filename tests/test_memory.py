@@ -148,8 +148,13 @@ def test_qwen_shapes_and_total():
     est = memory.estimate(m, train.Config(dtype="fp16"))
     parts = [v for k, v in est.items() if not k.startswith("peak")]
     persistent = sum(v for k, v in est.items() if not k.startswith(("rollout", "update", "peak")))
-    rollout = sum(v for k, v in est.items() if k.startswith("rollout"))
     update = sum(v for k, v in est.items() if k.startswith("update"))
+    # the rollout at its peak: the prefill's activations with the prompts' cache, or later the full cache
+    kv, prefill, logits = (est[k] for k in ("rollout: KV cache", "rollout: prefill activations (one layer)",
+                                            "rollout: sampling logits (2 x [batch, V] fp32)"))
+    prompt_kv = kv * 512 // 1024                       # the prompts' half of the 512 + 512 positions
+    rollout = max(prefill + prompt_kv, kv) + logits
+    assert rollout == memory.rollout_phase_bytes(m, train.Config(dtype="fp16"))
     assert est["peak = persistent + max(rollout, update)"] == persistent + max(rollout, update) < sum(parts)
     # tied head: the 0.5B's float32 embedding table is vocab x hidden x 4 bytes, counted once
     assert est["embeddings / head, norms, biases (fp32)"] > 151936 * 896 * 4
@@ -178,3 +183,102 @@ def test_readme_table_is_the_functions():
     readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
     block = readme.split("<!-- memory -->")[1].split("<!-- /memory -->")[0].strip()
     assert block == memory.table(list(memory.QWEN.values()), train.Config(dtype="fp16"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampling side (sizes.py): what memory.py's table and rollout_copy.choose both count
+# ----------------------------------------------------------------------------------------------
+def allocated_peak(fn):
+    """Peak bytes allocated while fn() runs, counted from the profiler's start (CPU allocator events)."""
+    import json
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+    with tempfile.TemporaryDirectory() as tmp:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+        events = json.load(open(os.path.join(tmp, "trace.json")))["traceEvents"]
+    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
+
+
+@pytest.fixture(scope="module")
+def wide_mlp_folders(tmp_path_factory):
+    """Tiny Qwen2 models whose MLP is 8x and 16x the hidden size (as Qwen2.5's is 5.4x and 5.8x), so that
+    the MLP's share of a layer's forward is measured apart from the rest."""
+    import lab
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    tok = lab.build_tokenizer()
+    folders = {}
+    for inter in (512, 1024):
+        cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=inter, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                          tie_word_embeddings=False)
+        torch.manual_seed(0)
+        folders[inter] = str(tmp_path_factory.mktemp(f"mlp{inter}"))
+        Qwen2ForCausalLM(cfg).save_pretrained(folders[inter])
+        tok.save_pretrained(folders[inter])
+    return folders
+
+
+@pytest.mark.parametrize("sampler", ["policy", "dense"])
+def test_prefill_activations_match_the_allocator(wide_mlp_folders, sampler):
+    """A no-grad forward (generate()'s prefill) holds one layer's tensors at a time: per token, measured
+    as the growth of the allocator's peak between two lengths, sizes.layer_forward_elems in the
+    residual dtype: float32 in the 4-bit + LoRA policy (whatever the compute dtype), the compute
+    dtype in the dense copy. Within 2%: the rest is a few per-row scalars the formula leaves out
+    (measured: 34 bytes per token of 9216)."""
+    import rollout_copy
+    import sizes
+    for inter, folder in wide_mlp_folders.items():
+        for dtype in ("fp32", "bf16"):
+            model, _ = loading.load_model(folder, four_bit=True, lora_rank=8, trainable=True, dtype=dtype)
+            model.eval()
+            if sampler == "dense":
+                model = rollout_copy.dense_copy(model)
+            body, B = model.get_decoder(), 4
+
+            def per_layer_peak(S):
+                ids = torch.randint(3, 90, (B, S))
+                with torch.no_grad():
+                    return allocated_peak(lambda: body(input_ids=ids, use_cache=False))
+            per_token = (per_layer_peak(128) - per_layer_peak(64)) / (B * 64)
+            shape = memory.ModelShape.from_config(model.config)
+            elem = 2 if sampler == "dense" and dtype == "bf16" else 4
+            want = sizes.prefill_bytes(shape, 1, 1, elem, lora=sampler == "policy")
+            assert want <= per_token <= 1.02 * want, (inter, dtype, per_token, want)
+
+
+def test_dense_copy_bytes_are_the_copys(tiny_path, tiny_policy):
+    """memory.py's dense-copy line from the shape equals rollout_copy.copy_bytes on a freshly loaded
+    policy (as rollout_copy.choose sees it): in fp16 compute the float32 embeddings, head, norms and
+    biases are converted too, in float32 shared. (bitsandbytes casts a 4-bit layer's bias to the
+    compute dtype in its first forward; from then on the copy shares the biases: 0.1 MB at 1.5B.)"""
+    import rollout_copy
+    model, _ = loading.load_model(tiny_path, four_bit=True, lora_rank=8, trainable=True, dtype="fp16")
+    shape = memory.ModelShape.from_config(model.config)
+    assert rollout_copy.copy_bytes(model) == memory.dense_copy_bytes(shape, "fp16")
+    assert rollout_copy.copy_bytes(tiny_policy[0]) == memory.dense_copy_bytes(shape, "fp32")
+    est = memory.estimate(memory.QWEN["Qwen2.5-1.5B"], train.Config(dtype="bf16", rollout_model="dense"))
+    assert est["rollout: dense copy (merged weights, bf16)"] / 1e9 == pytest.approx(3.1, abs=0.05)   # the README's
+
+
+def test_estimate_and_choose_use_one_formula(monkeypatch):
+    """The rollout phase of memory.py's table and what rollout_copy.choose asks the GPU for are the same
+    sizes.sampling_bytes; there is no second copy of the arithmetic in rollout_copy."""
+    import rollout_copy
+    import sizes
+    assert not hasattr(rollout_copy, "kv_cache_bytes")
+    assert memory.kv_cache_bytes is sizes.kv_cache_bytes and memory.sampling_bytes is sizes.sampling_bytes
+    m = memory.QWEN["Qwen2.5-0.5B"]
+    seen = []
+    real = sizes.sampling_bytes
+    spy = lambda *a, **k: seen.append((a, k)) or real(*a, **k)
+    monkeypatch.setattr(sizes, "sampling_bytes", spy)
+    monkeypatch.setattr(memory, "sampling_bytes", spy)
+    dense = memory.rollout_phase_bytes(m, train.Config(dtype="bf16", rollout_model="dense"))
+    policy = memory.rollout_phase_bytes(m, train.Config(dtype="bf16"))
+    assert seen == [((m, 64, 512, 1024, 2), {"lora": False, "micro_batch": 8}),    # the copy: bf16, merged
+                    ((m, 64, 512, 1024, 4), {"lora": True, "micro_batch": 0})]     # the policy: float32 stream
+    assert dense == real(*seen[0][0], **seen[0][1]) + memory.dense_copy_bytes(m, "bf16")
+    assert policy == real(*seen[1][0], **seen[1][1])

@@ -1,0 +1,113 @@
+"""Tensor sizes of a Qwen2-style model, in bytes: the arithmetic that memory.py's table and rollout_copy.choose share.
+
+One formula, one home: memory.py prints what a step holds (and imports train.py for its
+defaults); rollout_copy.choose decides, inside train.py, whether the dense copy and its sampling
+fit the GPU. Both use the functions below, which import no module of the project but cegppo.
+
+    ModelShape          the parts of a config that decide memory
+    kv_cache_bytes      generate()'s KV cache
+    prefill_bytes       a no-grad forward's activations (generate()'s prefill, a log-prob pass)
+    generate_bytes      generate() at its peak: the prefill or the full cache, and the logits
+    sampling_bytes      everything sampling holds besides the weights (generate, or the copy's log-prob pass)
+    logprob_chunk_bytes the LM-head chunk of cegppo._TokenLogProb
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import cegppo
+
+BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The parts of a Qwen2-style config that decide memory."""
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool = True
+    qkv_bias: bool = True          # Qwen2 has biases on q, k and v
+    head_size: Optional[int] = None    # a config's own head_dim, where it is not hidden / heads
+
+    @property
+    def head_dim(self):
+        return self.head_size or self.hidden // self.heads
+
+    def linears(self):
+        """(in, out) of the seven nn.Linear of one decoder block: q, k, v, o, gate, up, down."""
+        h, i, kv = self.hidden, self.intermediate, self.kv_heads * self.head_dim
+        q = self.heads * self.head_dim
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+    @classmethod
+    def from_config(cls, config, name=""):
+        """From a transformers config (Qwen2Config or the like)."""
+        return cls(name=name or getattr(config, "name_or_path", ""), hidden=config.hidden_size,
+                   intermediate=config.intermediate_size, layers=config.num_hidden_layers,
+                   heads=config.num_attention_heads,
+                   kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                   vocab=config.vocab_size, tied=bool(getattr(config, "tie_word_embeddings", False)),
+                   head_size=getattr(config, "head_dim", None))
+
+
+def kv_cache_bytes(m, sequences, tokens, elem_bytes):
+    """generate()'s cache: K and V of every layer for `sequences` x `tokens` positions."""
+    return sequences * tokens * m.layers * 2 * m.kv_heads * m.head_dim * elem_bytes
+
+
+def layer_forward_elems(m, lora=True):
+    """Elements per token that one decoder block's forward without gradient holds at its peak, which is
+    in the MLP: the residual, the block input, the normed input and the MLP input (4 h), then
+    silu(gate) and up's output and their product (3 I). Through LoRA layers (the policy; lora=True)
+    up's output exists twice for a moment, before and after its LoRA term is added, and the term
+    itself once more (4 I); a plain Linear (the dense copy) writes it once. Measured with the CPU
+    profiler on 4-bit + LoRA and dense models whose MLP is 8x and 16x the hidden size
+    (tests/test_memory.py); attention's tensors (q, k, v, its output: about 4 h) are smaller."""
+    return 4 * m.hidden + (4 if lora else 3) * m.intermediate
+
+
+def prefill_bytes(m, sequences, tokens, elem_bytes, lora=True):
+    """A no-grad forward over `sequences` x `tokens` positions, one block at a time (generate()'s
+    prefill of the prompts; a log-prob pass): the block's transient tensors, in the residual dtype."""
+    return sequences * tokens * layer_forward_elems(m, lora) * elem_bytes
+
+
+def sampling_logits_bytes(m, sequences):
+    """generate()'s logits of one decode step and their processed copy: 2 x [sequences, V] float32."""
+    return 2 * sequences * m.vocab * 4
+
+
+def logprob_chunk_bytes(m, positions):
+    """cegppo._TokenLogProb over `positions` positions: at most two float32 [chunk, V] tensors."""
+    return 2 * cegppo.chunk_size(positions) * m.vocab * 4
+
+
+def logprob_pass_bytes(m, sequences, tokens, completion_tokens, elem_bytes, lora=True):
+    """A no-grad log-prob pass (train.old_logprobs) over `sequences` of `tokens` positions, the last
+    `completion_tokens` of them scored: the body's forward, its last hidden states, the LM-head chunk."""
+    return (prefill_bytes(m, sequences, tokens, elem_bytes, lora) + sequences * tokens * m.hidden * elem_bytes
+            + logprob_chunk_bytes(m, sequences * completion_tokens))
+
+
+def generate_bytes(m, sequences, prompt_tokens, tokens, elem_bytes, lora=True):
+    """generate() at its peak: during the prefill, its activations and the prompts' part of the KV
+    cache; later the whole cache of `tokens` positions (the prefill's tensors are gone by then);
+    the sampling logits throughout."""
+    prefill = prefill_bytes(m, sequences, prompt_tokens, elem_bytes, lora) + kv_cache_bytes(m, sequences, prompt_tokens,
+                                                                                          elem_bytes)
+    return max(prefill, kv_cache_bytes(m, sequences, tokens, elem_bytes)) + sampling_logits_bytes(m, sequences)
+
+
+def sampling_bytes(m, sequences, prompt_tokens, tokens, elem_bytes, lora=True, micro_batch=0):
+    """What sampling holds besides the weights, at its peak: generate() over `sequences` sequences of
+    `prompt_tokens` prompt and `tokens` positions in all (generate_bytes); or, when larger, a no-grad
+    log-prob pass over `micro_batch` sequences (the dense copy's mismatch metric, computed while the
+    copy is held; 0: none). elem_bytes: the residual stream's (float32 in the 4-bit policy, the
+    compute dtype in the dense copy); lora: through unmerged LoRA layers (the policy) or not (the copy)."""
+    logprob = logprob_pass_bytes(m, micro_batch, tokens, tokens - prompt_tokens, elem_bytes, lora) if micro_batch else 0
+    return max(generate_bytes(m, sequences, prompt_tokens, tokens, elem_bytes, lora), logprob)

@@ -1,0 +1,71 @@
+"""On a CUDA GPU only: `CEGPPO_GPU_TESTS=1 python -m pytest -q -o addopts= tests/test_gpu.py` (the rest of
+the suite runs on the CPU, with CUDA hidden: tests/conftest.py; docs/gpu.md). Seconds on any card."""
+import os
+
+import pytest
+import torch
+
+import cegppo
+import lab
+import loading
+import rollout_copy
+import train
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture()
+def cuda_policy():
+    torch.manual_seed(0)
+    model, tok = loading.load_model(lab.warm_start_path("tiny"), four_bit=True, lora_rank=8, trainable=True)
+    assert next(model.parameters()).device.type == "cuda"
+    return model, tok
+
+
+def test_precision_rule_on_this_card(cuda_policy):
+    major = torch.cuda.get_device_capability()[0]
+    assert loading.compute_dtype() == (torch.bfloat16 if major >= 8 else torch.float16)
+    assert loading.model_compute_dtype(cuda_policy[0]) == loading.compute_dtype()
+    assert torch.backends.cuda.matmul.allow_tf32 == (major >= 8)          # load_model switched TF32 on
+
+
+def test_first_update_ratio_is_one_under_autocast(cuda_policy):
+    model, tok = cuda_policy
+    cfg = train.parse_config(["--model", "tiny", "--micro_batch_size", "4"])
+    prompts = [cegppo.format_prompt(tok, q) for q, _ in lab.toy_rows("train", tiny=True)[:2]]
+    with loading.model_autocast(model):
+        ro = cegppo.rollout(model, tok, prompts, 4, 12, 1.0, 1.0, 8)
+    old, _ = train.old_logprobs(model, ro, cfg)
+    ids, amask, c, p = train.micro_batch(ro, torch.arange(8))
+    with loading.autocast("cuda", loading.compute_dtype(cfg.dtype)):
+        lp, _ = cegppo.completion_logprobs(model, ids, amask, p, cfg.temperature, with_entropy=False)
+    assert lp.dtype == torch.float32
+    adv = torch.tensor([1.0, -1.0] * 4, device="cuda")
+    loss, st = cegppo.cegppo_loss(lp, old[:, :c.shape[1]].cuda(), adv, c, num_tokens=int(c.sum()),
+                                  **cegppo.ALGOS["cegppo"])
+    assert st["ratio/max"] == 1.0 and torch.equal(lp.detach().cpu(), old[:, :c.shape[1]])
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_release_gives_the_copy_back(cuda_policy):
+    model, _ = cuda_policy
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    dense = rollout_copy.dense_copy(model)
+    held = torch.cuda.memory_allocated() - before
+    assert held >= rollout_copy.copy_bytes(model) > 0
+    rollout_copy.release(dense)
+    assert torch.cuda.memory_allocated() == before and all(p.is_meta for p in dense.parameters())
+
+
+def test_checkpoint_from_this_gpu_loads_on_the_cpu(tmp_path):
+    state = train.rng_state()
+    assert len(state["cuda"]) == torch.cuda.device_count()
+    path = os.path.join(tmp_path, "state.pt")
+    torch.save({"rng": state, "x": torch.ones(2, device="cuda")}, path)
+    loaded = torch.load(path, weights_only=False, map_location="cpu")
+    assert loaded["x"].device.type == "cpu"
+    train.set_rng_state(loaded["rng"])                       # the CUDA states back, from CPU tensors
+    assert torch.equal(torch.cuda.get_rng_state(0), state["cuda"][0])
