@@ -5,7 +5,8 @@
     python bench.py --model tiny --dataset tiny --vs-trl                # needs `pip install trl`
     python bench.py --logprob-memory          # the log-prob pass's memory at Qwen2.5's vocabulary
 
-Every flag of train.py applies (it is train.py's own loop that runs). One warm-up step is run
+Every flag of train.py applies (it is train.py's own loop that runs; dynamic sampling is off,
+--max_generation_rounds 1, as TRL has none, unless given). One warm-up step is run
 and not counted, then --steps steps are timed; times are medians over those steps. Each side runs
 in its own process, one after the other (--repeats R alternates them R times and keeps each
 side's median run), so that peak memory (CUDA peak allocated on a GPU, the process's peak RSS on
@@ -40,7 +41,6 @@ import time
 
 import loading  # noqa: I001  (first: it quiets bitsandbytes' optional-kernel warning before transformers loads it)
 import torch
-from datasets import Dataset
 from torch.profiler import ProfilerActivity, profile
 from transformers import TrainerCallback
 
@@ -60,14 +60,22 @@ def coin_reward(completion, answer):
     return float(int(hashlib.md5(completion.encode()).hexdigest(), 16) % 2)
 
 
-def synthetic_model():
+def synthetic_model(size="qwen2.5-0.5b"):
     """Folder of a random-init model with Qwen2.5-0.5B's shapes (494M parameters, vocabulary 151,936,
-    tied head) in bf16 as the real checkpoint is, built once and cached beside the lab's models."""
-    folder = os.path.join(lab.cache_dir(), "qwen2.5-0.5b-shaped-random")
+    tied head; or another of lab.SIZES, e.g. qwen2.5-1.5b) in bf16 as the real checkpoint is, built
+    once and cached beside the lab's models. On a GPU the weights are drawn there (seconds, not a
+    minute of CPU time for 1.5B)."""
+    folder = os.path.join(lab.cache_dir(), f"{size}-shaped-random")
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        with torch.random.fork_rng():
-            model, tok = lab.build_model("qwen2.5-0.5b")
-            lab.save_atomic(model.to(torch.bfloat16), tok, folder)
+        for device in (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]:
+            try:
+                with torch.random.fork_rng(), torch.device(device):
+                    model, tok = lab.build_model(size)
+                break
+            except torch.OutOfMemoryError:          # a small card: draw them on the CPU instead
+                torch.cuda.empty_cache()
+        lab.save_atomic(model.to(torch.bfloat16), tok, folder)
+        del model
     return folder
 
 
@@ -123,7 +131,6 @@ def run_ours(train_args, steps, out, coin=False, profile=False):
         "old_logprob_s": median("time/old_logprob_s"),
         "update_s": median("time/update_s"),
         "rollout_copy_s": median("time/rollout_copy_s"),          # building the dense copy (inside rollout_s)
-        "sampling_logprob_s": median("time/sampling_logprob_s"),  # log pi_sample for the mismatch metric
         "rollout_tokens_per_s": sum(r["num_tokens"] for r in rows) / sum(r["rollout_with_copy_s"] for r in rows),
         "generate_tokens_per_s": sum(r["num_tokens"] for r in rows) / sum(r["time/rollout_s"] for r in rows),
         **({"sampling_logp_difference_mean": statistics.mean(r["sampling/sampling_logp_difference/mean"]
@@ -133,13 +140,17 @@ def run_ours(train_args, steps, out, coin=False, profile=False):
         "update_tokens_per_s": sum(r["update_tokens"] for r in rows) / max(1e-9, sum(r["time/update_s"] for r in rows)),
         "updates_per_step": statistics.mean(r["updates"] for r in rows),
         "frac_reward_zero_std": statistics.mean(r["frac_reward_zero_std"] for r in rows),
-        "peak_mem_gb": max(r["peak_mem_gb"] for r in rows),
+        # None where the OS reports no peak (train.peak_mem_gb: Windows); on a GPU also the peak reserved
+        "peak_mem_gb": max((r["peak_mem_gb"] for r in rows if r.get("peak_mem_gb") is not None), default=None),
+        **({"peak_mem_reserved_gb": max(r["peak_mem_reserved_gb"] for r in rows)}
+           if all(r.get("peak_mem_reserved_gb") is not None for r in rows) else {}),
     }
 
 
 def trl_worker(spec_path):
     """Runs in its own process: TRL's GRPOTrainer on the settings in spec_path; writes its timings."""
     # optional: TRL is not a requirement of the tutorial path, only of --vs-trl
+    from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
     spec = json.load(open(spec_path))
     if spec["coin"]:
@@ -160,6 +171,8 @@ def trl_worker(spec_path):
                  "of --micro_batch_size")
     accum = per_update // cfg.micro_batch_size
     steps = spec["steps"]
+    # the precision train.py computes in (loading.compute_dtype's rule); mixed precision is for GPUs only
+    gpu_dtype = loading.compute_dtype(cfg.dtype) if torch.cuda.is_available() else None
     per_rollout = cfg.steps_per_generation * cfg.num_iterations     # TRL optimizer steps per RL step
     args = GRPOConfig(
         output_dir=spec["out"], max_steps=per_rollout * (steps + 1), learning_rate=cfg.learning_rate,
@@ -170,7 +183,7 @@ def trl_worker(spec_path):
         epsilon=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, loss_type="dapo", max_grad_norm=cfg.max_grad_norm,
         weight_decay=cfg.weight_decay, warmup_steps=0, lr_scheduler_type="constant", seed=cfg.seed,
         gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=not torch.cuda.is_available(),
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), report_to="none",
+        bf16=gpu_dtype == torch.bfloat16, fp16=gpu_dtype == torch.float16, report_to="none",
         logging_steps=10 ** 6, save_strategy="no", disable_tqdm=True)
     marks, peak = [], []
 
@@ -179,14 +192,14 @@ def trl_worker(spec_path):
             marks.append(time.time())
             if len(marks) == per_rollout:
                 train.reset_peak_mem()          # the warm-up step is not counted, as on our side
-            peak.append(train.peak_mem_gb())    # at the end of the last step, not after train() returns
+            peak.append((train.peak_mem_gb(), train.peak_mem_reserved_gb()))   # at the end of the last step
 
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
                           callbacks=[Clock()])
     trainer.train()
     ends = marks[per_rollout - 1::per_rollout]                     # the end of each RL step
     json.dump({"trl_step_s": statistics.median(b - a for a, b in zip(ends, ends[1:])),
-               "trl_peak_mem_gb": peak[-1]},
+               "trl_peak_mem_gb": peak[-1][0], "trl_peak_mem_reserved_gb": peak[-1][1]},
               open(os.path.join(spec["out"], "trl.json"), "w"))
 
 
@@ -256,6 +269,15 @@ def logprob_memory(out_dir, positions=LOGPROB_TOKENS):
     print(f"wrote {out_dir}/logprob_memory.json")
 
 
+def current_rss_gb():
+    """The process's resident memory now, from /proc (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("VmRSS:"))) / 1e6    # kB
+    except (OSError, StopIteration):
+        return None
+
+
 def rollout_copy_cost(cfg, out_dir, repeats=3):
     """Build the dense rollout copy of cfg's 4-bit + LoRA policy (LoRA B set to small random values, as
     after training): time to build it fresh and to refresh it in place (medians of `repeats`), the
@@ -267,7 +289,7 @@ def rollout_copy_cost(cfg, out_dir, repeats=3):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 1e-3)
-    rss = lambda: int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmRSS:"))) / 1e6
+    rss = current_rss_gb
     rss0, fresh, refresh = rss(), [], []
     for _ in range(repeats):
         t = time.time()
@@ -320,8 +342,10 @@ def parse_args(argv):
     args, train_args = ap.parse_known_args(argv)
     if args.steps < 1 or args.repeats < 1:
         raise UserError(f"--steps {args.steps} / --repeats {args.repeats}: both must be at least 1")
+    # TRL trains on what one generation round gives: our dynamic sampling off unless asked for
+    train_args = ["--max_generation_rounds", "1", *train_args]                         # later flags win
     if args.synthetic:
-        train_args = ["--model", synthetic_model(), "--dataset", "lab", *train_args]   # later flags win
+        train_args = ["--model", synthetic_model(), "--dataset", "lab", *train_args]
     if args.both_rollouts:
         train_args = [*train_args, "--rollout_model", "dense"]
     return args, train_args
@@ -351,19 +375,20 @@ def run_sides(args, train_args):
         result.update(middle(trl, "trl_step_s"), trl_step_s_repeats=[r["trl_step_s"] for r in trl])
         for side in ("", "policy_") if args.both_rollouts else ("",):
             result[f"{side}step_ratio"] = result[f"{side}step_s"] / result["trl_step_s"]
-            result[f"{side}mem_ratio"] = result[f"{side}peak_mem_gb"] / result["trl_peak_mem_gb"]
+            if result[f"{side}peak_mem_gb"] is not None and result["trl_peak_mem_gb"]:   # None: not reported
+                result[f"{side}mem_ratio"] = result[f"{side}peak_mem_gb"] / result["trl_peak_mem_gb"]
     return result
 
 
 def print_table(result, args):
     print(f"device {result['device']}, model {result['model']}, {args.steps} timed steps, {args.repeats} repeat(s)")
-    keys = ("step_s", "rollout_s", "rollout_copy_s", "sampling_logprob_s", "old_logprob_s", "update_s", "reward_s",
+    keys = ("step_s", "rollout_s", "rollout_copy_s", "old_logprob_s", "update_s", "reward_s",
             "rollout_tokens_per_s", "generate_tokens_per_s", "update_tokens_per_s", "peak_mem_gb",
-            "sampling_logp_difference_mean", "sampling_logp_difference_max")
+            "peak_mem_reserved_gb", "sampling_logp_difference_mean", "sampling_logp_difference_max")
     for k in (*keys, *(f"policy_{k}" for k in keys), "rollout_speedup", "trl_step_s", "trl_peak_mem_gb",
-              "step_ratio", "mem_ratio", "policy_step_ratio", "policy_mem_ratio"):
+              "trl_peak_mem_reserved_gb", "step_ratio", "mem_ratio", "policy_step_ratio", "policy_mem_ratio"):
         if k in result:
-            print(f"  {k:<36} {result[k]:12.3g}")
+            print(f"  {k:<36} {result[k]:12.3g}" if result[k] is not None else f"  {k:<36} {'not available':>12}")
     print(f"wrote {args.output_dir}/bench.json" + (f" and {args.output_dir}/ours/profile.txt" if args.profile else ""))
 
 

@@ -16,12 +16,12 @@ scaled and bounded, through a stop-gradient. The two clip regions, named as in T
 so beta1 = beta2 = 0 is exactly PPO-clip (GRPO with group advantages).
 
 Read it top to bottom; a reader who stops at the last section has seen all of CE-GPPO:
-    cegppo_loss, ALGOS      the objective and the three algorithms' settings (the file's heart)
+    cegppo_loss, ALGOS      the objective and the algorithms' settings (the file's heart)
     positive_sft_loss       the authors' optional SFT term on fully rewarded responses
     group_advantages        GRPO's group z-score, and which groups carry no signal
     token_quadrants         the paper's PA/NA x HP/LP analysis as per-step metrics
     math_reward             the verifiable reward (math-verify decides equality)
-    rollout                 sampling G completions per prompt
+    rollout                 sampling G completions per prompt, with the sampler's own log-probs
     token_logprobs, completion_logprobs   per-token log pi and entropy of the sampled tokens
     (appendix) _TokenLogProb   the same log-probs without ever building the [B, T, V] logits
 
@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
+from transformers import LogitsProcessor, LogitsProcessorList
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,13 +124,16 @@ def cegppo_loss(logp, old_logp, advantages, mask, *, epsilon_low, epsilon_high, 
     return loss, stats
 
 
-# The three algorithms differ only in these five knobs; this is their one home (train.py's
+# The algorithms differ only in these five knobs; this is their one home (train.py's
 # --algo, the TRL bridge and the microscope read them from here). beta1 = beta2 = 0 is PPO-clip,
 # which with group advantages is GRPO, and with epsilon_high 0.28 DAPO's clip-higher.
 ALGOS = {
     "cegppo": dict(beta1=0.5, beta2=1.0, epsilon_low=0.2, epsilon_high=0.2, dual_clip=10.0),
     "grpo": dict(beta1=0.0, beta2=0.0, epsilon_low=0.2, epsilon_high=0.2, dual_clip=10.0),
     "dapo": dict(beta1=0.0, beta2=0.0, epsilon_low=0.2, epsilon_high=0.28, dual_clip=10.0),
+    # Klear-Reasoner's GPPO (Su et al., 2025, arXiv 2508.07629), which CE-GPPO generalises: both
+    # clipped regions keep their full bounded gradient.
+    "gppo": dict(beta1=1.0, beta2=1.0, epsilon_low=0.2, epsilon_high=0.2, dual_clip=10.0),
 }
 
 
@@ -179,8 +183,10 @@ def token_quadrants(logp, entropy, advantages, mask):
       PA&HP and NA&LP drive it down (negative), PA&LP and NA&HP drive it up (positive).
 
     logp, entropy, mask: [B, T] (logp and entropy under the sampling policy); advantages: [B] or [B, T].
-    Returns {"quadrants/<q>_frac": share of response tokens, "quadrants/<q>_drive": mean drive in
-    the quadrant} for q in pa_hp, pa_lp, na_hp, na_lp (drive 0.0 for an empty quadrant).
+    Returns {"quadrants/<q>_frac": share of the masked tokens, "quadrants/<q>_drive": mean drive in
+    the quadrant} for q in pa_hp, pa_lp, na_hp, na_lp (drive 0.0 for an empty quadrant). train.py
+    passes the trained tokens (the kept groups, every one with A != 0), the same tokens the clip
+    ratios count, so the four fractions add up to 1.
     """
     adv = advantages if advantages.dim() == 2 else advantages[:, None]
     adv = adv.float().expand_as(logp)                            # [B, T]
@@ -295,28 +301,77 @@ def completion_mask(completion_ids, eos_token_ids):
     return mask, truncated
 
 
-def _generate(model, input_ids, attention_mask, gen_kwargs, batch_size):
-    """model.generate over sub-batches; on CUDA out-of-memory halve the sub-batch and retry."""
-    outs, i = [], 0
+class NonFiniteLogits(RuntimeError):
+    """The sampler's logits hold inf or nan (e.g. an fp16 overflow): its probabilities mean nothing."""
+
+
+class SampledTokenLogProbs(LogitsProcessor):
+    """Records, while generate() samples, log pi(a_t) and the entropy H_t of the sampled tokens.
+
+    generate() calls it once per decode step with that step's logits [b, V] (float32) before any
+    temperature or top-p warper (transformers runs a caller's processors first), and with the
+    tokens so far, whose last column is the token drawn at the previous step. So each call keeps
+    the plain temperature softmax of this step and reads the previous step's drawn token out of
+    the one it kept before: memory [b, V], never [b, T, V]. The numbers are those token_logprobs
+    defines, whatever top_p does to the sampling. finish(last_tokens) reads the final step.
+    """
+
+    def __init__(self, temperature):
+        self.temperature = temperature
+        self.logp, self.entropy = [], []      # one [b] tensor per decode step
+        self.previous = None                  # [b, V] log-probs of the last step, awaiting its token
+
+    def _read(self, tokens):
+        if self.previous is not None:
+            self.logp.append(self.previous.gather(-1, tokens[:, None])[:, 0])
+            self.previous = None
+
+    def __call__(self, input_ids, scores):
+        self._read(input_ids[:, -1])                                                   # previous step's token
+        if not torch.isfinite(scores).all():
+            raise NonFiniteLogits("the sampler's logits are not finite")
+        logprobs = torch.log_softmax(scores.float() / self.temperature, dim=-1)       # [b, V]
+        self.entropy.append(-(logprobs.exp() * logprobs).sum(-1))                     # [b]
+        self.previous = logprobs
+        return scores                         # the sampling itself is untouched
+
+    def finish(self, last_tokens):
+        """(logp [b, T], entropy [b, T]) once generate() has returned its last column of tokens."""
+        self._read(last_tokens)
+        return torch.stack(self.logp, dim=1), torch.stack(self.entropy, dim=1)
+
+
+def _generate(model, input_ids, attention_mask, gen_kwargs, batch_size, temperature=None, shrink_on_oom=True):
+    """model.generate over sub-batches; on CUDA out-of-memory halve the sub-batch and retry
+    (or, with shrink_on_oom False, raise at once: the caller has memory of its own to give back).
+
+    Returns ([completion [b, t]], [(logp, entropy) [b, t] each, or None], the sub-batch that fit):
+    with a temperature, the sampler's own log-probs of its tokens (SampledTokenLogProbs)."""
+    outs, scored, i = [], [], 0
     while i < input_ids.shape[0]:
+        recorder = SampledTokenLogProbs(temperature) if temperature else None
         try:
             out = model.generate(input_ids=input_ids[i:i + batch_size],
-                                 attention_mask=attention_mask[i:i + batch_size], **gen_kwargs)
+                                 attention_mask=attention_mask[i:i + batch_size],
+                                 logits_processor=LogitsProcessorList([recorder] if recorder else []), **gen_kwargs)
         except torch.OutOfMemoryError:
-            if batch_size == 1:
+            if batch_size == 1 or not shrink_on_oom:
                 raise
+            del recorder
             torch.cuda.empty_cache()
             batch_size = max(1, batch_size // 2)
             warnings.warn(f"out of memory in generation: retrying with generation batch {batch_size}")
             continue
-        outs.append(out[:, input_ids.shape[1]:])
+        completion = out[:, input_ids.shape[1]:]                                      # [b, t]
+        outs.append(completion)
+        scored.append(recorder.finish(completion[:, -1]) if recorder else None)
         i += batch_size
-    return outs, batch_size
+    return outs, scored, batch_size
 
 
 @torch.no_grad()
 def rollout(model, tokenizer, prompts, num_generations, max_new_tokens, temperature=1.0, top_p=1.0,
-            batch_size=64):
+            batch_size=64, shrink_on_oom=True):
     """Sample `num_generations` completions for each chat-formatted prompt.
 
     Returns a dict (L: padded prompt length, T: completion length, B = P prompts x G):
@@ -325,9 +380,14 @@ def rollout(model, tokenizer, prompts, num_generations, max_new_tokens, temperat
       completion_mask [B, T]     1 on completion tokens up to and including the first EOS
       truncated       [B] bool   no EOS within max_new_tokens
       prompt_len      L          completion tokens are input_ids[:, L:]
+      sample_logp     [B, T]     log pi_sample of each sampled token, float32, as the sampler computed
+                                 it (the temperature softmax of token_logprobs); 0 after the EOS
+      sample_entropy  [B, T]     the entropy of that softmax at each position; 0 after the EOS
       texts           B strings  the decoded completions (special tokens dropped)
       gen_batch_size  the generation sub-batch that fit in memory (for the next call)
-    temperature 0 means greedy. The responses to one prompt are next to each other.
+    temperature 0 means greedy (then no sample_logp / sample_entropy). The responses to one
+    prompt are next to each other. On CUDA out-of-memory the generation sub-batch halves and
+    generate() runs again, unless shrink_on_oom is False.
     """
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
@@ -344,12 +404,12 @@ def rollout(model, tokenizer, prompts, num_generations, max_new_tokens, temperat
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     was_training = model.training
     model.eval()
-    chunks, batch_size = _generate(model, ids, amask, gen_kwargs, batch_size)
+    chunks, scored, batch_size = _generate(model, ids, amask, gen_kwargs, batch_size, temperature, shrink_on_oom)
     model.train(was_training)
     T = max(c.shape[1] for c in chunks)
     completion = torch.cat([F.pad(c, (0, T - c.shape[1]), value=pad) for c in chunks])       # [B, T]
     cmask, truncated = completion_mask(completion, stop)
-    return {
+    out = {
         "input_ids": torch.cat([ids, completion], dim=1),
         "attention_mask": torch.cat([amask, cmask], dim=1),
         "completion_mask": cmask,
@@ -358,6 +418,11 @@ def rollout(model, tokenizer, prompts, num_generations, max_new_tokens, temperat
         "texts": tokenizer.batch_decode(completion * cmask + pad * (1 - cmask), skip_special_tokens=True),
         "gen_batch_size": batch_size,
     }
+    if temperature > 0:
+        for k, key in enumerate(("sample_logp", "sample_entropy")):
+            t = torch.cat([F.pad(s[k], (0, T - s[k].shape[1])) for s in scored])         # [B, T]
+            out[key] = t * cmask                   # a finished row's padding never counts
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,6 +495,13 @@ class _TokenLogProb(torch.autograd.Function):
         d logp(a) / d logits = onehot(a) - softmax(logits)          (then / temperature)
 
     so at most one chunk's [n, V] tensors exist at a time, in both passes.
+
+    Under autocast (half precision on a GPU: loading.autocast) the chunk's matmul runs in the
+    autocast dtype and its logits are cast up to float32 before anything else; the backward then
+    recomputes them under the autocast state of the forward, not of the caller of backward()
+    (usually none), as torch.amp.custom_fwd / custom_bwd do for one device type: otherwise the
+    recomputed float32 logits would not match the forward's lse, and the softmax in the gradient
+    would not be the one whose log-probs the loss saw.
     """
 
     @staticmethod
@@ -449,11 +521,19 @@ class _TokenLogProb(torch.autograd.Function):
             del logits          # free this chunk before the next one is allocated, not after
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.mark_non_differentiable(entropy)       # a metric, never a loss term
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):        # the forward's precision
+            return _TokenLogProb._backward(ctx, grad_logp)
+
+    @staticmethod
+    def _backward(ctx, grad_logp):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         T, chunk, acc = ctx.temperature, ctx.chunk, lse.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]

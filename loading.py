@@ -7,11 +7,14 @@ the TRL bridge share it. Nothing here changes what CE-GPPO computes.
     load_rows       a named dataset, a built-in toy task or a local file -> [(question, answer)]
     resolve_model   'tiny' and 'lab' (built in code by lab.py) -> their local folders
     set_threads     torch's CPU threads (oversubscription on a busy machine is the usual trap)
+    compute_dtype, autocast   the one precision rule: bf16 / fp16 / fp32 by device, autocast on CUDA
     UserError, run_script   bad input -> one `error:` line and exit code 2
 """
 
 import argparse
+import contextlib
 import dataclasses
+import inspect
 import logging
 import os
 import re
@@ -32,8 +35,6 @@ warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is depre
 
 import bitsandbytes as bnb  # noqa: E402
 import torch  # noqa: E402
-import datasets  # noqa: E402
-from datasets import load_dataset  # noqa: E402
 from huggingface_hub import constants as hub_constants  # noqa: E402
 from huggingface_hub import try_to_load_from_cache  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
@@ -72,20 +73,40 @@ def _bool(text):
 def dataclass_parser(cls, description, default_text=None, choices=None):
     """argparse for a config dataclass: one flag per field, its help the field's one-line metadata
     plus its real default (default_text(field) where given). Flags not given stay out of the
-    namespace, so a caller can layer them over presets. A bool field also gets --no_<name>."""
+    namespace, so a caller can layer them over presets. A bool field also gets --no_<name>.
+    Every flag is spelled with underscores (--output_dir); the dashed spelling (--output-dir) is
+    accepted too."""
     ap = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         shown = default_text(f) if default_text else ("unset" if f.default is None else str(f.default))
         help = f"{f.metadata['help']} (default: {shown})"
+        names = list(dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"]))
         if f.type is bool:
-            ap.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True, metavar="BOOL", help=help)
+            ap.add_argument(*names, dest=f.name, type=_bool, nargs="?", const=True, metavar="BOOL", help=help)
             ap.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=f"same as --{f.name} false")
         elif get_origin(f.type) is Literal or f.name in (choices or {}):
-            ap.add_argument(f"--{f.name}", choices=(choices or {}).get(f.name) or get_args(f.type), help=help)
+            ap.add_argument(*names, dest=f.name, choices=(choices or {}).get(f.name) or get_args(f.type), help=help)
         else:
             typ = next((t for t in get_args(f.type) if t is not type(None)), f.type)   # Optional[X] -> X
-            ap.add_argument(f"--{f.name}", type=typ, metavar=typ.__name__.upper(), help=help)
+            ap.add_argument(*names, dest=f.name, type=typ, metavar=typ.__name__.upper(), help=help)
     return ap
+
+
+def flags_markdown(cls, default_text=None):
+    """The flags of a config dataclass as a Markdown table, grouped by the `# group` comments of its
+    source (docs/flags.md is this, for train.py's Config; a test keeps the two equal)."""
+    fields, group, rows = {f.name: f for f in dataclasses.fields(cls)}, "", []
+    for line in inspect.getsource(cls).splitlines():
+        head = re.match(r"\s+# (.+)$", line)
+        name = re.match(r"\s+(\w+):", line)
+        if head:
+            group = head.group(1).split(":")[0]
+        elif name and name.group(1) in fields:
+            f = fields[name.group(1)]
+            shown = default_text(f) if default_text else ("unset" if f.default is None else str(f.default))
+            rows.append(f"| {group} | `--{f.name}` | {shown} | {f.metadata['help'].replace('|', '/')} |")
+            group = ""
+    return "\n".join(["| group | flag | default | meaning |", "|---|---|---|---|", *rows]) + "\n"
 
 
 CPU_HINT = "on a CPU, `python train.py --preset lab` runs the whole pipeline on a small model built in code"
@@ -104,9 +125,17 @@ def set_threads(threads=0):
     """
     if threads <= 0:
         env = os.environ.get("OMP_NUM_THREADS", "")
-        threads = int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
+        threads = int(env) if env.isdigit() and int(env) > 0 else usable_cpus()
     torch.set_num_threads(threads)
     return threads
+
+
+def usable_cpus():
+    """The cores this process may run on: its CPU affinity where the OS has one (Linux), else all of
+    them (os.sched_getaffinity does not exist on Windows and macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,13 +144,56 @@ def set_threads(threads=0):
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def native_bf16(device=None):
+    """Does this CUDA GPU compute bf16 natively: compute capability 8.0 (Ampere) or newer?
+
+    Not torch.cuda.is_bf16_supported(): that also says yes on 7.x cards (a T4 is 7.5), where bf16
+    runs through emulation, slower than fp16 and without bf16 tensor cores."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def compute_dtype(choice="auto"):
-    """The compute dtype: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU; or the choice."""
+    """The compute dtype, one rule for every script: bf16 on GPUs with native bf16 (native_bf16),
+    fp16 on older GPUs (train.py then scales the loss), fp32 on a CPU; or the explicit choice."""
     if choice != "auto":
         return DTYPES[choice]
     if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16() else torch.float16
     return torch.float32
+
+
+def autocast(device_type, dtype):
+    """The context the forward passes run in: torch.autocast in `dtype` on CUDA when it is fp16 or
+    bf16 (the LoRA matmuls, attention and the LM head then run in half precision; log-softmax,
+    entropy, ratios and the loss stay float32, cegppo._TokenLogProb casts its logits up), and a
+    plain nullcontext otherwise: fp32, and on a CPU, where the 4-bit layers compute in their own
+    compute dtype and everything else stays float32. An autocast already entered by the caller
+    stays in force inside the nullcontext."""
+    if device_type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def model_autocast(model):
+    """autocast() for `model`: its parameters' device and its compute dtype (model_compute_dtype)."""
+    return autocast(next(model.parameters()).device.type, model_compute_dtype(model))
+
+
+def model_compute_dtype(model):
+    """The dtype a loaded model computes in: its 4-bit layers' compute dtype, else its input
+    embeddings' dtype (without 4-bit nothing is cast up to float32)."""
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            return m.weight.quant_state.dtype if m.weight.quant_state is not None else m.compute_dtype
+    return model.get_input_embeddings().weight.dtype
+
+
+def enable_tf32():
+    """TF32 tensor cores for the float32 matmuls and convolutions left on GPUs with compute capability
+    8.0 or newer (10 mantissa bits instead of 23, 8x the throughput); nothing elsewhere."""
+    if native_bf16():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")     # org/name, as the Hub spells repository ids
@@ -186,6 +258,7 @@ def load_model(name, four_bit=True, lora_rank=0, lora_alpha=None, adapter=None, 
             bnb_4bit_compute_dtype=dt)
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": 0}
+        enable_tf32()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
@@ -235,7 +308,7 @@ def cpu_safe_4bit(model):
 # The data
 # ----------------------------------------------------------------------------------------------
 # Named datasets: (Hub id, config, split for training, split for evaluation, question field, answer
-# field). The answer field of MATH is a worked solution whose last \boxed{} is the answer.
+# field). An answer field holding a worked solution (MATH's) gives its last \boxed{} (load_rows).
 DATASETS = {
     "gsm8k": ("openai/gsm8k", "main", "train", "test", "question", "answer"),
     "math": ("DigitalLearningGmbH/MATH-lighteval", "default", "train", "test", "problem", "solution"),
@@ -267,14 +340,26 @@ def load_rows(dataset, split="train", question_field=None, answer_field=None, li
             v = row.get(f)
             if v is None or not str(v).strip():
                 raise UserError(f"{where}: row {i}: field '{f}' is missing or empty")
-        answer = str(row[af])
-        if dataset == "math":
-            answer = cegppo.extract_boxed(answer) or answer
+        # A worked solution (MATH's, or a user's file) states its answer in its last \\boxed{}: that is
+        # the reference; the whole solution would never equal a completion's boxed answer.
+        answer = cegppo.extract_boxed(str(row[af])) or str(row[af])
         rows.append((str(row[qf]), answer))
     return rows
 
 
+def _datasets(what):
+    """The `datasets` package, imported here and not at the top: the built-in tasks (tiny, lab) need
+    none, so train.py runs on a bare GPU image without it and its pyarrow and pandas (docs/gpu.md)."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"--dataset {what}: reading it needs the datasets package (pip install datasets)") from None
+    return datasets
+
+
 def _hub_dataset(dataset, split):
+    datasets = _datasets(dataset)
+    load_dataset = datasets.load_dataset
     hub, cfg, train_split, eval_split, qf, af = DATASETS[dataset]
     prepared = os.path.join(datasets.config.HF_DATASETS_CACHE, hub.replace("/", "___"))   # datasets' own cache
     cached = os.path.isdir(prepared) or isinstance(try_to_load_from_cache(hub, "README.md", repo_type="dataset"), str)
@@ -293,6 +378,7 @@ def _hub_dataset(dataset, split):
 def _local_dataset(path):
     if not os.path.isfile(path):
         raise UserError(f"--dataset {path}: no such file")
+    load_dataset = _datasets(path).load_dataset
     kind = "parquet" if path.endswith(".parquet") else "json"
     try:
         ds = load_dataset(kind, data_files=path, split="train")

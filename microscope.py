@@ -53,7 +53,7 @@ clip range within their own batch (clip low 1.2-1.5% against 2.8-4.6%), and what
 part of what moves the logits. The paper trains with AdamW; how much of a beta's effect survives
 momentum there is a question this toy raises but cannot answer.
 
-Outputs, in --output-dir: microscope.json with options, settings (their knobs), seeds, summary (the
+Outputs, in --output_dir: microscope.json with options, settings (their knobs), seeds, summary (the
 table's rows), wall_s and curves {setting: {metric: [one list per seed]}}: entropy and reward have
 steps + 1 values (index 0 is the start), clip_low / clip_high (share of answers in each clipped
 region, mean over a step's updates) and <quadrant>_frac / _drive (cegppo.token_quadrants of the
@@ -379,12 +379,12 @@ def parse_args(argv):
     p.add_argument("--prompts", type=int, default=32, help="prompts P, each its own softmax")
     p.add_argument("--answers", type=int, default=32, help="answers K per prompt")
     p.add_argument("--correct", type=int, default=4, help="correct answers per prompt (reward 1, else 0)")
-    p.add_argument("--group-size", type=int, default=16, help="answers G sampled per prompt per step")
+    p.add_argument("--group_size", "--group-size", type=int, default=16, help="answers G sampled per prompt per step")
     p.add_argument("--init", choices=("confident", "uniform"), default="confident",
                    help="starting policy: one wrong favourite, or uniform")
     p.add_argument("--favourite", type=float, default=4.0,
                    help="the favourite's logit above the others (confident start)")
-    p.add_argument("--output-dir", default=None,
+    p.add_argument("--output_dir", "--output-dir", default=None,
                    help="for microscope.json and .png; default runs/microscope (sgd), runs/microscope_adam")
     p.add_argument("--figure", default=None, help="the figure's path (default: OUTPUT_DIR/microscope.png)")
     a = p.parse_args(argv)
@@ -393,7 +393,7 @@ def parse_args(argv):
     a.output_dir = a.output_dir or ("runs/microscope" if a.optimizer == "sgd" else "runs/microscope_adam")
     for flag, value, low in (("--seeds", a.seeds, 1), ("--steps", a.steps, 1), ("--updates", a.updates, 1),
                              ("--prompts", a.prompts, 1), ("--answers", a.answers, 2),
-                             ("--group-size", a.group_size, 2)):
+                             ("--group_size", a.group_size, 2)):
         if value < low:
             p.error(f"{flag} {value}: must be at least {low}")
     if not 1 <= a.correct < a.answers:

@@ -2,7 +2,7 @@
 
     python plot.py runs/lab-grpo runs/lab-cegppo --output compare.png
     python plot.py runs/lab-b1-0/seed-* runs/lab-b1-1/seed-* --output seeds.png     # one band per setting
-    python plot.py --gradient-weight docs/gradient_weight.png
+    python plot.py --gradient_weight docs/gradient_weight.png
 
 Each run is a train.py output folder (metrics.jsonl + config.json). Runs whose configurations
 differ only in --seed (and the output folder) are one setting: drawn as the mean over seeds with a
@@ -16,11 +16,6 @@ import argparse
 import json
 import os
 import sys
-
-import matplotlib
-
-matplotlib.use("Agg")                 # files only, no window: also on machines with no display
-import matplotlib.pyplot as plt      # noqa: E402
 
 PANELS = [
     ("reward", "train reward (mean)"),
@@ -86,8 +81,31 @@ def read_rows(run):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_runs(run_dirs, output, window=5):
-    """One figure, one colour per setting; several seeds of a setting become a mean line with a min-max band."""
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no window: also on machines with no display).
+    Imported here, not at the top: train.py runs without matplotlib (a bare GPU image, docs/gpu.md)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+_NO_MATPLOTLIB_SAID = []
+
+
+def plot_runs(run_dirs, output, window=5, required=False):
+    """One figure, one colour per setting; several seeds of a setting become a mean line with a min-max band.
+    Without matplotlib: nothing drawn, and one line said once (train.py); required=True raises instead."""
+    try:
+        plt = pyplot()
+    except ImportError:
+        if required:
+            raise
+        if not _NO_MATPLOTLIB_SAID:
+            _NO_MATPLOTLIB_SAID.append(True)
+            print("matplotlib is not installed: no curves.png (pip install matplotlib; metrics.jsonl has "
+                  "every number)", file=sys.stderr)
+        return
     fig, axes = plt.subplots(2, 5, figsize=(22, 8.5))
     for i, (label, runs) in enumerate(group_by_setting(run_dirs)):
         rows = [read_rows(r) for r in runs]
@@ -118,31 +136,35 @@ def save(fig, output, dpi=80):
     """Write through a temp file and a rename: a reader never sees half a PNG."""
     tmp = output + ".tmp.png"
     fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
+    pyplot().close(fig)
     os.replace(tmp, output)
 
 
-def gradient_weight(ratio, advantage, epsilon=0.2, beta1=0.0, beta2=0.0):
-    """The factor F in  d loss / d theta = -F * A * grad log pi  for one token (paper Eq. 10).
-
-    PPO-clip: F = r inside the clip range or where the clip does not bind, 0 where it binds.
-    CE-GPPO: beta1 * (1 - eps) and beta2 * (1 + eps) in the two clip regions instead of 0.
-    """
-    if advantage < 0 and ratio < 1 - epsilon:
-        return beta1 * (1 - epsilon)
-    if advantage > 0 and ratio > 1 + epsilon:
-        return beta2 * (1 + epsilon)
-    return ratio
+def gradient_weight(ratios, advantage, epsilon=0.2, beta1=0.0, beta2=0.0):
+    """The factor F in  d loss / d log pi = -F * A  of one token (paper Eq. 10), for each ratio in
+    `ratios`, taken by autograd from cegppo.cegppo_loss itself: the figure draws the loss the
+    trainer uses, not a second copy of its cases. PPO-clip (betas 0): F = r inside the clip range
+    or where the clip does not bind, 0 where it binds; CE-GPPO: beta1 * (1 - eps) and
+    beta2 * (1 + eps) in the two clip regions instead of 0."""
+    import torch
+    import cegppo
+    r = torch.tensor(ratios, dtype=torch.float64)[None, :]                  # [1, N] one token per ratio
+    logp = torch.zeros_like(r, requires_grad=True)                          # [1, N] log pi, at the ratio r
+    loss, _ = cegppo.cegppo_loss(logp, -torch.log(r), torch.tensor([advantage], dtype=torch.float64),
+                                 torch.ones_like(r), epsilon_low=epsilon, epsilon_high=epsilon, beta1=beta1,
+                                 beta2=beta2, dual_clip=cegppo.ALGOS["cegppo"]["dual_clip"], num_tokens=1)
+    loss.backward()
+    return (-logp.grad[0] / advantage).tolist()
 
 
 def plot_gradient_weight(output, epsilon=0.2, beta1=0.5, beta2=1.0):
     """The README's figure: F against the ratio, for A > 0 and A < 0, PPO-clip beside CE-GPPO."""
     rs = [i / 200 for i in range(1, 401)]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for ax, adv, title in ((axes[0], 1.0, "A > 0: high clip region r > 1+eps (PA&LP)"),
                            (axes[1], -1.0, "A < 0: low clip region r < 1-eps (NA&LP)")):
-        ax.plot(rs, [gradient_weight(r, adv, epsilon) for r in rs], lw=3, color="C0", label="PPO-clip / GRPO")
-        ax.plot(rs, [gradient_weight(r, adv, epsilon, beta1, beta2) for r in rs], "--", lw=2, color="C3",
+        ax.plot(rs, gradient_weight(rs, adv, epsilon), lw=3, color="C0", label="PPO-clip / GRPO")
+        ax.plot(rs, gradient_weight(rs, adv, epsilon, beta1, beta2), "--", lw=2, color="C3",
                 label=f"CE-GPPO (beta1 {beta1:g}, beta2 {beta2:g})")
         for x in (1 - epsilon, 1 + epsilon):
             ax.axvline(x, color="gray", lw=0.8, ls=":")
@@ -153,19 +175,113 @@ def plot_gradient_weight(output, epsilon=0.2, beta1=0.5, beta2=1.0):
     save(fig, output, dpi=90)
 
 
+# ----------------------------------------------------------------------------------------------
+# The seed table: one row per setting, collapses counted, differences from a baseline paired by seed
+# ----------------------------------------------------------------------------------------------
+def collapse_step(rows, high=0.3, low=0.1, window=5):
+    """The step at which a run collapsed, or None: its reward, averaged over `window` steps, fell
+    below `low` after it had been above `high` (it lost what it had learned); a run that
+    train.py stopped for collapse (--collapse_patience) counts too, at its last step."""
+    rewards, seen_high = [r["reward"] for r in rows], False
+    for i in range(len(rewards)):
+        avg = sum(rewards[max(0, i - window + 1):i + 1]) / min(i + 1, window)
+        seen_high = seen_high or avg >= high
+        if seen_high and avg < low:
+            return rows[i]["step"]
+    cfg_steps = rows[-1].get("max_steps")
+    return rows[-1]["step"] if cfg_steps and rows[-1]["step"] < cfg_steps else None
+
+
+def run_summary(run):
+    """The numbers the lab tables report for one run."""
+    rows, cfg = read_rows(run), read_config(run)
+    rows = [{**r, "max_steps": cfg.get("max_steps")} for r in rows]
+    n = len(rows)
+    last = rows[n - max(1, n // 5):]                       # the last 20% of the steps
+    evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
+    mean = lambda xs: sum(xs) / max(1, len(xs))             # noqa: E731
+    step = collapse_step(rows)
+    return {"seed": cfg.get("seed"), "steps": n,
+            "entropy_last20": mean([r["entropy"] for r in last]),
+            "heldout_end": evals[-1] if evals else float("nan"),
+            "reward_first10": mean([r["reward"] for r in rows[:10]]),
+            "reward_last10": mean([r["reward"] for r in rows[-10:]]),
+            "clip_low": mean([r["clip_ratio/low_mean"] for r in rows]),
+            "clip_high": mean([r["clip_ratio/high_mean"] for r in rows]),
+            "kl_max": max(r["approx_kl"] for r in rows),
+            "collapse_step": step,
+            "recovered": step is not None and mean([r["reward"] for r in rows[-10:]]) >= 0.3}
+
+
+def mean_se(xs):
+    """(mean, standard error) of a list; se is nan for fewer than two values."""
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, float("nan")
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 / len(xs) ** 0.5
+
+
+TABLE_STATS = (("entropy_last20", "entropy, last 20%", 4), ("heldout_end", "held-out, end", 3),
+               ("reward_first10", "reward, first 10", 3), ("reward_last10", "reward, last 10", 3),
+               ("clip_low", "clip low", 4), ("clip_high", "clip high", 4), ("kl_max", "max KL per step", 3))
+
+
+def seed_table(run_dirs, baseline=None):
+    """Markdown: per setting, mean ± standard error over seeds (all runs, then without the collapsed
+    ones), collapses counted; with a baseline label, each setting's difference from it, paired by seed."""
+    groups = [(label, [run_summary(r) for r in runs]) for label, runs in group_by_setting(run_dirs)]
+    fmt = lambda m_se, d: f"{m_se[0]:.{d}f} ± {m_se[1]:.{d}f}"   # noqa: E731
+    out = ["| setting | seeds | collapsed | " + " | ".join(name for _, name, _ in TABLE_STATS) + " |",
+           "|---|---|---|" + "---|" * len(TABLE_STATS)]
+    for label, runs in groups:
+        down = [r for r in runs if r["collapse_step"] is not None]
+        what = f"{len(down)} of {len(runs)}" + (f" (steps {', '.join(str(r['collapse_step']) for r in down)}; "
+                                                 f"{sum(r['recovered'] for r in down)} recovered)" if down else "")
+        out.append(f"| {label} | {len(runs)} | {what} | " +
+                   " | ".join(fmt(mean_se([r[k] for r in runs]), d) for k, _, d in TABLE_STATS) + " |")
+        kept = [r for r in runs if r["collapse_step"] is None]
+        if down and len(kept) >= 1:
+            out.append(f"| {label}, without the collapsed | {len(kept)} | - | " +
+                       " | ".join(fmt(mean_se([r[k] for r in kept]), d) for k, _, d in TABLE_STATS) + " |")
+    if baseline is None:
+        return "\n".join(out) + "\n"
+    base = next((runs for label, runs in groups if label.startswith(baseline)), None)
+    if base is None:
+        raise ValueError(f"--baseline {baseline}: no setting's label starts with it")
+    by_seed = {r["seed"]: r for r in base}
+    out += ["", f"Differences from {baseline}, paired by seed (mean ± standard error; * beyond 2 standard errors):", "",
+            "| setting | seeds | " + " | ".join(name for _, name, _ in TABLE_STATS[:4]) + " |",
+            "|---|---|" + "---|" * 4]
+    for label, runs in groups:
+        pairs = [(r, by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed and runs is not base]
+        if not pairs:
+            continue
+        cells = []
+        for k, _, d in TABLE_STATS[:4]:
+            m, se = mean_se([a[k] - b[k] for a, b in pairs])
+            cells.append(f"{m:+.{d}f} ± {se:.{d}f}" + (" *" if se == se and abs(m) > 2 * se else ""))
+        out.append(f"| {label} | {len(pairs)} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="*", help="train.py output folders (seeds of one setting are banded together)")
     ap.add_argument("--output", default="compare.png", help="PNG to write")
     ap.add_argument("--window", type=int, default=5, help="moving-average window for the thick lines")
-    ap.add_argument("--gradient-weight", metavar="PNG", help="draw the gradient weight against the ratio instead")
+    ap.add_argument("--gradient_weight", "--gradient-weight", metavar="PNG",
+                    help="draw the gradient weight against the ratio instead")
+    ap.add_argument("--table", action="store_true", help="also print the seed table (mean ± standard error per "
+                    "setting, collapses counted) in Markdown")
+    ap.add_argument("--baseline", metavar="LABEL", help="with --table: differences from the setting whose label "
+                    "starts with LABEL (e.g. algo=grpo), paired by seed")
     args = ap.parse_args(argv)
     if args.gradient_weight:
         plot_gradient_weight(args.gradient_weight)
         print(f"wrote {args.gradient_weight}")
         return 0
     if not args.runs:
-        print("error: give at least one train.py output folder (or --gradient-weight PNG)", file=sys.stderr)
+        print("error: give at least one train.py output folder (or --gradient_weight PNG)", file=sys.stderr)
         return 2
     for r in args.runs:
         if not os.path.isfile(os.path.join(r, "metrics.jsonl")):
@@ -174,8 +290,14 @@ def main(argv=None):
     if args.window < 1:
         print(f"error: --window {args.window}: must be at least 1", file=sys.stderr)
         return 2
-    plot_runs(args.runs, args.output, args.window)
+    plot_runs(args.runs, args.output, args.window, required=True)
     print(f"wrote {args.output}")
+    if args.table:
+        try:
+            print(seed_table(args.runs, args.baseline))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

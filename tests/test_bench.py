@@ -111,7 +111,7 @@ def test_bench_both_rollouts(tmp_path):
     b = json.load(open(os.path.join(out, "bench.json")))
     assert b["rollout_copy_s"] > 0 and b["policy_rollout_copy_s"] < 1e-3        # only the dense side builds one
     assert 0 <= b["sampling_logp_difference_mean"] <= b["sampling_logp_difference_max"] < 1e-3
-    assert "policy_sampling_logp_difference_mean" not in b
+    assert b["policy_sampling_logp_difference_max"] < 1e-5     # the policy sampled: rounding only
     assert b["generate_tokens_per_s"] >= b["rollout_tokens_per_s"] > 0 and b["policy_generate_tokens_per_s"] > 0
     assert b["rollout_speedup"] == pytest.approx(b["generate_tokens_per_s"] / b["policy_generate_tokens_per_s"])
     assert os.path.isfile(os.path.join(out, "ours_policy", "metrics.jsonl"))

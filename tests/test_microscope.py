@@ -65,7 +65,7 @@ def run_cli(*args):
 def test_cli_writes_curves_and_figure(tmp_path):
     out = tmp_path / "ms"
     p = run_cli("--seeds", "2", "--steps", "3", "--prompts", "4", "--answers", "8", "--correct", "2",
-                "--group-size", "4", "--updates", "2", "--grid", "grpo,1:1", "--output-dir", str(out))
+                "--group-size", "4", "--updates", "2", "--grid", "grpo,1:1", "--output_dir", str(out))
     assert p.returncode == 0, p.stderr
     assert "grpo" in p.stdout and "b1=1 b2=1" in p.stdout
     data = json.loads((out / "microscope.json").read_text())

@@ -87,8 +87,6 @@ def test_choose_and_mismatch(policy):
     assert rollout_copy.choose("policy", model) == "policy"
     assert rollout_copy.choose("dense", model) == "dense"
     assert rollout_copy.choose("auto", model, 64, 1024) == "policy"          # on a CPU (measured slower)
-    # on a GPU: dense when the copy and the KV cache fit in the free memory
-    assert rollout_copy.kv_cache_bytes(model, 4, 10) == 2 * 2 * 2 * 16 * 4 * 4 * 10   # 2 layers, 2 kv heads x 16
     m = rollout_copy.sampling_mismatch(torch.tensor([[-1.0, -2.0, 5.0]]), torch.tensor([[-1.5, -2.0, 0.0]]),
                                        torch.tensor([[1, 1, 0]]))
     assert m == {"sampling/sampling_logp_difference/mean": 0.25, "sampling/sampling_logp_difference/max": 0.5}
@@ -113,11 +111,68 @@ def test_train_step_with_dense_rollout(tmp_path):
         mean, mx = r["sampling/sampling_logp_difference/mean"], r["sampling/sampling_logp_difference/max"]
         # float32 rounding only (see ATOL): far below any log-prob difference that would matter
         assert 0 <= mean <= mx < 1e-3
-        assert r["time/rollout_copy_s"] > 0 and r["time/sampling_logprob_s"] > 0
+        assert r["time/rollout_copy_s"] > 0 and "time/sampling_logprob_s" not in r    # no extra pass for it
     assert rows[0]["updates"] >= 1                    # the policy trained between the two rollouts
     assert folder_hash(folder) == disk                                    # the base model's folder is untouched
     out2 = str(tmp_path / "policy")
     assert train.main(["--model", "tiny", "--dataset", "tiny", "--max_steps", "1", "--eval_limit", "0",
                        "--rollout_model", "policy", "--output_dir", out2]) == 0
     row = json.loads(open(os.path.join(out2, "metrics.jsonl")).readline())
-    assert "sampling/sampling_logp_difference/mean" not in row and "time/rollout_copy_s" not in row
+    assert "time/rollout_copy_s" not in row
+    assert row["sampling/sampling_logp_difference/max"] < 1e-5          # the policy samples: rounding only
+
+
+def test_choose_counts_what_sampling_holds(policy, monkeypatch):
+    """On a GPU (simulated: the copy is counted from the CPU policy's tensors and the free memory is
+    set by hand), auto takes the copy only when the copy, the KV cache, the prefill's activations,
+    the logits and the mismatch metric's log-prob pass all fit, by memory.py's own formulas."""
+    import memory
+    import sizes
+    model, _ = policy
+    shape = memory.ModelShape.from_config(model.config)
+    S, P, T, mb = 16, 40, 100, 8                           # sequences, prompt tokens, all tokens, micro-batch
+    held = rollout_copy.sampling_bytes(model, S, T, P, mb)
+    # the formulas' one home: the copy computes in float32 on a CPU, with merged (not LoRA) Linears
+    assert held == sizes.sampling_bytes(shape, S, P, T, 4, lora=False, micro_batch=mb)
+    generate = max(sizes.kv_cache_bytes(shape, S, T, 4), sizes.kv_cache_bytes(shape, S, P, 4)
+                   + sizes.prefill_bytes(shape, S, P, 4, lora=False)) + sizes.sampling_logits_bytes(shape, S)
+    logprob = sizes.logprob_pass_bytes(shape, mb, T, T - P, 4, lora=False)
+    assert held == max(generate, logprob) and rollout_copy.sampling_bytes(model, S, T, P) == generate
+    assert held > memory.kv_cache_bytes(shape, S, T, 4)   # more than the KV cache the old rule counted
+    need = rollout_copy.copy_bytes(model) + held
+    assert need == memory.dense_copy_bytes(shape, "fp32") + held
+    monkeypatch.setattr(rollout_copy, "_device", lambda policy: torch.device("cuda"))
+    gpu = {"free": 0, "total": 10 ** 12, "allocated": 0, "reserved": 0, "fraction": 1.0}
+    for name, key in (("memory_allocated", "allocated"), ("memory_reserved", "reserved"),
+                      ("get_per_process_memory_fraction", "fraction")):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None, key=key: gpu[key])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gpu["free"], gpu["total"]))
+    for free, want in ((need / 0.9 + 10, "dense"), (need / 0.9 - 10, "policy")):
+        gpu["free"] = int(free)
+        assert rollout_copy.choose("auto", model, S, T, 0.1, prompt_tokens=P, micro_batch=mb) == want
+    # torch's cached blocks are free for the copy; a per-process cap the driver does not see is not
+    gpu.update(free=int(need / 0.9 - 10), allocated=1000, reserved=1000 + 20)
+    assert rollout_copy.choose("auto", model, S, T, 0.1, prompt_tokens=P, micro_batch=mb) == "dense"
+    gpu.update(free=10 ** 12, total=10 ** 12, fraction=(need / 0.9 + 1000 - 10) / 10 ** 12)
+    assert rollout_copy.choose("auto", model, S, T, 0.1, prompt_tokens=P, micro_batch=mb) == "policy"
+    gpu.update(fraction=(need / 0.9 + 1000 + 10) / 10 ** 12)
+    assert rollout_copy.choose("auto", model, S, T, 0.1, prompt_tokens=P, micro_batch=mb) == "dense"
+
+
+def test_release_frees_the_copy_and_spares_the_policy(policy, monkeypatch):
+    model, tok = policy
+    dense = rollout_copy.dense_copy(model)
+    shared = dense.model.embed_tokens.weight.data_ptr()
+    assert shared == rollout_copy.base_model(model).model.embed_tokens.weight.data_ptr()
+    merged = dense.model.layers[0].mlp.up_proj.weight
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    rollout_copy.release(dense)
+    assert emptied == [True]                                              # on CUDA the cache goes back too
+    assert all(t.is_meta for t in [*dense.parameters(), *dense.buffers()])
+    assert merged.is_meta is False and merged.untyped_storage().nbytes() > 0   # a reference kept by a caller...
+    # ...is the caller's; the copy holds nothing: the policy still works and keeps its own tensors
+    ids = tok(["What is 2+3?"], return_tensors="pt")["input_ids"]
+    assert torch.isfinite(logits(model, ids)).all()
+    assert not rollout_copy.base_model(model).model.embed_tokens.weight.is_meta

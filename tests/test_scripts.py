@@ -204,8 +204,9 @@ def test_bad_input_is_one_clear_line(case, tmp_path):
 def test_help_shows_each_algorithms_defaults_once():
     p = script("train.py", "--help")
     text = " ".join(p.stdout.split())
-    assert "(default: cegppo 0.5, grpo 0, dapo 0)" in text              # --beta1
-    assert "(default: cegppo 0.2, grpo 0.2, dapo 0.28)" in text         # --epsilon_high
+    assert "(default: cegppo 0.5, grpo 0, dapo 0, gppo 1)" in text              # --beta1
+    assert "(default: cegppo 0.2, grpo 0.2, dapo 0.28, gppo 0.2)" in text       # --epsilon_high
+    assert "{cegppo,grpo,dapo,gppo}" in text
     assert "default: None" not in text and text.count("(default:") == text.count("(default: ")
     assert "{tiny,lab}" in text and "same as --load_in_4bit false" in text
 
@@ -256,13 +257,15 @@ def test_seeds_of_one_setting_become_one_band(tmp_path):
 
 def test_gradient_weight_figure(tmp_path):
     import plot
-    # PPO-clip: F = r inside, 0 where the clip binds; CE-GPPO: beta * bound there instead
-    assert plot.gradient_weight(1.1, 1.0) == 1.1 and plot.gradient_weight(1.5, 1.0) == 0.0
-    assert plot.gradient_weight(0.5, -1.0, beta1=0.5) == pytest.approx(0.4)
-    assert plot.gradient_weight(1.5, 1.0, beta2=1.0) == pytest.approx(1.2)
-    assert plot.gradient_weight(0.5, 1.0, beta1=0.5, beta2=1.0) == 0.5        # A > 0, low ratio: not clipped
+    # F by autograd through cegppo_loss. PPO-clip: F = r inside, 0 where the clip binds;
+    # CE-GPPO: beta * bound there instead (0.5 * 0.8 = 0.4 low, 1 * 1.2 = 1.2 high).
+    assert plot.gradient_weight([1.1, 1.5], 1.0) == pytest.approx([1.1, 0.0], abs=1e-12)
+    assert plot.gradient_weight([0.5, 1.5], -1.0) == pytest.approx([0.0, 1.5], abs=1e-12)   # A < 0, r high: r
+    assert plot.gradient_weight([0.5], -1.0, beta1=0.5) == pytest.approx([0.4])
+    assert plot.gradient_weight([1.5], 1.0, beta2=1.0) == pytest.approx([1.2])
+    assert plot.gradient_weight([0.5], 1.0, beta1=0.5, beta2=1.0) == pytest.approx([0.5])   # A > 0, low r: kept
     png = str(tmp_path / "gw.png")
-    assert plot.main(["--gradient-weight", png]) == 0 and os.path.getsize(png) > 10_000
+    assert plot.main(["--gradient_weight", png]) == 0 and os.path.getsize(png) > 10_000
 
 
 def test_long_prompts_are_skipped_and_counted(tmp_path):
@@ -297,12 +300,18 @@ def test_zero_advantage_groups_get_no_forward_or_backward_with_grad(tmp_path, mo
     r = rows(out)
     assert sum(x["frac_reward_zero_std"] for x in r) > 0             # some groups were all right or all wrong
     assert sum(trained) == 2 * sum(x["trained_responses"] for x in r)
-    assert all(x["trained_responses"] == round(16 * (1 - x["frac_reward_zero_std"])) for x in r)
+    assert all(x["trained_responses"] == 4 * x["generation/groups_kept"] for x in r)
+    # the all-equal groups of every round are counted, and the kept ones are what the step trained on
+    assert all(x["frac_reward_zero_std"] == pytest.approx(
+        (x["generation/groups_all_wrong"] + x["generation/groups_all_right"]) / x["generation/prompts"]) for x in r)
 
 
 def test_sft_term_changes_the_update(tmp_path):
     # the same seed gives the same first rollout; with --sft_coef the first update's gradient differs
-    # by the SFT term on the fully rewarded responses (its value is tested by hand in test_loss.py)
+    # by the SFT term on the fully rewarded responses (its value is tested by hand in test_loss.py).
+    # One update per step: the logged sft_loss and grad_norm are means over the step's updates, and
+    # from the second update on the two runs' policies differ (the term under test moved one of
+    # them), so only the first update's numbers are comparable; with one update they are the row's.
     import train
     handler = signal.getsignal(signal.SIGINT)
     try:
@@ -310,13 +319,15 @@ def test_sft_term_changes_the_update(tmp_path):
         for coef in ("0", "0.5"):
             out = str(tmp_path / coef)
             assert train.main(["--model", "tiny", "--max_steps", "1", "--eval_limit", "0", "--sft_coef", coef,
-                               "--output_dir", out]) == 0
+                               "--steps_per_generation", "1", "--output_dir", out]) == 0
             runs[coef] = rows(out)[0]
     finally:
         signal.signal(signal.SIGINT, handler)
     a, b = runs["0"], runs["0.5"]
+    assert a["updates"] == b["updates"] == 1
     assert a["reward"] == b["reward"] > 0                              # the same rollout, some right answers
-    assert a["sft_loss"] > 0 and a["sft_loss"] == pytest.approx(b["sft_loss"], rel=1e-3)   # logged either way
+    # the same policy, rollout and tokens: the SFT term's value is the same computation in both runs
+    assert a["sft_loss"] > 0 and a["sft_loss"] == pytest.approx(b["sft_loss"], rel=1e-6)   # logged either way
     assert a["grad_norm"] != pytest.approx(b["grad_norm"], rel=1e-3)  # but only one run trained on it
 
 

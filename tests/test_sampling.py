@@ -1,0 +1,258 @@
+"""The step's sampling: the sampler's own log-probs (--old_logprobs), dynamic sampling
+(--max_generation_rounds), the dense copy's fallback, and a collapsed run's stop."""
+import json
+import os
+import random
+import signal
+import zlib
+
+import pytest
+import torch
+
+import cegppo
+import lab
+import loading
+import rollout_copy
+import train
+
+
+def rows(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def run_main(args):
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        return train.main(args)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler's own log-probs
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def moved_policy():
+    """The tiny 4-bit + LoRA policy with LoRA weights moved off zero (so LoRA counts in every path)."""
+    model, tok = loading.load_model(lab.tiny_model_path("tiny"), four_bit=True, lora_rank=8, trainable=True)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    return model, tok
+
+
+@pytest.mark.parametrize("sampler", ["policy", "dense"])
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_sampler_logprobs_equal_the_definition(moved_policy, sampler, temperature, top_p):
+    model, tok = moved_policy
+    prompts = [cegppo.format_prompt(tok, q) for q, _ in lab.toy_rows("train", tiny=True)[:3]]
+    source = model if sampler == "policy" else rollout_copy.dense_copy(model)
+    torch.manual_seed(0)
+    ro = cegppo.rollout(source, tok, prompts, 4, 20, temperature, top_p, batch_size=5)   # 3 generate() calls
+    P, m = ro["prompt_len"], ro["completion_mask"].bool()
+    with torch.no_grad():       # the plain definition on the whole [B*T, V] logits, through the policy
+        logits = model(input_ids=ro["input_ids"], attention_mask=ro["attention_mask"],
+                       position_ids=(ro["attention_mask"].cumsum(-1) - 1).clamp(min=0)).logits[:, P - 1:-1]
+        B, T, V = logits.shape
+        lp, ent = cegppo.token_logprobs(logits.reshape(B * T, V), ro["input_ids"][:, P:].reshape(-1), temperature)
+    # float32 on a CPU: equal to rounding, whatever top_p did to the sampling
+    assert (lp.view(B, T) - ro["sample_logp"]).abs()[m].max() < 1e-5
+    assert (ent.view(B, T) - ro["sample_entropy"]).abs()[m].max() < 1e-5
+    assert (ro["sample_entropy"][m] > 0).all()
+    # padding after the first EOS never contributes: exactly zero there
+    assert m.float().mean() < 1 and (ro["sample_logp"][~m] == 0).all() and (ro["sample_entropy"][~m] == 0).all()
+
+
+def test_non_finite_logits_are_caught(moved_policy):
+    model, tok = moved_policy
+    dense = rollout_copy.dense_copy(model)
+    with torch.no_grad():       # an fp16 overflow, planted in a merged weight (the copy's own tensor)
+        dense.model.layers[0].self_attn.q_proj.weight[0].fill_(float("inf"))
+    prompts = [cegppo.format_prompt(tok, "What is 1+2?")]
+    with pytest.raises(cegppo.NonFiniteLogits):
+        cegppo.rollout(dense, tok, prompts, 2, 5)
+
+
+def test_auto_picks_the_sampler_where_it_computes_in_float32(monkeypatch):
+    cfg = train.parse_config(["--preset", "tiny"])
+    assert train.old_logprob_source(cfg) == "sampler"                        # CPU, float32
+    for dtype in ("bf16", "fp16"):
+        assert train.old_logprob_source(train.parse_config(["--preset", "tiny", "--dtype", dtype])) == "policy"
+    assert train.old_logprob_source(train.parse_config(["--preset", "tiny", "--old_logprobs", "policy"])) == "policy"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)             # a GPU: half-precision decoding
+    assert train.old_logprob_source(cfg) == "policy"
+
+
+def test_sampler_and_policy_old_logprobs_give_the_same_step(tmp_path):
+    got = {}
+    for source in ("sampler", "policy"):
+        out = str(tmp_path / source)
+        assert run_main(["--preset", "tiny", "--max_steps", "2", "--eval_limit", "0", "--old_logprobs", source,
+                         "--output_dir", out]) == 0
+        got[source] = rows(out)
+    for a, b in zip(got["sampler"], got["policy"]):
+        assert a["reward"] == b["reward"] and a["num_tokens"] == b["num_tokens"]     # the same rollouts
+        assert a["sampling/old_logprobs_from_sampler"] == 1 and b["sampling/old_logprobs_from_sampler"] == 0
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3, abs=1e-6)             # within the mismatch
+        assert a["sampling/sampling_logp_difference/max"] < 1e-5                      # measured, float32
+        assert a["clip_ratio/first_update"] == 0 == b["clip_ratio/first_update"]     # nothing clipped on-policy
+        assert a["time/old_logprob_s"] < b["time/old_logprob_s"]                     # no pass at all
+
+
+# ----------------------------------------------------------------------------------------------
+# Dynamic sampling
+# ----------------------------------------------------------------------------------------------
+def kind(answer):
+    """The stub's verdict on a prompt, from its answer: 0 informative, 1 all right, 2 all wrong."""
+    return zlib.crc32(str(answer).encode()) % 3
+
+
+def stub_score(texts, answers):
+    """Rewards by prompt, not by text: [1, 0, 0, 0] for informative prompts, all 1 or all 0 otherwise."""
+    out = []
+    for i, a in enumerate(answers):
+        k = kind(a)
+        out.append(1.0 if k == 1 or (k == 0 and i % 4 == 0) else 0.0)
+    return torch.tensor(out)
+
+
+def seeded_order(prompts, seed, count):
+    """The prompts train.sample_prompts hands out, in order, from the start of a run."""
+    out, epoch = [], 0
+    while len(out) < count:
+        order = list(range(len(prompts)))
+        random.Random(seed + epoch).shuffle(order)
+        out += [prompts[i] for i in order]
+        epoch += 1
+    return out[:count]
+
+
+def test_dynamic_sampling_fills_the_step_in_the_seeded_order(monkeypatch):
+    monkeypatch.setattr(train, "score", stub_score)
+    cfg = train.parse_config(["--preset", "tiny", "--max_generation_rounds", "20"])
+    model, tok = loading.load_model(loading.resolve_model("tiny"), four_bit=True, lora_rank=8, trainable=True)
+    prompts = train.usable_prompts(cfg, tok, train.load_data(cfg)[0])
+    state, P, G = train.State(), cfg.prompts_per_step, cfg.num_generations
+    step, sampled = train.collect_groups(model, tok, prompts, "policy", 64, state, cfg, {})
+    handed_out = seeded_order(prompts, cfg.seed, sampled["prompts"])
+    informative = [p for p in handed_out if kind(p[1]) == 0]
+    assert sampled["rounds"] > 1 and state.pos == sampled["prompts"]
+    assert step["batch"] == informative[:P]                          # the first P informative, in order
+    assert sampled["surplus"] == len(informative) - P
+    assert sampled["all_right"] == sum(kind(p[1]) == 1 for p in handed_out)
+    assert sampled["all_wrong"] == sum(kind(p[1]) == 2 for p in handed_out)
+    assert step["ro"]["input_ids"].shape[0] == P * G and len(step["ro"]["texts"]) == P * G
+    assert step["rewards"].view(P, G).tolist() == [[1.0, 0.0, 0.0, 0.0]] * P
+    # the merged rollout's rows still line up: every kept row's text is its own completion's decode
+    ro = step["ro"]
+    for b in range(P * G):
+        ids = ro["input_ids"][b, ro["prompt_len"]:][ro["completion_mask"][b].bool()]
+        assert tok.decode(ids, skip_special_tokens=True) == ro["texts"][b]
+
+
+def test_dynamic_sampling_stops_at_its_cap_and_says_so(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(train, "score", lambda texts, answers: torch.tensor(
+        [1.0 if kind(a) == 0 and i % 4 == 0 else 0.0 for i, a in enumerate(answers)]))
+    out = str(tmp_path / "cap")
+    assert run_main(["--preset", "tiny", "--max_steps", "3", "--max_generation_rounds", "2", "--eval_limit", "0",
+                     "--output_dir", out, "--collapse_patience", "0"]) == 0
+    r = rows(out)
+    assert all(x["generation/rounds"] <= 2 for x in r)
+    for x in r:                         # the counts add up to what was sampled and kept
+        assert x["generation/groups_kept"] + x["generation/groups_all_wrong"] + x["generation/groups_all_right"] \
+            + x["generation/groups_surplus"] == x["generation/prompts"]
+        assert x["trained_responses"] == 4 * x["generation/groups_kept"]
+        assert x["frac_reward_zero_std"] == pytest.approx(x["generation/groups_all_wrong"] / x["generation/prompts"])
+    short = [x for x in r if x["generation/groups_kept"] < 4]
+    assert short, "a third of the prompts is informative: two rounds of 4 cannot always fill a step"
+    captured = capsys.readouterr()
+    err = captured.out + captured.err
+    for x in short:                     # the step line shows the missing groups and updates
+        line = next(l for l in err.splitlines() if l.startswith(f"step {x['step']:4d}"))
+        assert f"groups {x['generation/groups_kept']}/4" in line
+        if x["updates"] < x["updates_asked"]:
+            assert f"{x['updates']}/{x['updates_asked']} upd" in line
+
+
+def test_resume_is_exact_after_a_kill_inside_a_filled_step(monkeypatch, tmp_path):
+    monkeypatch.setattr(train, "score", stub_score)
+    args = ["--preset", "tiny", "--max_steps", "4", "--eval_limit", "0", "--max_generation_rounds", "10"]
+    assert run_main([*args, "--output_dir", str(tmp_path / "whole")]) == 0
+    whole = rows(str(tmp_path / "whole"))
+    assert all(x["generation/rounds"] > 1 for x in whole)
+
+    # the same run killed in the second round of step 3 (the checkpoint is at step 2)
+    real, calls = cegppo.rollout, []
+    rounds_before = sum(x["generation/rounds"] for x in whole[:2])
+
+    def dies(*a, **k):
+        calls.append(1)
+        if len(calls) == rounds_before + 2:
+            raise KeyboardInterrupt           # kill -9 as far as the run folder can tell
+        return real(*a, **k)
+
+    out = str(tmp_path / "killed")
+    monkeypatch.setattr(cegppo, "rollout", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_main([*args, "--output_dir", out])
+    monkeypatch.setattr(cegppo, "rollout", real)
+    assert len(rows(out)) == 2
+    assert run_main([*args, "--output_dir", out, "--resume"]) == 0
+    resumed = rows(out)
+    assert [x["step"] for x in resumed] == [1, 2, 3, 4]
+    for x, y in zip(whole, resumed):
+        for k in ("reward", "entropy", "loss", "generation/prompts", "generation/rounds", "num_tokens",
+                  "clip_ratio/low_mean", "clip_ratio/high_mean"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), (x["step"], k)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dense copy's fallback, and a collapsed run
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("failure", ["oom", "non-finite"])
+def test_dense_copy_failure_falls_back_to_the_policy(monkeypatch, tmp_path, failure):
+    real_copy = rollout_copy.dense_copy
+
+    def failing_copy(model, into=None):
+        dense = real_copy(model, into)
+        if failure == "non-finite":
+            with torch.no_grad():       # a merged weight: the copy's own tensor (the head is shared)
+                dense.model.layers[0].self_attn.q_proj.weight[0].fill_(float("inf"))
+        else:
+            def oom(**kw):
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            dense.generate = oom
+        return dense
+
+    monkeypatch.setattr(rollout_copy, "dense_copy", failing_copy)
+    out = str(tmp_path / failure)
+    assert run_main(["--preset", "tiny", "--max_steps", "2", "--eval_limit", "0", "--rollout_model", "dense",
+                     "--output_dir", out]) == 0
+    r = rows(out)
+    assert [x["sampling/dense_fallback"] for x in r] == [1, 0]       # once; step 2 samples through the policy
+    assert "time/rollout_copy_s" not in r[1]
+    assert all(x["updates"] >= 1 for x in r)
+
+
+def test_a_collapsed_run_says_so_saves_and_stops(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(train, "score", lambda texts, answers: torch.zeros(len(texts)))
+    out = str(tmp_path / "collapsed")
+    assert run_main(["--preset", "tiny", "--max_steps", "10", "--eval_limit", "0", "--collapse_patience", "3",
+                     "--max_generation_rounds", "1", "--output_dir", out]) == train.COLLAPSED
+    assert [x["updates"] for x in rows(out)] == [0, 0, 0]
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("collapsed: no group has carried a reward signal since step 0")
+    assert "--beta1" in last and "--learning_rate" in last
+    state = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
+    assert state["step"] == 3
+
+
+def test_quadrant_fractions_of_the_trained_tokens_add_up_to_1(tmp_path):
+    out = str(tmp_path / "q")
+    assert run_main(["--preset", "tiny", "--max_steps", "2", "--eval_limit", "0", "--output_dir", out]) == 0
+    for x in rows(out):
+        assert x["trained_responses"] > 0
+        fracs = [x[f"quadrants/{q}_frac"] for q in cegppo.QUADRANTS]
+        assert sum(fracs) == pytest.approx(1.0, abs=1e-6)
