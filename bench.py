@@ -47,6 +47,7 @@ from transformers import TrainerCallback
 import cegppo
 import lab
 import rollout_copy
+import runtime
 import train
 from loading import UserError
 
@@ -140,7 +141,7 @@ def run_ours(train_args, steps, out, coin=False, profile=False):
         "update_tokens_per_s": sum(r["update_tokens"] for r in rows) / max(1e-9, sum(r["time/update_s"] for r in rows)),
         "updates_per_step": statistics.mean(r["updates"] for r in rows),
         "frac_reward_zero_std": statistics.mean(r["frac_reward_zero_std"] for r in rows),
-        # None where the OS reports no peak (train.peak_mem_gb: Windows); on a GPU also the peak reserved
+        # None where the OS reports no peak (runtime.peak_mem_gb: Windows); on a GPU also the peak reserved
         "peak_mem_gb": max((r["peak_mem_gb"] for r in rows if r.get("peak_mem_gb") is not None), default=None),
         **({"peak_mem_reserved_gb": max(r["peak_mem_reserved_gb"] for r in rows)}
            if all(r.get("peak_mem_reserved_gb") is not None for r in rows) else {}),
@@ -191,8 +192,8 @@ def trl_worker(spec_path):
         def on_step_end(self, a, state, control, **kw):
             marks.append(time.time())
             if len(marks) == per_rollout:
-                train.reset_peak_mem()          # the warm-up step is not counted, as on our side
-            peak.append((train.peak_mem_gb(), train.peak_mem_reserved_gb()))   # at the end of the last step
+                runtime.reset_peak_mem()          # the warm-up step is not counted, as on our side
+            peak.append((runtime.peak_mem_gb(), runtime.peak_mem_reserved_gb()))   # at the end of the last step
 
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
                           callbacks=[Clock()])

@@ -3,19 +3,12 @@
 CE-GPPO (Su et al., 2025, arXiv 2509.20712, Eq. 8-10) is PPO-clip with one change. Plain PPO
 clipping zeroes the gradient of every token whose importance ratio r = pi / pi_old has left
 [1 - eps, 1 + eps]. Those tokens are mostly low-probability ones, and they steer the policy's
-entropy: a negative-advantage low-probability token pushed further down lowers entropy, a
-positive-advantage low-probability token pushed up raises it. CE-GPPO puts their gradient back,
-scaled and bounded, through a stop-gradient. The two clip regions, named as in TRL's metrics:
+entropy. CE-GPPO puts their gradient back, scaled by beta1 (the low clip region) and beta2 (the
+high clip region) and bounded, through a stop-gradient: the equation is written out once, above
+cegppo_loss. beta1 = beta2 = 0 is exactly PPO-clip (GRPO with group advantages).
 
-    low clip region   ratio < 1 - eps_low  and A < 0: gradient coefficient beta1 * (1 - eps_low)
-                      (the paper's NA&LP tokens: beta1 lowers entropy)
-    high clip region  ratio > 1 + eps_high and A > 0: gradient coefficient beta2 * (1 + eps_high)
-                      (the paper's PA&LP tokens: beta2 raises entropy)
-    everywhere else:  gradient coefficient r, as in PPO
-
-so beta1 = beta2 = 0 is exactly PPO-clip (GRPO with group advantages).
-
-Read it top to bottom; a reader who stops at the last section has seen all of CE-GPPO:
+The file in reading order; the first section is the whole of CE-GPPO's change to PPO, the
+others are what any GRPO-style trainer needs around it:
     cegppo_loss, ALGOS      the objective and the algorithms' settings (the file's heart)
     positive_sft_loss       the authors' optional SFT term on fully rewarded responses
     group_advantages        GRPO's group z-score, and which groups carry no signal
@@ -55,14 +48,15 @@ from transformers import LogitsProcessor, LogitsProcessorList
 # ----------------------------------------------------------------------------------------------
 # The loss
 # ----------------------------------------------------------------------------------------------
-# Paper Eq. 8-10, per response token t of response i, with d = pi_theta / pi_old and sg = stop-grad:
+# Paper Eq. 8-10, per response token t of response i, with the ratio r = pi_theta / pi_old and
+# sg = stop-gradient:
 #
 #   J(theta) = E[ 1/G sum_i 1/|y_i| sum_t l_it ]
-#   l = beta1 * (1 - eps) / sg(d) * d * A    if d < 1 - eps and A < 0    (low clip region)
-#   l = beta2 * (1 + eps) / sg(d) * d * A    if d > 1 + eps and A > 0    (high clip region)
-#   l = d * A                                otherwise
+#   l = beta1 * (1 - eps) / sg(r) * r * A    if r < 1 - eps and A < 0    low clip region  (NA&LP: lowers entropy)
+#   l = beta2 * (1 + eps) / sg(r) * r * A    if r > 1 + eps and A > 0    high clip region (PA&LP: raises entropy)
+#   l = r * A                                otherwise                   PPO
 #
-# d / sg(d) equals 1 in value and has gradient grad(log pi): the clipped tokens get a gradient of
+# r / sg(r) equals 1 in value and has gradient grad(log pi): the clipped tokens get a gradient of
 # fixed size beta * bound * A * grad(log pi) that does not grow with how far the ratio has drifted,
 # which is what keeps the update bounded. We minimise loss = -l, averaged over tokens.
 def cegppo_loss(logp, old_logp, advantages, mask, *, epsilon_low, epsilon_high, beta1, beta2, dual_clip,
@@ -72,7 +66,7 @@ def cegppo_loss(logp, old_logp, advantages, mask, *, epsilon_low, epsilon_high, 
     logp:       [B, T] log pi_theta of each response token (carries the gradient)
     old_logp:   [B, T] log pi_old, the sampling policy (no gradient)
     advantages: [B] one per response, or [B, T]
-    mask:       [B, T] 1 for response tokens (the EOS included), 0 for prompt padding and after EOS
+    mask:       [B, T] over the completion tokens only: 1 up to and including the first EOS, 0 after it
     dual_clip:  c of the dual clip for A < 0 (term <= -c * A); 0 or None switches it off
     num_tokens: denominator of the token mean; defaults to mask.sum(). Pass the mini-batch's token
                 count when accumulating micro-batches, so that their losses add up to its mean.
@@ -84,7 +78,7 @@ def cegppo_loss(logp, old_logp, advantages, mask, *, epsilon_low, epsilon_high, 
     log_ratio = logp - old_logp.detach()                         # [B, T]
     # exp of a large log-ratio overflows to inf and then inf * 0 = nan in the masked sum; a ratio
     # of e^20 is far outside any clip range, so clamping changes nothing that is used.
-    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))              # [B, T]
+    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))              # [B, T] r
 
     # The masks, built once: which tokens sit in which clip region.
     low = (ratio < 1.0 - epsilon_low) & (adv < 0)                # [B, T] coefficient beta1 (NA&LP)
@@ -122,6 +116,11 @@ def cegppo_loss(logp, old_logp, advantages, mask, *, epsilon_low, epsilon_high, 
             "ratio/max": ratio[valid].max().item() if valid.any() else 1.0,
         }
     return loss, stats
+
+
+# cegppo_loss's statistics that are means over tokens: a trainer that accumulates micro-batches (or
+# processes) averages them weighted by token count; ratio/max is reduced with max.
+TOKEN_MEAN_STATS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/dual_mean", "approx_kl", "ratio/mean")
 
 
 # The algorithms differ only in these five knobs; this is their one home (train.py's
@@ -195,8 +194,8 @@ def token_quadrants(logp, entropy, advantages, mask):
     drive = -(logp + entropy) * adv                              # [B, T]
     n = valid.sum().clamp(min=1)
     out = {}
-    for name, sel in (("pa_hp", (adv > 0) & high_p), ("pa_lp", (adv > 0) & ~high_p),
-                      ("na_hp", (adv < 0) & high_p), ("na_lp", (adv < 0) & ~high_p)):
+    selections = ((adv > 0) & high_p, (adv > 0) & ~high_p, (adv < 0) & high_p, (adv < 0) & ~high_p)
+    for name, sel in zip(QUADRANTS, selections):         # pa_hp, pa_lp, na_hp, na_lp
         sel = sel & valid
         k = sel.sum()
         out[f"quadrants/{name}_frac"] = (k / n).item()
@@ -535,17 +534,17 @@ class _TokenLogProb(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_logp):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        T, chunk, acc = ctx.temperature, ctx.chunk, lse.dtype
+        temperature, chunk, acc = ctx.temperature, ctx.chunk, lse.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need_w else None
         grad_b = torch.zeros(weight.shape[0], device=weight.device, dtype=acc) if need_b else None
         for s in range(0, hidden.shape[0], chunk):
             h, g = hidden[s:s + chunk], grad_logp[s:s + chunk, None].to(acc)                     # [n, d], [n, 1]
-            logits = F.linear(h, weight, bias).to(acc).div_(T)                                   # [n, V]
+            logits = F.linear(h, weight, bias).to(acc).div_(temperature)                         # [n, V]
             # g * (onehot - softmax) / T, built in place in the logits' memory
             dlogits = logits.sub_(lse[s:s + chunk, None]).exp_().mul_(-g)                       # [n, V]
-            dlogits.scatter_add_(-1, targets[s:s + chunk, None], g).div_(T)
+            dlogits.scatter_add_(-1, targets[s:s + chunk, None], g).div_(temperature)
             if need_h:
                 grad_h[s:s + chunk] = dlogits.to(hidden.dtype) @ weight
             if need_w:

@@ -41,6 +41,7 @@ import bench
 import cegppo
 import lab
 import memory
+import runtime
 import train
 from loading import UserError
 
@@ -162,11 +163,11 @@ def rollout_worker(spec_path):
             try:
                 with loading.model_autocast(model):           # as train.py's rollout, in the compute dtype
                     cegppo.rollout(sampler, tok, prompts[:1], 2, 8, cfg.temperature, cfg.top_p, 2)      # warm-up
-                    train.sync()
+                    runtime.sync()
                     t = time.time()
                     ro = cegppo.rollout(sampler, tok, prompts, cfg.num_generations, cfg.max_completion_length,
                                         cfg.temperature, cfg.top_p, cfg.generation_batch_size)
-                    train.sync()
+                    runtime.sync()
                     seconds = time.time() - t
                 mask = ro["completion_mask"].cpu()
                 row["tokens_per_s"] = int(mask.sum()) / seconds

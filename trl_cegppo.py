@@ -106,9 +106,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402  (after the version check,
 
 _DEFAULTS = cegppo.ALGOS["cegppo"]
 
-# The per-token statistics of cegppo_loss that are token means (so they are averaged over
-# processes weighted by token count); ratio/max is reduced with max.
-TOKEN_MEAN_STATS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/dual_mean", "approx_kl", "ratio/mean")
+TOKEN_MEAN_STATS = cegppo.TOKEN_MEAN_STATS      # averaged over processes weighted by token count
 
 # Extra inputs TRL's forward pass takes for vision-language models, passed through untouched.
 _FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",

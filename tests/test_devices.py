@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import runtime
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +36,7 @@ def cuda_states(n):
 @pytest.mark.parametrize("saved,visible", [(2, 1), (2, 2), (2, 4), (1, 2), (2, 0), (0, 1)])
 def test_cuda_rng_restore_takes_what_fits(monkeypatch, saved, visible):
     calls = simulate_cuda(monkeypatch, visible)
-    train.set_rng_state({"python": random.getstate(), "torch": torch.get_rng_state(),
+    runtime.set_rng_state({"python": random.getstate(), "torch": torch.get_rng_state(),
                          "cuda": cuda_states(saved) if saved else None})
     n = min(saved, visible)
     assert [d for d, _ in calls] == list(range(n))
@@ -43,7 +44,7 @@ def test_cuda_rng_restore_takes_what_fits(monkeypatch, saved, visible):
 
 
 def write_gpu_checkpoint(folder, optimizer, scaler, cuda_rng):
-    """A state.pt as train.save_checkpoint writes it on a GPU: every tensor's storage tagged cuda:0."""
+    """A state.pt as runtime.save_checkpoint writes it on a GPU: every tensor's storage tagged cuda:0."""
     import torch.serialization as ser
     os.makedirs(folder)
     real = ser.location_tag
@@ -73,7 +74,7 @@ def test_checkpoint_saved_on_a_gpu_resumes_on_a_cpu(tmp_path, monkeypatch):
         calls = simulate_cuda(monkeypatch, visible)
         out = str(tmp_path / f"run{visible}")
         os.makedirs(out)
-        state = train.restore(ckpt, out, opt2, torch.amp.GradScaler("cpu", enabled=False))
+        state = runtime.restore(ckpt, out, opt2, torch.amp.GradScaler("cpu", enabled=False), train.State)
         assert (state.step, state.pos) == (3, 12)
         assert [d for d, _ in calls] == list(range(visible))     # min(saved 2, visible) CUDA generators
         # load_state_dict puts every optimizer state tensor on its parameter's device (and dtype)
@@ -120,8 +121,8 @@ def test_scripts_run_without_unix_only_modules(tmp_path):
         p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
         assert p.returncode == 0, f"{args}\n{p.stderr[-3000:]}"
         return p
-    probe = run("-c", "import os, train, eval, bench, memory, loading, gpu_check; "
-                      "assert not hasattr(os, 'sched_getaffinity'); print(loading.set_threads(0), train.peak_mem_gb())")
+    probe = run("-c", "import os, runtime, train, eval, bench, memory, loading, gpu_check; "
+                      "assert not hasattr(os, 'sched_getaffinity'); print(loading.set_threads(0), runtime.peak_mem_gb())")
     assert probe.stdout.split() == [str(os.cpu_count()), "None"]
     assert "--dtype" in run("train.py", "--help").stdout
     run("train.py", "--model", "tiny", "--max_steps", "1", "--eval_limit", "2", "--threads", "1",
@@ -138,14 +139,14 @@ def test_scripts_run_without_unix_only_modules(tmp_path):
 
 def test_peak_memory_metrics(monkeypatch):
     # CPU: peak RSS; no reserved peak. CUDA (simulated): allocated and reserved, each its own peak
-    assert train.peak_mem_gb() > 0 and train.peak_mem_reserved_gb() is None
+    assert runtime.peak_mem_gb() > 0 and runtime.peak_mem_reserved_gb() is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3e9)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 4.5e9)
     resets = []
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: resets.append(True))
-    train.reset_peak_mem()
-    assert resets == [True] and train.peak_mem_gb() == 3.0 and train.peak_mem_reserved_gb() == 4.5
+    runtime.reset_peak_mem()
+    assert resets == [True] and runtime.peak_mem_gb() == 3.0 and runtime.peak_mem_reserved_gb() == 4.5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,11 +157,11 @@ def test_timed_synchronizes_on_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
     times = {}
-    assert train.timed(times, "x", lambda a: events.append("fn") or a + 1, 1) == 2
+    assert runtime.timed(times, "x", lambda a: events.append("fn") or a + 1, 1) == 2
     assert events == ["sync", "fn", "sync"] and times["x"] >= 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     events.clear()
-    train.timed(times, "x", lambda: events.append("fn"))
+    runtime.timed(times, "x", lambda: events.append("fn"))
     assert events == ["fn"]                                   # on a CPU there is nothing to wait for
 
 

@@ -151,19 +151,19 @@ def test_scaled_fp16_gradient_matches_fp32_and_unscaled_underflows(four_bit):
 def fp16_policy():
     cfg = train.parse_config(["--model", "tiny", "--dtype", "fp16", "--steps_per_generation", "1"])
     torch.manual_seed(0)
-    model, tok, params, optimizer, scaler = train.load_policy(cfg, None)
+    model, tok, params, optimizer, scaler = train.policy_and_optimizer(cfg, None)
     assert scaler.is_enabled() and scaler.get_scale() == 65536.0
     ro = batch(tok)
     old_logp, _ = train.old_logprobs(model, ro, cfg)
     adv, zero_std = cegppo.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0]), 4)
-    kept = (~zero_std).nonzero()[:, 0]
-    return cfg, model, params, optimizer, scaler, ro, old_logp, adv, kept
+    assert not zero_std.any()                       # both groups carry a signal: update_policy trains on all rows
+    return cfg, model, params, optimizer, scaler, ro, old_logp, adv
 
 
 def update(fp16_policy, state, adv_factor=1.0):
-    cfg, model, params, optimizer, scaler, ro, old_logp, adv, kept = fp16_policy
+    cfg, model, params, optimizer, scaler, ro, old_logp, adv = fp16_policy
     return train.update_policy(model, optimizer, scaler, params, ro, old_logp, adv * adv_factor,
-                               torch.zeros(8, dtype=torch.bool), kept, cfg, state)
+                               torch.zeros(8, dtype=torch.bool), cfg, state)
 
 
 @pytest.mark.parametrize("how", ["inf_in_one_gradient", "huge_loss"])

@@ -9,6 +9,7 @@ import cegppo
 import lab
 import loading
 import rollout_copy
+import runtime
 import train
 
 pytestmark = pytest.mark.gpu
@@ -61,11 +62,11 @@ def test_release_gives_the_copy_back(cuda_policy):
 
 
 def test_checkpoint_from_this_gpu_loads_on_the_cpu(tmp_path):
-    state = train.rng_state()
+    state = runtime.rng_state()
     assert len(state["cuda"]) == torch.cuda.device_count()
     path = os.path.join(tmp_path, "state.pt")
     torch.save({"rng": state, "x": torch.ones(2, device="cuda")}, path)
     loaded = torch.load(path, weights_only=False, map_location="cpu")
     assert loaded["x"].device.type == "cpu"
-    train.set_rng_state(loaded["rng"])                       # the CUDA states back, from CPU tensors
+    runtime.set_rng_state(loaded["rng"])                       # the CUDA states back, from CPU tensors
     assert torch.equal(torch.cuda.get_rng_state(0), state["cuda"][0])

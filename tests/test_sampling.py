@@ -135,21 +135,21 @@ def test_dynamic_sampling_fills_the_step_in_the_seeded_order(monkeypatch):
     model, tok = loading.load_model(loading.resolve_model("tiny"), four_bit=True, lora_rank=8, trainable=True)
     prompts = train.usable_prompts(cfg, tok, train.load_data(cfg)[0])
     state, P, G = train.State(), cfg.prompts_per_step, cfg.num_generations
-    step, sampled = train.collect_groups(model, tok, prompts, "policy", 64, state, cfg, {})
-    handed_out = seeded_order(prompts, cfg.seed, sampled["prompts"])
+    kept, sampled = train.collect_groups(model, tok, prompts, "policy", 64, state, cfg, {})
+    handed_out = seeded_order(prompts, cfg.seed, len(sampled["prompts"]))
     informative = [p for p in handed_out if kind(p[1]) == 0]
-    assert sampled["rounds"] > 1 and state.pos == sampled["prompts"]
-    assert step["batch"] == informative[:P]                          # the first P informative, in order
+    assert sampled["rounds"] > 1 and state.pos == len(sampled["prompts"]) and sampled["prompts"] == handed_out
+    assert kept["prompts"] == informative[:P]                        # the first P informative, in order
     assert sampled["surplus"] == len(informative) - P
     assert sampled["all_right"] == sum(kind(p[1]) == 1 for p in handed_out)
     assert sampled["all_wrong"] == sum(kind(p[1]) == 2 for p in handed_out)
-    assert step["ro"]["input_ids"].shape[0] == P * G and len(step["ro"]["texts"]) == P * G
-    assert step["rewards"].view(P, G).tolist() == [[1.0, 0.0, 0.0, 0.0]] * P
+    rollout = kept["rollout"]
+    assert rollout["input_ids"].shape[0] == P * G and len(rollout["texts"]) == P * G
+    assert kept["rewards"].view(P, G).tolist() == [[1.0, 0.0, 0.0, 0.0]] * P
     # the merged rollout's rows still line up: every kept row's text is its own completion's decode
-    ro = step["ro"]
     for b in range(P * G):
-        ids = ro["input_ids"][b, ro["prompt_len"]:][ro["completion_mask"][b].bool()]
-        assert tok.decode(ids, skip_special_tokens=True) == ro["texts"][b]
+        ids = rollout["input_ids"][b, rollout["prompt_len"]:][rollout["completion_mask"][b].bool()]
+        assert tok.decode(ids, skip_special_tokens=True) == rollout["texts"][b]
 
 
 def test_dynamic_sampling_stops_at_its_cap_and_says_so(monkeypatch, tmp_path, capsys):
