@@ -311,7 +311,7 @@ def rollout_copy_cost(cfg, out_dir, repeats=3):
     row = {"build_fresh_s": statistics.median(fresh), "refresh_in_place_s": statistics.median(refresh),
            "copy_bytes_gb": rollout_copy.copy_bytes(model) / 1e9, "rss_before_gb": rss0, "rss_with_copy_gb": rss1,
            "max_abs_logit_diff": (a - b).abs().max().item(), "max_abs_logit": a.abs().max().item(),
-           "dtype": str(rollout_copy.compute_dtype(model))}
+           "dtype": str(loading.model_compute_dtype(model))}
     for k, v in row.items():
         print(f"  {k:<22} {v:10.4g}" if isinstance(v, float) else f"  {k:<22} {v}")
     with open(os.path.join(out_dir, "rollout_copy_cost.json"), "w") as f:

@@ -2,6 +2,7 @@
 
     python plot.py runs/lab-grpo runs/lab-cegppo --output compare.png
     python plot.py runs/lab-b1-0/seed-* runs/lab-b1-1/seed-* --output seeds.png     # one band per setting
+    python plot.py runs/lab-*/seed-* --metrics entropy,eval/accuracy --table         # two panels, the seed table
     python plot.py --gradient_weight docs/gradient_weight.png
 
 Each run is a train.py output folder (metrics.jsonl + config.json). Runs whose configurations
@@ -93,8 +94,9 @@ def pyplot():
 _NO_MATPLOTLIB_SAID = []
 
 
-def plot_runs(run_dirs, output, window=5, required=False):
+def plot_runs(run_dirs, output, window=5, required=False, metrics=None):
     """One figure, one colour per setting; several seeds of a setting become a mean line with a min-max band.
+    metrics: the panels to draw (keys of PANELS), all ten by default.
     Without matplotlib: nothing drawn, and one line said once (train.py); required=True raises instead."""
     try:
         plt = pyplot()
@@ -106,10 +108,12 @@ def plot_runs(run_dirs, output, window=5, required=False):
             print("matplotlib is not installed: no curves.png (pip install matplotlib; metrics.jsonl has "
                   "every number)", file=sys.stderr)
         return
-    fig, axes = plt.subplots(2, 5, figsize=(22, 8.5))
+    panels = [p for p in PANELS if metrics is None or p[0] in metrics]
+    rows_, cols = (2, 5) if len(panels) == len(PANELS) else (1, len(panels))
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.4 * cols + 0.6, 4.25 * rows_ + 1), squeeze=False)
     for i, (label, runs) in enumerate(group_by_setting(run_dirs)):
         rows = [read_rows(r) for r in runs]
-        for ax, (key, _) in zip(axes.flat, PANELS):
+        for ax, (key, _) in zip(axes.flat, panels):
             curves = [{r["step"]: r[key] for r in rs if key in r} for rs in rows]
             if not all(curves):
                 continue
@@ -120,15 +124,16 @@ def plot_runs(run_dirs, output, window=5, required=False):
             elif key != "eval/accuracy":
                 ax.plot(xs, mean, color=f"C{i}", alpha=0.25, lw=1)
             ax.plot(xs, smooth(mean, w), "o-" if key == "eval/accuracy" else "-", color=f"C{i}", lw=2, label=label)
-    for ax, (key, title) in zip(axes.flat, PANELS):
+    for ax, (key, title) in zip(axes.flat, panels):
         ax.set_title(title, fontsize=12)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if key.endswith("_drive"):
             ax.axhline(0, color="k", lw=0.8)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(4, max(1, len(labels))), fontsize=12)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.legend(handles, labels, loc="upper center", ncol=min(3 if rows_ == 1 else 4, max(1, len(labels))),
+               fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.93 if rows_ == 2 else 0.82))
     save(fig, output)
 
 
@@ -271,6 +276,8 @@ def main(argv=None):
     ap.add_argument("--window", type=int, default=5, help="moving-average window for the thick lines")
     ap.add_argument("--gradient_weight", "--gradient-weight", metavar="PNG",
                     help="draw the gradient weight against the ratio instead")
+    ap.add_argument("--metrics", type=lambda t: t.split(","), default=None, metavar="KEYS",
+                    help="draw only these panels, e.g. entropy,eval/accuracy (default: all ten)")
     ap.add_argument("--table", action="store_true", help="also print the seed table (mean ± standard error per "
                     "setting, collapses counted) in Markdown")
     ap.add_argument("--baseline", metavar="LABEL", help="with --table: differences from the setting whose label "
@@ -290,7 +297,12 @@ def main(argv=None):
     if args.window < 1:
         print(f"error: --window {args.window}: must be at least 1", file=sys.stderr)
         return 2
-    plot_runs(args.runs, args.output, args.window, required=True)
+    unknown = [k for k in args.metrics or [] if k not in dict(PANELS)]
+    if unknown:
+        print(f"error: --metrics {','.join(unknown)}: not a panel; one of {', '.join(k for k, _ in PANELS)}",
+              file=sys.stderr)
+        return 2
+    plot_runs(args.runs, args.output, args.window, required=True, metrics=args.metrics)
     print(f"wrote {args.output}")
     if args.table:
         try:

@@ -91,12 +91,6 @@ def _plain_config(policy):
     return cfg
 
 
-def compute_dtype(policy):
-    """The dtype the copy computes in: the policy's (loading.model_compute_dtype: the 4-bit layers'
-    compute dtype, else the embeddings' dtype; without 4-bit there is no fp32 up-cast either)."""
-    return loading.model_compute_dtype(base_model(policy))
-
-
 def _pairs(dense, base):
     """(name, dense module, policy module) for every module of the plain model."""
     for name, dmod in dense.named_modules():
@@ -124,7 +118,7 @@ def dense_copy(policy, into=None):
             if isinstance(dmod, torch.nn.Linear) and _lora_adapters(pmod):
                 merged_weight(pmod, out=dmod.weight.data)
         return into
-    dtype, device = compute_dtype(policy), next(base.parameters()).device
+    dtype, device = loading.model_compute_dtype(policy), next(base.parameters()).device
     with torch.device("meta"):
         dense = AutoModelForCausalLM.from_config(_plain_config(policy), dtype=dtype)
     made = {}                                                     # source tensor -> its tensor in the copy
@@ -163,7 +157,7 @@ def copy_bytes(policy, dtype=None):
     """Bytes the dense copy adds to memory: every Linear weight a LoRA or 4-bit layer holds, in the
     compute dtype, plus the other parameters (biases included) whose dtype differs from it (those
     are converted, not shared). Counted from the policy's tensors' shapes; nothing is built."""
-    base, dtype = base_model(policy), dtype or compute_dtype(policy)
+    base, dtype = base_model(policy), dtype or loading.model_compute_dtype(policy)
     size, seen, total = torch.tensor([], dtype=dtype).element_size(), set(), 0
     for m in base.modules():
         if id(m) in seen or not (isinstance(m, (LoraLayer, bnb.nn.Linear4bit))):
@@ -188,7 +182,7 @@ def sampling_bytes(policy, sequences=1, tokens=1, prompt_tokens=None, micro_batc
     `micro_batch` sequences that the mismatch metric runs while the copy is held. memory.py's
     formulas (sizes.py), on the policy's shape, in the copy's compute dtype with merged Linears."""
     shape = sizes.ModelShape.from_config(base_model(policy).config)
-    elem = torch.tensor([], dtype=compute_dtype(policy)).element_size()
+    elem = torch.tensor([], dtype=loading.model_compute_dtype(policy)).element_size()
     return sizes.sampling_bytes(shape, sequences, tokens if prompt_tokens is None else prompt_tokens, tokens, elem,
                                 lora=False, micro_batch=micro_batch)
 

@@ -17,8 +17,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+# The files that take longest, longest first (seconds measured with `--durations=0`, two workers).
+# pytest-xdist hands each worker whole files in collection order (--dist loadfile): starting with
+# the long poles keeps one worker from idling at the end while the other runs them.
+LONG_FILES = ("test_scripts.py", "test_bench.py", "test_lab.py", "test_devices.py", "test_hub.py",
+              "test_sampling.py", "test_readme.py", "test_fp16.py", "test_notebook.py", "test_gpu_check.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """gpu-marked tests run only with CEGPPO_GPU_TESTS=1 and CUDA; the others only without it."""
+    """Long files first (LONG_FILES); gpu-marked tests run only with CEGPPO_GPU_TESTS=1 and CUDA,
+    the others only without it."""
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))     # stable: file order kept
     cuda = GPU_TESTS and __import__("torch").cuda.is_available()
     for item in items:
         if item.get_closest_marker("gpu") is None:

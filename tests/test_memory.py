@@ -179,9 +179,9 @@ def test_printed_table_matches_the_function(capsys):
         assert line.startswith("| ") and line.count("|") == 4
 
 
-def test_readme_table_is_the_functions():
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
-    block = readme.split("<!-- memory -->")[1].split("<!-- /memory -->")[0].strip()
+def test_docs_table_is_the_functions():
+    page = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "training.md")).read()
+    block = page.split("<!-- memory -->")[1].split("<!-- /memory -->")[0].strip()
     assert block == memory.table(list(memory.QWEN.values()), train.Config(dtype="fp16"))
 
 

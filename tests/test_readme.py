@@ -23,9 +23,14 @@ def block(name):
     return README.split(f"<!-- {name} -->")[1].split(f"<!-- /{name} -->")[0]
 
 
+DOCS = "\n".join(open(os.path.join(ROOT, "docs", f)).read() for f in sorted(os.listdir(os.path.join(ROOT, "docs")))
+                 if f.endswith(".md"))
+
+
 def commands(prog):
-    """Every `python <prog> ...` line of the README's code blocks, as argument lists (comments dropped)."""
-    code = "\n".join(re.findall(r"```bash\n(.*?)```", README, re.S))
+    """Every `python <prog> ...` line of the code blocks of the README and docs/*.md, as argument lists
+    (comments dropped)."""
+    code = "\n".join(re.findall(r"```bash\n(.*?)```", README + DOCS, re.S))
     return [shlex.split(line, comments=True)[2:] for line in code.splitlines() if line.startswith(f"python {prog} ")]
 
 
