@@ -131,9 +131,10 @@ def plot_runs(run_dirs, output, window=5, required=False, metrics=None):
         if key.endswith("_drive"):
             ax.axhline(0, color="k", lw=0.8)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(3 if rows_ == 1 else 4, max(1, len(labels))),
-               fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.93 if rows_ == 2 else 0.82))
+    ncol = min(2 if rows_ == 1 else 4, max(1, len(labels)))
+    fig.legend(handles, labels, loc="upper center", ncol=ncol, fontsize=11)
+    top = 0.93 if rows_ == 2 else 1 - 0.07 * (1 + (len(labels) - 1) // ncol)
+    fig.tight_layout(rect=(0, 0, 1, top))
     save(fig, output)
 
 

@@ -95,8 +95,10 @@ def test_logprob_memory_command(tmp_path):
 
 
 def test_profile_command(tmp_path):
+    # dynamic sampling on, so that the profiled step surely trains (bench.py turns it off by default)
     p = subprocess.run([sys.executable, "bench.py", "--profile", "--model", "tiny", "--dataset", "tiny",
-                        "--steps", "1", "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+                        "--max_generation_rounds", "8", "--steps", "1", "--output_dir", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     table = open(tmp_path / "ours" / "profile.txt").read()
     assert "aten::mm" in table and "_TokenLogProb" in table

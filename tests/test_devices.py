@@ -92,7 +92,7 @@ import builtins, io, os, sys
 ROOT = {root!r}
 def _ours(depth):
     f = sys._getframe(depth).f_code.co_filename
-    return f.startswith(ROOT) and ".venv" not in f or f == "<string>"
+    return f.startswith(os.path.join(ROOT, "")) and "site-packages" not in f or f == "<string>"
 _import = builtins.__import__
 def _no_resource(name, *a, **k):                  # `import resource` fails, as on Windows
     if name == "resource" and _ours(2):
