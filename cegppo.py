@@ -307,8 +307,9 @@ class NonFiniteLogits(RuntimeError):
 class SampledTokenLogProbs(LogitsProcessor):
     """Records, while generate() samples, log pi(a_t) and the entropy H_t of the sampled tokens.
 
-    generate() calls it once per decode step with that step's logits [b, V] (float32) before any
-    temperature or top-p warper (transformers runs a caller's processors first), and with the
+    generate() calls it once per decode step with that step's logits [b, V] (float32) before the
+    temperature and top-p warpers (transformers runs its own processors, such as a repetition
+    penalty, first, then the caller's, then the warpers; rollout switches its own off), and with the
     tokens so far, whose last column is the token drawn at the previous step. So each call keeps
     the plain temperature softmax of this step and reads the previous step's drawn token out of
     the one it kept before: memory [b, V], never [b, T, V]. The numbers are those token_logprobs
@@ -327,10 +328,11 @@ class SampledTokenLogProbs(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         self._read(input_ids[:, -1])                                                   # previous step's token
-        if not torch.isfinite(scores).all():
+        if torch.isnan(scores).any() or torch.isposinf(scores).any():   # -inf: a token a processor forbade
             raise NonFiniteLogits("the sampler's logits are not finite")
         logprobs = torch.log_softmax(scores.float() / self.temperature, dim=-1)       # [b, V]
-        self.entropy.append(-(logprobs.exp() * logprobs).sum(-1))                     # [b]
+        probs = logprobs.exp()                                                         # [b, V]
+        self.entropy.append(-(probs * logprobs.masked_fill(probs == 0, 0.0)).sum(-1))  # [b]; 0 log 0 = 0
         self.previous = logprobs
         return scores                         # the sampling itself is untouched
 

@@ -187,21 +187,20 @@ def plot_gradient_weight(output, epsilon=0.2, beta1=0.5, beta2=1.0):
 def collapse_step(rows, high=0.3, low=0.1, window=5):
     """The step at which a run collapsed, or None: its reward, averaged over `window` steps, fell
     below `low` after it had been above `high` (it lost what it had learned); a run that
-    train.py stopped for collapse (--collapse_patience) counts too, at its last step."""
+    train.py stopped for collapse (--collapse_patience; its last row says "stopped": "collapsed")
+    counts too, at its last step."""
     rewards, seen_high = [r["reward"] for r in rows], False
     for i in range(len(rewards)):
         avg = sum(rewards[max(0, i - window + 1):i + 1]) / min(i + 1, window)
         seen_high = seen_high or avg >= high
         if seen_high and avg < low:
             return rows[i]["step"]
-    cfg_steps = rows[-1].get("max_steps")
-    return rows[-1]["step"] if cfg_steps and rows[-1]["step"] < cfg_steps else None
+    return rows[-1]["step"] if rows[-1].get("stopped") == "collapsed" else None
 
 
 def run_summary(run):
     """The numbers the lab tables report for one run."""
     rows, cfg = read_rows(run), read_config(run)
-    rows = [{**r, "max_steps": cfg.get("max_steps")} for r in rows]
     n = len(rows)
     last = rows[n - max(1, n // 5):]                       # the last 20% of the steps
     evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]

@@ -15,14 +15,14 @@ timing, peak memory and Ctrl-C live in runtime.py. One RL step:
   3. advantages   z-score within each group; a group whose G rewards are all equal carries no
                   signal and is dropped. Steps 1-3 repeat on further prompts until P groups
                   carry a signal (the authors' dynamic sampling; --max_generation_rounds)
-  4. old log-probs  log pi_old of every kept token: the sampler's own numbers, or one no-grad
-                  pass through the policy where the sampler computes in half precision (a GPU)
+  4. old log-probs  log pi_old of every kept token: the sampler's own numbers on a CPU in float32,
+                  else one no-grad pass through the policy (on a GPU, in any dtype)
   5. updates      the kept groups in `steps_per_generation` mini-batches, one optimizer update each:
                   after the first, the policy has moved, ratios leave 1 and the clip regions fill
                   up. That is where CE-GPPO and GRPO differ                   (cegppo.cegppo_loss)
   6. log          one metrics row, samples and curves; evaluation every `eval_steps`
   7. checkpoint   atomic; --resume continues exactly. A run in which no group has carried a
-                  signal for --collapse_patience steps saves, says so and stops
+                  signal for --collapse_patience steps saves, says so (collapsed or saturated) and stops
 
 Deviations from the paper (besides those listed in cegppo.py): LoRA on a 4-bit model instead of
 full fine-tuning (hence a larger learning rate, 1e-5 instead of 1e-6), far smaller batches and
@@ -90,7 +90,7 @@ class Config:
     top_p: float = _f(1.0, "nucleus sampling for the rollout (1.0 = the plain softmax, as in the paper)")
     generation_batch_size: int = _f(64, "sequences per generate() call; halves itself on out-of-memory")
     rollout_model: Literal["auto", "dense", "policy"] = _f("auto", "sample from a dense copy of the policy (4-bit dequantised, LoRA merged; held while sampling) or through its 4-bit + LoRA layers; auto: dense on a GPU where it fits, else policy")
-    old_logprobs: Literal["auto", "sampler", "policy"] = _f("auto", "pi_old of the sampled tokens: the sampler's own log-probs (no extra pass) or a pass through the policy; auto: the sampler's when it computes in float32 (CPU), else the policy's")
+    old_logprobs: Literal["auto", "sampler", "policy"] = _f("auto", "pi_old of the sampled tokens: the sampler's own log-probs (no extra pass) or a pass through the policy; auto: the sampler's on a CPU in float32, else (any GPU) the policy's")
     max_generation_rounds: int = _f(4, "dynamic sampling: generate again (more prompts) until P groups carry a signal, at most this many rounds per step; 1 = off")
     collapse_patience: int = _f(20, "stop (saved) after this many steps in a row in which no group carried a signal; 0 = never")
     # optimisation
@@ -147,6 +147,7 @@ class State:
     pos: int = 0                   # the next prompt of this epoch's shuffle
     skipped_updates: int = 0       # updates dropped for a non-finite gradient (fp16 overflow)
     last_signal_step: int = 0      # the last step in which some group's rewards differed (collapse_patience)
+    last_rewards_all_right: bool = False   # the last step's groups were all right (saturated, not collapsed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +160,8 @@ def train(cfg):
     sampler_kind = choose_sampler(model, cfg, source)
     wandb_run, stop = start_wandb(cfg), catch_ctrl_c()
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="steps", dynamic_ncols=True)
-    while state.step < cfg.max_steps and not stop["asked"]:
+    row = None
+    while state.step < cfg.max_steps and not stop["asked"] and not no_signal(state, cfg):   # (a resumed stop)
         state.step += 1
         sync()
         times, t0 = {}, time.time()
@@ -181,17 +183,19 @@ def train(cfg):
         sync()
         row.update({"time/step_s": time.time() - t0, "peak_mem_gb": peak_mem_gb(),
                     "peak_mem_reserved_gb": peak_mem_reserved_gb()})
-        log_step(out, row, sampled, cfg, wandb_run, bar)
-        # 7. checkpoint; a policy whose groups have all been equal for collapse_patience steps stops here
         state.last_signal_step = state.step if kept["prompts"] else state.last_signal_step
-        collapsed = cfg.collapse_patience and state.step - state.last_signal_step >= cfg.collapse_patience
-        if due(state.step, cfg.save_steps, cfg) or stop["asked"] or collapsed:
+        state.last_rewards_all_right = bool(sampled["rewards"].min() >= 1.0)
+        stopped = no_signal(state, cfg)                  # a policy with nothing left to learn from stops
+        if stopped:
+            row["stopped"] = stopped                     # "collapsed" (all wrong) or "saturated" (all right)
+        log_step(out, row, sampled, cfg, wandb_run, bar)
+        # 7. checkpoint
+        if due(state.step, cfg.save_steps, cfg) or stop["asked"] or stopped:
             save_checkpoint(out, model, optimizer, scaler, state)
-        if collapsed:
-            bar.close()
-            return collapse(state, row, cfg)
+        if stopped:
+            break
     bar.close()
-    return finish(model, tok, state, stop, out)
+    return finish(model, tok, state, stop, out, row, cfg)
 
 
 def main(argv=None):
@@ -229,20 +233,29 @@ def collect_groups(model, tok, prompts, sampler_kind, gen_batch, state, cfg, tim
     groups = []                                          # (rollout, group index, prompt, rewards, advantages)
     sampled = {"rewards": [], "entropy": [], "lengths": [], "truncated": [], "prompts": [], "texts": [],
                "rounds": 0, "all_wrong": 0, "all_right": 0, "surplus": 0, "thrown_away_s": 0.0, "dense_fallback": 0}
-    sampler = timed(times, "rollout_copy", rollout_copy.dense_copy, model) if sampler_kind == "dense" else model
+    sampler = model
+    if sampler_kind == "dense":
+        try:
+            sampler = timed(times, "rollout_copy", rollout_copy.dense_copy, model)
+        except torch.OutOfMemoryError as e:
+            give_up_dense_copy(e, None, state.step)
+            sampled["dense_fallback"] = 1
     while len(groups) < P and sampled["rounds"] < cfg.max_generation_rounds:
         signal_rate = len(groups) / max(1, len(sampled["prompts"]))
         n = P if not sampled["rounds"] else min(P, math.ceil((P - len(groups)) / max(signal_rate, 1 / P)))
         t0 = time.time()
         # 1. rollout: n prompts, G completions each (a dense copy that fails is given up for the policy)
         round_prompts = sample_prompts(prompts, state, cfg, n)
+        rollout, failure = None, None
         try:
             rollout = rollout_step(model, sampler, tok, round_prompts, gen_batch, cfg, times)
         except (torch.OutOfMemoryError, cegppo.NonFiniteLogits) as e:
             if sampler is model:
                 raise
-            give_up_dense_copy(e, sampler, state.step)
-            sampler, sampled["dense_fallback"] = model, 1
+            failure = e
+        if failure is not None:        # outside the except: the failed generate()'s frames are gone
+            give_up_dense_copy(failure, sampler, state.step)
+            sampler, sampled["dense_fallback"], failure = model, 1, None
             rollout = rollout_step(model, sampler, tok, round_prompts, gen_batch, cfg, times)
         gen_batch = rollout["gen_batch_size"]
         # 2. reward
@@ -298,7 +311,10 @@ def give_up_dense_copy(error, copy, step):
     why = "out of memory" if isinstance(error, torch.OutOfMemoryError) else "non-finite probabilities"
     tqdm.write(f"warning: step {step}: the dense rollout copy hit {why}; sampling through the 4-bit policy "
                "from now on (as --rollout_model policy)")
-    rollout_copy.release(copy)
+    if copy is not None:
+        rollout_copy.release(copy)
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()                       # what a half-built copy had allocated
 
 
 def score(texts, answers):
@@ -588,21 +604,40 @@ def due(step, every, cfg):
     return step % every == 0 or step == cfg.max_steps
 
 
-COLLAPSED = 3   # train()'s exit code for a run stopped by collapse_patience
+COLLAPSED = 3   # train()'s exit code for a run stopped by collapse_patience whose groups were all wrong
 
 
-def collapse(state, row, cfg):
-    """The one line a collapsed run ends with (after its checkpoint is saved)."""
-    print(f"collapsed: no group has carried a reward signal since step {state.last_signal_step} "
-          f"({state.step - state.last_signal_step} steps; last reward {row['reward']:.3f}); stopped at step "
+def no_signal(state, cfg):
+    """None, or why the run stops: no group has carried a signal for collapse_patience steps, and
+    the last step's groups were all wrong ("collapsed") or all right ("saturated")."""
+    if not cfg.collapse_patience or state.step - state.last_signal_step < cfg.collapse_patience:
+        return None
+    return "saturated" if state.last_rewards_all_right else "collapsed"
+
+
+def collapse(state, cfg, reward):
+    """The one line a run stopped by collapse_patience ends with (after its checkpoint is saved)."""
+    since = f"since step {state.last_signal_step} ({state.step - state.last_signal_step} steps"
+    if state.last_rewards_all_right:
+        print(f"saturated: every group has scored all right {since}; last reward {reward:.3f}); stopped at "
+              f"step {state.step}: these prompts have nothing left to teach (harder data, or a larger "
+              "--num_generations)", file=sys.stderr)
+        return 0
+    print(f"collapsed: no group has carried a reward signal {since}; last reward {reward:.3f}); stopped at step "
           f"{state.step}, checkpoint in {cfg.output_dir}/checkpoint. Try a lower --beta1 or --learning_rate.",
           file=sys.stderr)
     return COLLAPSED
 
 
-def finish(model, tok, state, stop, out):
-    """The final adapter and tokenizer, or after Ctrl-C the way to resume (exit code 130)."""
+def finish(model, tok, state, stop, out, row=None, cfg=None):
+    """The final adapter and tokenizer, or after Ctrl-C the way to resume (exit code 130), or the
+    line of a run stopped by collapse_patience (exit code 3 when it collapsed)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    if cfg is not None and no_signal(state, cfg):
+        reward = row["reward"] if row else float("nan")
+        rc = collapse(state, cfg, reward)
+        if rc:
+            return rc
     if stop["asked"]:
         print(f"stopped at step {state.step}; checkpoint saved in {out}/checkpoint; continue with --resume",
               file=sys.stderr)

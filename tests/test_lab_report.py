@@ -18,17 +18,19 @@ def test_gppo_is_beta1_beta2_1_with_cegppo_clip_range():
         cegppo.ALGOS["cegppo"][k] for k in ("epsilon_low", "epsilon_high", "dual_clip"))
 
 
-def fake_run(folder, seed, algo, rewards, entropy, evals, kl=0.01, max_steps=None):
+def fake_run(folder, seed, algo, rewards, entropy, evals, kl=0.01, stopped=None):
     """A train.py output folder with the fields the seed table reads."""
     os.makedirs(folder)
-    json.dump({"algo": algo, "beta1": 0.0, "beta2": 0.0, "seed": seed, "output_dir": folder,
-               "max_steps": max_steps or len(rewards)}, open(os.path.join(folder, "config.json"), "w"))
+    json.dump({"algo": algo, "beta1": 0.0, "beta2": 0.0, "seed": seed, "output_dir": folder},
+              open(os.path.join(folder, "config.json"), "w"))
     with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
         for step, (r, h) in enumerate(zip(rewards, entropy), 1):
             row = {"step": step, "reward": r, "entropy": h, "clip_ratio/low_mean": 0.01,
                    "clip_ratio/high_mean": 0.02, "approx_kl": kl}
             if step in evals:
                 row["eval/accuracy"] = evals[step]
+            if step == len(rewards) and stopped:
+                row["stopped"] = stopped
             f.write(json.dumps(row) + "\n")
 
 
@@ -45,9 +47,14 @@ def test_collapse_is_detected_counted_and_kept_out_of_the_second_row(tmp_path):
                  {20: 0.0 if seed == 2 else 0.95})
     assert plot.collapse_step(plot.read_rows(runs[("gppo", 2)])) == 18     # 5-step mean: 0.16 at 17, 0 at 18
     assert plot.collapse_step(plot.read_rows(runs[("gppo", 1)])) is None
-    # a run train.py stopped for collapse (fewer steps than asked) counts as collapsed at its last step
-    fake_run(str(tmp_path / "stopped"), 9, "grpo", [0.0] * 5, [0.3] * 5, {}, max_steps=100)
+    # a run train.py stopped for collapse counts as collapsed at its last step; one stopped otherwise
+    # (Ctrl-C, a crash, saturation: every group all right) does not
+    fake_run(str(tmp_path / "stopped"), 9, "grpo", [0.0] * 5, [0.3] * 5, {}, stopped="collapsed")
     assert plot.run_summary(str(tmp_path / "stopped"))["collapse_step"] == 5
+    fake_run(str(tmp_path / "short"), 9, "grpo", [0.0] * 5, [0.3] * 5, {})
+    fake_run(str(tmp_path / "saturated"), 9, "grpo", [1.0] * 5, [0.3] * 5, {}, stopped="saturated")
+    assert plot.run_summary(str(tmp_path / "short"))["collapse_step"] is None
+    assert plot.run_summary(str(tmp_path / "saturated"))["collapse_step"] is None
 
     table = plot.seed_table(list(runs.values()), baseline="algo=grpo")
     lines = table.splitlines()

@@ -242,11 +242,26 @@ def test_a_collapsed_run_says_so_saves_and_stops(monkeypatch, tmp_path, capsys):
     assert run_main(["--preset", "tiny", "--max_steps", "10", "--eval_limit", "0", "--collapse_patience", "3",
                      "--max_generation_rounds", "1", "--output_dir", out]) == train.COLLAPSED
     assert [x["updates"] for x in rows(out)] == [0, 0, 0]
+    assert rows(out)[-1]["stopped"] == "collapsed" and "stopped" not in rows(out)[0]
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("collapsed: no group has carried a reward signal since step 0")
     assert "--beta1" in last and "--learning_rate" in last
     state = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
     assert state["step"] == 3
+    # resumed (as an interrupted --seeds run resumes every seed), a collapsed run stays stopped
+    assert run_main(["--preset", "tiny", "--max_steps", "10", "--eval_limit", "0", "--collapse_patience", "3",
+                     "--max_generation_rounds", "1", "--output_dir", out, "--resume"]) == train.COLLAPSED
+    assert len(rows(out)) == 3
+
+
+def test_a_saturated_run_stops_with_its_adapter(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(train, "score", lambda texts, answers: torch.ones(len(texts)))
+    out = str(tmp_path / "saturated")
+    assert run_main(["--preset", "tiny", "--max_steps", "10", "--eval_limit", "0", "--collapse_patience", "2",
+                     "--max_generation_rounds", "1", "--output_dir", out]) == 0
+    assert len(rows(out)) == 2 and rows(out)[-1]["stopped"] == "saturated"
+    assert "saturated: every group has scored all right" in capsys.readouterr().err
+    assert os.path.exists(os.path.join(out, "adapter_model.safetensors"))
 
 
 def test_quadrant_fractions_of_the_trained_tokens_add_up_to_1(tmp_path):
