@@ -177,7 +177,7 @@ def train(cfg):
         update_log = timed(times, "update", update_policy, model, optimizer, scaler, params, kept["rollout"],
                            old_logp, kept["advantages"], kept["rewards"] >= 1.0, cfg, state)
         # 6. log (and evaluate)
-        row = metrics_row(state, cfg, kept, sampled, old_logp, entropy, update_log, times, scaler)
+        row = metrics_row(state, cfg, kept, sampled, old_logp, entropy, update_log, times, scaler, source)
         if eval_rows and (state.step == 1 or due(state.step, cfg.eval_steps, cfg)):
             row.update(evaluate_policy(model, tok, eval_rows, gen_batch, cfg))
         sync()
@@ -502,7 +502,7 @@ def optimizer_step(optimizer, scaler, params, cfg, losses, log):
 # ----------------------------------------------------------------------------------------------
 # Step 6: log and evaluate
 # ----------------------------------------------------------------------------------------------
-def metrics_row(state, cfg, kept, sampled, old_logp, entropy, update_log, times, scaler):
+def metrics_row(state, cfg, kept, sampled, old_logp, entropy, update_log, times, scaler, source):
     """6. One row of metrics.jsonl; names follow TRL's GRPOTrainer where it logs the same quantity.
 
     Over everything sampled in the step (all rounds): reward, reward_std, frac_reward_zero_std,
@@ -524,7 +524,7 @@ def metrics_row(state, cfg, kept, sampled, old_logp, entropy, update_log, times,
         "ratio/max": max(upd["ratio/max"], default=1.0),
         "sampling/sampling_logp_difference/mean": first["diff_sum"] / max(1, first["tokens"]),
         "sampling/sampling_logp_difference/max": first["diff_max"],
-        "sampling/old_logprobs_from_sampler": int(old_logprob_source(cfg) == "sampler"),
+        "sampling/old_logprobs_from_sampler": int(source == "sampler"),
         "sampling/dense_fallback": sampled["dense_fallback"],
         "completions/mean_length": sampled["lengths"].mean().item(),
         "completions/max_length": sampled["lengths"].max().item(),
