@@ -10,6 +10,7 @@ cegppo_loss. beta1 = beta2 = 0 is exactly PPO-clip (GRPO with group advantages).
 The file in reading order; the first section is the whole of CE-GPPO's change to PPO, the
 others are what any GRPO-style trainer needs around it:
     cegppo_loss, ALGOS      the objective and the algorithms' settings (the file's heart)
+    cispo_loss, policy_loss  a baseline that keeps the clipped gradients another way; --algo's loss
     positive_sft_loss       the authors' optional SFT term on fully rewarded responses
     group_advantages        GRPO's group z-score, and which groups carry no signal
     token_quadrants         the paper's PA/NA x HP/LP analysis as per-step metrics
@@ -102,20 +103,23 @@ def cegppo_loss(logp, old_logp, advantages, mask, *, epsilon_low, epsilon_high, 
     # Token mean over the whole batch (verl's "token-mean", the authors' choice).
     denom = mask.sum().clamp(min=1.0) if num_tokens is None else float(max(num_tokens, 1))
     loss = (per_token * mask).sum() / denom
+    return loss, _loss_stats(ratio, log_ratio, mask, low, high, dual)
 
+
+def _loss_stats(ratio, log_ratio, mask, low, high, dual):
+    """The statistics every policy loss here returns: shares of the masked tokens in each region,
+    the k3 estimate of KL(pi_old || pi) (non-negative, low variance: Schulman's note), the ratio."""
     with torch.no_grad():
         n = mask.sum().clamp(min=1.0)
         valid = mask > 0
-        stats = {
+        return {
             "clip_ratio/low_mean": ((low & valid).sum() / n).item(),
             "clip_ratio/high_mean": ((high & valid).sum() / n).item(),
             "clip_ratio/dual_mean": ((dual & valid).sum() / n).item(),
-            # k3 estimator of KL(pi_old || pi): non-negative, low variance (Schulman's note).
             "approx_kl": ((((ratio - 1.0) - log_ratio) * mask).sum() / n).item(),
             "ratio/mean": ((ratio * mask).sum() / n).item(),
             "ratio/max": ratio[valid].max().item() if valid.any() else 1.0,
         }
-    return loss, stats
 
 
 # cegppo_loss's statistics that are means over tokens: a trainer that accumulates micro-batches (or
@@ -133,7 +137,50 @@ ALGOS = {
     # Klear-Reasoner's GPPO (Su et al., 2025, arXiv 2508.07629), which CE-GPPO generalises: both
     # clipped regions keep their full bounded gradient.
     "gppo": dict(beta1=1.0, beta2=1.0, epsilon_low=0.2, epsilon_high=0.2, dual_clip=10.0),
+    # MiniMax-M1's CISPO: its own loss (cispo_loss below), which has no clip regions, so no betas, no
+    # low range and no dual clip (None: train.py refuses them); epsilon_high caps its importance
+    # weight at 1 + 4 = 5 (TRL's loss_type="cispo" recommends epsilon_high 5.0, its cap itself).
+    "cispo": dict(beta1=None, beta2=None, epsilon_low=None, epsilon_high=4.0, dual_clip=None),
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# A baseline beside the heart: CISPO keeps every clipped token's gradient another way
+# ----------------------------------------------------------------------------------------------
+# MiniMax-M1's CISPO (arXiv 2506.13585, Eq. 4-5; TRL's loss_type="cispo"), per response token:
+#
+#   l = sg(min(r, 1 + eps_high)) * A * log pi
+#
+# The importance weight is capped and detached instead of the objective being clipped, so no token
+# ever loses its gradient: F = min(r, 1 + eps_high) for every token, either sign of A. CE-GPPO keeps
+# PPO-clip's F = r inside [1 - eps, 1 + eps] and gives the clipped tokens a fixed beta * (1 +- eps);
+# CISPO has no trust region at all, only a cap on the weight. Token mean, as cegppo_loss.
+def cispo_loss(logp, old_logp, advantages, mask, *, epsilon_high, num_tokens=None):
+    """CISPO policy loss (token mean) and the statistics of cegppo_loss, under the same names.
+
+    logp, old_logp, mask: [B, T]; advantages: [B] or [B, T]; num_tokens as in cegppo_loss.
+    clip_ratio/high_mean counts the tokens whose weight the cap binds with A > 0 (TRL's
+    cispo_clip_ratio); CISPO has no low clip region and no dual clip (their shares are 0).
+    """
+    mask = mask.to(logp.dtype)                                   # [B, T]
+    adv = advantages if advantages.dim() == 2 else advantages[:, None]
+    adv = adv.to(logp.dtype).expand_as(logp)                     # [B, T]
+    log_ratio = logp.detach() - old_logp.detach()                # [B, T] no gradient: the weight is sg(.)
+    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))              # [B, T] r
+    weight = ratio.clamp(max=1.0 + epsilon_high)                 # [B, T] sg(min(r, 1 + eps_high))
+    per_token = -weight * adv * logp                             # [B, T]
+    denom = mask.sum().clamp(min=1.0) if num_tokens is None else float(max(num_tokens, 1))
+    loss = (per_token * mask).sum() / denom
+    capped = (ratio > 1.0 + epsilon_high) & (adv > 0)            # [B, T]
+    none = torch.zeros_like(capped)
+    return loss, _loss_stats(ratio, log_ratio, mask, none, capped, none)
+
+
+def policy_loss(algo, logp, old_logp, advantages, mask, *, num_tokens=None, **knobs):
+    """The loss --algo names, with its knobs (ALGOS' keys): cispo_loss for cispo, else cegppo_loss."""
+    if algo == "cispo":
+        return cispo_loss(logp, old_logp, advantages, mask, epsilon_high=knobs["epsilon_high"], num_tokens=num_tokens)
+    return cegppo_loss(logp, old_logp, advantages, mask, num_tokens=num_tokens, **knobs)
 
 
 def positive_sft_loss(logp, mask, positive, num_tokens=None):

@@ -123,11 +123,17 @@ def set_threads(threads=0):
     same cores they fight over them and a run slows down 10-30x. Setting the number explicitly to
     what is free (--threads, or OMP_NUM_THREADS=1 for every job on a busy 2-core machine) fixes it.
     """
-    if threads <= 0:
-        env = os.environ.get("OMP_NUM_THREADS", "")
-        threads = int(env) if env.isdigit() and int(env) > 0 else usable_cpus()
+    threads = thread_count(threads)
     torch.set_num_threads(threads)
     return threads
+
+
+def thread_count(threads=0):
+    """What set_threads(threads) sets: `threads`, or for 0 $OMP_NUM_THREADS if set, else usable_cpus()."""
+    if threads > 0:
+        return threads
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else usable_cpus()
 
 
 def usable_cpus():

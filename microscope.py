@@ -99,13 +99,16 @@ def parse_grid(text):
     CE-GPPO's clip range and dual clip (so 0:0 is GRPO, knob for knob)."""
     settings = {}
     for item in (s.strip() for s in text.split(",") if s.strip()):
+        if item == "cispo":     # not a setting of cegppo_loss, whose knobs the microscope varies
+            raise ValueError("--grid cispo: the microscope compares clip-based settings of cegppo_loss; "
+                             "CISPO runs in the lab (train.py --preset lab --algo cispo)")
         if item in cegppo.ALGOS:
             settings[item] = dict(cegppo.ALGOS[item])
             continue
         try:
             b1, b2 = (float(x) for x in item.split(":"))
         except ValueError:
-            raise ValueError(f"--grid {item!r}: each entry is one of {', '.join(cegppo.ALGOS)} "
+            raise ValueError(f"--grid {item!r}: each entry is one of {', '.join(a for a in cegppo.ALGOS if a != 'cispo')} "
                              f"or beta1:beta2") from None
         if not all(math.isfinite(b) and b >= 0 for b in (b1, b2)):
             raise ValueError(f"--grid {item!r}: beta1 and beta2 must be finite and >= 0")

@@ -7,6 +7,7 @@ train.py reads as the algorithm's steps.
     timed, sync                   wall time of a phase (on a GPU once its queued work has run)
     reset_peak_mem, peak_mem_gb, peak_mem_reserved_gb   this step's peak memory
     catch_ctrl_c, start_wandb     Ctrl-C finishes the step and saves; optional Weights & Biases
+    run_seed_processes            --jobs: the seeds of one command in processes of their own
 """
 
 import dataclasses
@@ -15,7 +16,9 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -169,7 +172,8 @@ def peak_mem_reserved_gb():
 # Ctrl-C and wandb
 # ----------------------------------------------------------------------------------------------
 def catch_ctrl_c():
-    """Ctrl-C finishes the step in progress (a half-updated step cannot be checkpointed), then saves."""
+    """Ctrl-C finishes the step in progress (a half-updated step cannot be checkpointed), then saves.
+    A seed's process started by --jobs does the same when the process that started it is gone."""
     stop = {"asked": False}
 
     def on_sigint(signum, frame):
@@ -178,7 +182,136 @@ def catch_ctrl_c():
         stop["asked"] = True
         tqdm.write("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
     signal.signal(signal.SIGINT, on_sigint)
+    if hasattr(signal, "SIGBREAK"):         # Windows: how run_seed_processes passes a Ctrl-C on
+        signal.signal(signal.SIGBREAK, on_sigint)
+    parent = os.environ.pop(PARENT_PID, None)
+    if parent:
+        threading.Thread(target=_watch_parent, args=(int(parent), stop), daemon=True).start()
     return stop
+
+
+PARENT_PID = "CEGPPO_JOBS_PARENT"        # set by run_seed_processes for the processes it starts
+
+
+def _watch_parent(pid, stop, every_s=1.0):
+    """Ask the loop to stop (finish the step, save) once the --jobs process that started this one has
+    died (killed, say): a seed must not run on unseen and then collide with a --resume. The parent's
+    death shows as a new parent id (POSIX: the orphan is adopted; not on Windows, where it runs on)."""
+    while os.getppid() == pid:
+        time.sleep(every_s)
+    stop["asked"] = True
+
+
+# ----------------------------------------------------------------------------------------------
+# --jobs: the seeds of one command at once, in processes of their own
+# ----------------------------------------------------------------------------------------------
+def run_seed_processes(runs, jobs, max_steps, poll_s=1.0):
+    """Run [(seed, argv, output_dir)] as processes, at most `jobs` at a time, each writing everything it
+    prints to output_dir/train.log; show one progress line per seed. Returns 0, or 130 after Ctrl-C
+    (every seed finishes its step and saves: --resume continues them), or 1 after one error line per
+    seed that failed (a collapsed seed, exit code 3, is a result, not a failure).
+
+    Each process runs in a session of its own, so that a Ctrl-C reaches it once, from here, and not
+    also from the terminal (a second Ctrl-C aborts a run without saving)."""
+    pending, running, codes = list(runs), {}, {}
+    progress = SeedProgress([seed for seed, _, _ in runs], max_steps)
+    detach = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                seed, argv, out = pending.pop(0)
+                os.makedirs(out, exist_ok=True)
+                log = open(os.path.join(out, "train.log"), "a")
+                log.write(" ".join(argv) + "\n")
+                log.flush()
+                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env={**os.environ, PARENT_PID: str(os.getpid())}, **detach)
+                running[seed] = (proc, log, out)
+            for seed, (proc, log, out) in list(running.items()):
+                progress.show(seed, out)
+                if proc.poll() is not None:
+                    log.close()
+                    codes[seed] = proc.returncode
+                    progress.show(seed, out, done=proc.returncode)
+                    del running[seed]
+            time.sleep(poll_s if running else 0)
+    except KeyboardInterrupt:
+        progress.say("Ctrl-C: every running seed finishes its step and saves a checkpoint")
+        for proc, _, _ in running.values():
+            proc.send_signal(signal.CTRL_BREAK_EVENT if os.name == "nt" else signal.SIGINT)
+        for seed, (proc, log, out) in running.items():
+            codes[seed] = proc.wait()
+            log.close()
+        progress.close()
+        left = [str(seed) for seed, _, _ in pending] + [str(s) for s, c in codes.items() if c == 130]
+        print(f"stopped; seeds {', '.join(left)} not finished: continue them with --resume", file=sys.stderr)
+        return 130
+    progress.close()
+    failed = {seed: code for seed, code in codes.items() if code not in (0, 3)}
+    for seed, code in failed.items():
+        out = next(o for s, _, o in runs if s == seed)
+        print(f"error: seed {seed} failed (exit code {code}): {_last_line(os.path.join(out, 'train.log'))} "
+              f"(all of it in {out}/train.log)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _last_line(path):
+    """The last non-empty line a seed's process wrote (its error line, when it failed)."""
+    with open(path, errors="replace") as f:
+        lines = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+class SeedProgress:
+    """One line per seed: its step, last reward and held-out accuracy. On a terminal, a bar per seed
+    redrawn in place; elsewhere (a log file, CI) a plain line per seed every tenth of the run."""
+
+    def __init__(self, seeds, max_steps):
+        self.max_steps, self.tty = max_steps, sys.stderr.isatty()
+        self.bars = {s: tqdm(total=max_steps, desc=f"seed {s}", position=i, dynamic_ncols=True)
+                     for i, s in enumerate(seeds)} if self.tty else {}
+        self.said, self.sizes = {s: -1 for s in seeds}, {}
+
+    def show(self, seed, out, done=None):
+        path = os.path.join(out, "metrics.jsonl")
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        if done is None and self.sizes.get(seed) == size:
+            return                                  # nothing new since the last look
+        self.sizes[seed] = size
+        rows = _tail_rows(path)
+        step = rows[-1]["step"] if rows else 0
+        evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
+        text = (f"reward {rows[-1]['reward']:.3f}" if rows else "starting") + \
+            (f" | eval {evals[-1]:.3f}" if evals else "") + \
+            ("" if done is None else " | done" if done == 0 else f" | exit code {done}")
+        if self.tty:
+            bar = self.bars[seed]
+            bar.update(step - bar.n)
+            bar.set_postfix_str(text)
+        elif done is not None or step // max(1, self.max_steps // 10) > self.said[seed]:
+            self.said[seed] = step // max(1, self.max_steps // 10)
+            print(f"seed {seed}: step {step}/{self.max_steps} | {text}", file=sys.stderr, flush=True)
+
+    def say(self, text):
+        (tqdm.write if self.tty else print)(text, file=sys.stderr)
+
+    def close(self):
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _tail_rows(path):
+    """The rows of a metrics.jsonl that is being written: a last line not yet complete is left out."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break
+    return rows
 
 
 def start_wandb(cfg):

@@ -52,7 +52,7 @@ import rollout_copy
 from eval import evaluate
 from loading import UserError
 from runtime import (catch_ctrl_c, check_resume, find_checkpoint, peak_mem_gb, peak_mem_reserved_gb, reset_peak_mem,
-                     restore, save_checkpoint, start_wandb, sync, timed)
+                     restore, run_seed_processes, save_checkpoint, start_wandb, sync, timed)
 
 
 def _f(default, help):
@@ -75,11 +75,11 @@ class Config:
     eval_dataset: Optional[str] = _f(None, "held-out set; unset: the named dataset's test split, none for a local file")
     max_prompt_length: int = _f(512, "prompts longer than this (tokens) are skipped and counted")
     # algorithm: --algo fills in the five knobs below that are not given (cegppo.ALGOS)
-    algo: Literal["cegppo", "grpo", "dapo", "gppo"] = _f("cegppo", "sets the defaults of the five loss knobs below")
+    algo: Literal["cegppo", "grpo", "dapo", "gppo", "cispo"] = _f("cegppo", "sets the defaults of the five loss knobs below; cispo: its own loss, which uses only --epsilon_high (weight cap 1 + eps)")
     beta1: Optional[float] = _f(None, "gradient scale in the low clip region (ratio < 1-eps_low, A < 0; NA&LP): lowers entropy")
     beta2: Optional[float] = _f(None, "gradient scale in the high clip region (ratio > 1+eps_high, A > 0; PA&LP): raises entropy")
     epsilon_low: Optional[float] = _f(None, "clip range below 1")
-    epsilon_high: Optional[float] = _f(None, "clip range above 1 (DAPO's clip-higher raises it)")
+    epsilon_high: Optional[float] = _f(None, "clip range above 1 (DAPO's clip-higher raises it; CISPO caps its weight at 1 + it)")
     dual_clip: Optional[float] = _f(None, "dual clip c for A < 0 (loss <= -c*A), as in the authors' scripts; 0 = off")
     sft_coef: float = _f(0.0, "weight of the authors' SFT term on fully rewarded responses (their scripts: 0.1; the paper: 0)")
     # rollout
@@ -104,6 +104,7 @@ class Config:
     max_steps: int = _f(200, "RL steps")
     seed: int = _f(42, "seed for data order, sampling and LoRA init")
     seeds: Optional[str] = _f(None, "comma-separated seeds, e.g. 1,2,3: one run per seed, in output_dir/seed-<n>")
+    jobs: int = _f(1, "with --seeds: run this many seeds at once, each in its own process, the CPU threads divided among them")
     threads: int = _f(0, "CPU threads for torch; 0 = $OMP_NUM_THREADS, else one per core")
     # logging, evaluation, checkpoints
     output_dir: str = _f("runs/cegppo", "metrics.jsonl, samples.jsonl, curves.png, checkpoint/, final adapter (presets: runs/<preset>)")
@@ -131,12 +132,12 @@ PRESETS = {
 }
 
 # Flags that may change between a run and its --resume; any other difference is refused.
-RESUME_MAY_CHANGE = {"resume", "seeds", "max_steps", "save_steps", "eval_steps", "logging_steps", "wandb",
+RESUME_MAY_CHANGE = {"resume", "seeds", "jobs", "max_steps", "save_steps", "eval_steps", "logging_steps", "wandb",
                      "generation_batch_size", "threads", "rollout_model",
                      "collapse_patience"}
 AT_LEAST_1 = ("prompts_per_step", "num_generations", "max_completion_length", "steps_per_generation", "num_iterations",
               "micro_batch_size", "max_steps", "logging_steps", "eval_steps", "save_steps", "generation_batch_size",
-              "max_prompt_length", "lora_r", "lora_alpha", "max_generation_rounds")
+              "max_prompt_length", "lora_r", "lora_alpha", "max_generation_rounds", "jobs")
 
 
 @dataclass
@@ -199,20 +200,51 @@ def train(cfg):
 
 
 def main(argv=None):
-    """Parse the flags and train once, or once per seed of --seeds (each in output_dir/seed-<n>)."""
+    """Parse the flags and train once, or once per seed of --seeds (each in output_dir/seed-<n>),
+    one after another or, with --jobs N, N at a time in processes of their own."""
     cfg = parse_config(argv)
     if not cfg.seeds:
         return train(cfg)
+    runs = seed_configs(cfg)
+    if cfg.jobs > 1 and len(runs) > 1:
+        threads = max(1, loading.thread_count(cfg.threads) // min(cfg.jobs, len(runs)))
+        rc = run_seed_processes([(c.seed, [sys.executable, os.path.abspath(__file__), *config_flags(c, threads)],
+                                  c.output_dir) for c in runs], cfg.jobs, cfg.max_steps)
+    else:
+        for c in runs:
+            rc = train(c)
+            if rc and rc != COLLAPSED:                  # a collapsed seed is a result: the next seeds still run
+                return rc
+        rc = 0
+    if rc == 0:
+        print(f"compare the seeds with: python plot.py {cfg.output_dir}/seed-* --output seeds.png --table",
+              file=sys.stderr)
+    return rc
+
+
+def seed_configs(cfg):
+    """One Config per seed of --seeds, each in output_dir/seed-<n>; with --resume, the seeds that had
+    not started yet start now. Refuses, before anything runs, a seed folder that holds a run already."""
+    runs = []
     for seed in seed_list(cfg.seeds):
         out = os.path.join(cfg.output_dir, f"seed-{seed}")
-        fresh = cfg.resume and not find_checkpoint(out) and not os.path.exists(os.path.join(out, "metrics.jsonl"))
-        # --resume of an interrupted --seeds run: the seeds that had not started yet start now
-        rc = train(dataclasses.replace(cfg, seed=seed, seeds=None, output_dir=out, resume=cfg.resume and not fresh))
-        if rc and rc != COLLAPSED:                      # a collapsed seed is a result: the next seeds still run
-            return rc
-    print(f"compare the seeds with: python plot.py {cfg.output_dir}/seed-* --output seeds.png --table",
-          file=sys.stderr)
-    return 0
+        started = find_checkpoint(out) or os.path.exists(os.path.join(out, "metrics.jsonl"))
+        if started and not cfg.resume:
+            raise UserError(f"--output_dir {out}: holds a run already; pass --resume to continue it or pick a new folder")
+        runs.append(dataclasses.replace(cfg, seed=seed, seeds=None, jobs=1, output_dir=out,
+                                        resume=bool(cfg.resume and started)))
+    return runs
+
+
+def config_flags(cfg, threads):
+    """The command-line flags that give back exactly `cfg` (every field, unset ones left out), on
+    `threads` CPU threads: how --jobs starts a seed's process."""
+    flags = []
+    for f in dataclasses.fields(Config):
+        value = threads if f.name == "threads" else getattr(cfg, f.name)
+        if value is not None:
+            flags += [f"--{f.name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,10 +484,8 @@ def accumulate_gradients(model, scaler, rollout, rows, old_logp, advantages, pos
         with loading.model_autocast(model):            # the forward in half precision on a GPU; the loss in fp32
             logp, _ = cegppo.completion_logprobs(model, input_ids, attention_mask, prompt_len, cfg.temperature,
                                                  with_entropy=False)
-        loss, stats = cegppo.cegppo_loss(logp, old_logp[idx, :T].to(device), advantages[idx].to(device),
-                                         completion_mask, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
-                                         beta1=cfg.beta1, beta2=cfg.beta2, dual_clip=cfg.dual_clip,
-                                         num_tokens=mini_batch_tokens)
+        loss, stats = cegppo.policy_loss(cfg.algo, logp, old_logp[idx, :T].to(device), advantages[idx].to(device),
+                                         completion_mask, num_tokens=mini_batch_tokens, **loss_knobs(cfg))
         sft = cegppo.positive_sft_loss(logp, completion_mask, positive[idx].to(device), num_tokens=positive_tokens)
         total = loss + cfg.sft_coef * sft if cfg.sft_coef else loss
         if not torch.isfinite(total):
@@ -652,10 +682,15 @@ def finish(model, tok, state, stop, out, row=None, cfg=None):
 # ----------------------------------------------------------------------------------------------
 # Setup: flags -> Config (checked before anything is loaded or written), data, model, optimizer
 # ----------------------------------------------------------------------------------------------
+def loss_knobs(cfg):
+    """The five loss knobs of cfg (cegppo.ALGOS' keys), as the loss takes them."""
+    return {k: getattr(cfg, k) for k in cegppo.ALGOS["cegppo"]}
+
+
 def _default_text(f):
-    """What --help shows as a flag's default: the algorithms' values for the loss knobs."""
+    """What --help shows as a flag's default: the algorithms' values for the loss knobs (- where unused)."""
     if f.name in cegppo.ALGOS["cegppo"]:
-        return ", ".join(f"{a} {v[f.name]:g}" for a, v in cegppo.ALGOS.items())
+        return ", ".join(f"{a} {'-' if v[f.name] is None else format(v[f.name], 'g')}" for a, v in cegppo.ALGOS.items())
     return "unset" if f.default is None else str(f.default)
 
 
@@ -666,7 +701,10 @@ def parse_config(argv=None):
     preset = given.get("preset") or ("tiny" if given.get("model") == "tiny" else None)
     cfg = Config(**{**PRESETS.get(preset, {}), **given, "preset": preset})
     for k, v in cegppo.ALGOS[cfg.algo].items():
-        if getattr(cfg, k) is None:
+        if v is None and k in given:                     # a knob this algorithm's loss does not have
+            raise UserError(f"--{k}: --algo {cfg.algo} has no such knob (its loss uses only "
+                            f"{', '.join('--' + n for n, x in cegppo.ALGOS[cfg.algo].items() if x is not None)})")
+        if v is None or getattr(cfg, k) is None:         # unused knobs stay unset, even where a preset sets them
             setattr(cfg, k, v)
     check_config(cfg)
     if cfg.seeds:
@@ -684,10 +722,13 @@ def check_config(cfg):
     need(cfg.num_generations >= 2, "num_generations", "a group needs at least 2 completions")
     for name in ("beta1", "beta2", "sft_coef", "weight_decay", "warmup_steps", "eval_limit", "threads",
                  "collapse_patience"):
-        need(getattr(cfg, name) >= 0, name, "must be >= 0")
+        need(getattr(cfg, name) is None or getattr(cfg, name) >= 0, name, "must be >= 0")   # None: unused
     for name in ("epsilon_low", "epsilon_high"):
-        need(0 <= getattr(cfg, name) < 1, name, "must be in [0, 1)")
-    need(cfg.dual_clip == 0 or cfg.dual_clip > 1, "dual_clip", "must be 0 (off) or greater than 1")
+        need(getattr(cfg, name) is None or 0 <= getattr(cfg, name) < 1 or cfg.algo == "cispo", name,
+             "must be in [0, 1)")
+    need(cfg.algo != "cispo" or cfg.epsilon_high > 0, "epsilon_high", "CISPO's weight cap 1 + eps must be above 1")
+    need(cfg.dual_clip is None or cfg.dual_clip == 0 or cfg.dual_clip > 1, "dual_clip",
+         "must be 0 (off) or greater than 1")
     need(0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
     need(cfg.temperature > 0, "temperature", "RL sampling needs a temperature > 0")
     need(cfg.learning_rate > 0, "learning_rate", "must be > 0")

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from cegppo import ALGOS, cegppo_loss, group_advantages, positive_sft_loss, token_quadrants
+from cegppo import ALGOS, cegppo_loss, cispo_loss, group_advantages, policy_loss, positive_sft_loss, token_quadrants
 
 DEFAULTS = ALGOS["cegppo"]
 
@@ -163,6 +163,56 @@ def test_algorithm_defaults_are_the_papers():
     assert ALGOS["cegppo"] == dict(beta1=0.5, beta2=1.0, epsilon_low=0.2, epsilon_high=0.2, dual_clip=10.0)
     assert ALGOS["grpo"] == {**ALGOS["cegppo"], "beta1": 0.0, "beta2": 0.0}
     assert ALGOS["dapo"] == {**ALGOS["grpo"], "epsilon_high": 0.28}
+    # CISPO has only its weight cap, 1 + 4 = 5 (TRL's recommended epsilon_high for cispo, its cap itself)
+    assert ALGOS["cispo"] == dict(beta1=None, beta2=None, epsilon_low=None, epsilon_high=4.0, dual_clip=None)
+
+
+# CISPO, per token: loss -sg(min(r, 1 + eps_high)) * A * log pi; d loss / d log pi = -min(r, cap) * A.
+# With eps_high 0.2 (cap 1.2), old_logp 0 so log pi = log r:
+CISPO_CASES = [
+    # inside, A > 0: weight r = 1.1; value -1.1 * 2 * log 1.1 = -0.209682; gradient -1.1 * 2 = -2.2
+    ("inside, A>0", 1.1, 2.0, -1.1 * 2 * math.log(1.1), -2.2),
+    # above the cap, A > 0 (PPO's high clip region: gradient 0 there): weight 1.2; gradient -1.2 * 2 = -2.4
+    ("capped, A>0", 1.5, 2.0, -1.2 * 2 * math.log(1.5), -2.4),
+    # above the cap, A < 0 (PPO does not clip here: gradient r = 1.5): weight 1.2, gradient 1.2
+    ("capped, A<0", 1.5, -1.0, 1.2 * math.log(1.5), 1.2),
+    # far below 1, A < 0 (PPO's low clip region: 0; CE-GPPO 0.5 * 0.8 = 0.4): weight r = 0.5, gradient 0.5
+    ("low ratio, A<0", 0.5, -1.0, 0.5 * math.log(0.5), 0.5),
+    # far below 1, A > 0: weight r, gradient -0.5
+    ("low ratio, A>0", 0.5, 1.0, -0.5 * math.log(0.5), -0.5),
+    # far above: r = 12, A < 0 (where the dual clip zeroes CE-GPPO's gradient): still 1.2
+    ("r 12, A<0", 12.0, -1.0, 1.2 * math.log(12.0), 1.2),
+]
+
+
+@pytest.mark.parametrize("name,r,a,value,grad", CISPO_CASES, ids=[c[0] for c in CISPO_CASES])
+def test_cispo_single_token_cases(name, r, a, value, grad):
+    logp = torch.tensor([[math.log(r)]], dtype=torch.float64, requires_grad=True)
+    loss, stats = cispo_loss(logp, torch.zeros_like(logp), torch.tensor([a], dtype=torch.float64),
+                             torch.ones(1, 1, dtype=torch.float64), epsilon_high=0.2)
+    loss.backward()
+    assert loss.item() == pytest.approx(value, abs=1e-12)
+    assert logp.grad.item() == pytest.approx(grad, abs=1e-12)
+    # the high clip share counts the cap binding with A > 0 (TRL's cispo_clip_ratio); no low region
+    assert stats["clip_ratio/high_mean"] == (1.0 if r > 1.2 and a > 0 else 0.0)
+    assert stats["clip_ratio/low_mean"] == stats["clip_ratio/dual_mean"] == 0.0
+
+
+def test_cispo_token_mean_and_dispatch():
+    # three tokens (r 1.1 A 2, r 1.5 A 2, r 0.5 A -1) and a masked one: gradients / 3 as in cegppo_loss
+    ratios, advs = [1.1, 1.5, 0.5, 3.0], [2.0, 2.0, -1.0, 5.0]
+    logp = torch.tensor([[math.log(r) for r in ratios]], dtype=torch.float64, requires_grad=True)
+    old, adv = torch.zeros_like(logp), torch.tensor([advs], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    loss, stats = policy_loss("cispo", logp, old, adv, mask, **ALGOS["cispo"], num_tokens=None)
+    loss.backward()
+    # cap 5 (ALGOS): no weight is capped; gradient -r * A / 3
+    assert logp.grad[0].tolist() == pytest.approx([-2.2 / 3, -3.0 / 3, 0.5 / 3, 0.0])
+    assert stats["ratio/max"] == pytest.approx(1.5) and stats["clip_ratio/high_mean"] == 0.0
+    # the other algorithms go to cegppo_loss with their knobs
+    a, _ = policy_loss("gppo", logp, old, adv, mask, **ALGOS["gppo"])
+    b, _ = cegppo_loss(logp, old, adv, mask, **ALGOS["gppo"])
+    assert a.item() == b.item()
 
 
 def test_positive_sft_loss_by_hand():
