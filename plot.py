@@ -4,6 +4,7 @@
     python plot.py runs/lab-b1-0/seed-* runs/lab-b1-1/seed-* --output seeds.png     # one band per setting
     python plot.py runs/lab-*/seed-* --metrics entropy,eval/accuracy --table         # two panels, the seed table
     python plot.py --gradient_weight docs/gradient_weight.png
+    python plot.py runs/lab/*/*/seed-* --map docs/lab_map.png --baseline algo=grpo   # the step-size map
 
 Each run is a train.py output folder (metrics.jsonl + config.json). Runs whose configurations
 differ only in --seed (and the output folder) are one setting: drawn as the mean over seeds with a
@@ -42,16 +43,17 @@ def read_config(run_dir):
         return {}
 
 
-def group_by_setting(run_dirs):
-    """[(label, [run_dir, ...])]: runs whose configs differ only by seed share a group, in first-seen order."""
+def group_by_setting(run_dirs, ignore=NOT_A_SETTING):
+    """[(label, [run_dir, ...])]: runs whose configs differ only by seed (and the other `ignore`d
+    flags) share a group, in first-seen order."""
     configs = {r: read_config(r) for r in run_dirs}
     groups = {}
     for r, c in configs.items():
-        key = json.dumps({k: v for k, v in c.items() if k not in NOT_A_SETTING}, sort_keys=True) if c else r
+        key = json.dumps({k: v for k, v in c.items() if k not in ignore}, sort_keys=True) if c else r
         groups.setdefault(key, []).append(r)
     # label each group by the flags whose values differ between groups (all of the loss knobs if none do)
     firsts = [configs[g[0]] for g in groups.values()]
-    varying = [k for k in firsts[0] if k not in NOT_A_SETTING and len({json.dumps(c.get(k)) for c in firsts}) > 1]
+    varying = [k for k in firsts[0] if k not in ignore and len({json.dumps(c.get(k)) for c in firsts}) > 1]
     shown = varying or ["algo", "beta1", "beta2"]
     out = []
     for runs in groups.values():
@@ -146,25 +148,29 @@ def save(fig, output, dpi=80):
     os.replace(tmp, output)
 
 
-def gradient_weight(ratios, advantage, epsilon=0.2, beta1=0.0, beta2=0.0):
+def gradient_weight(ratios, advantage, epsilon=0.2, beta1=0.0, beta2=0.0, algo="cegppo"):
     """The factor F in  d loss / d log pi = -F * A  of one token (paper Eq. 10), for each ratio in
-    `ratios`, taken by autograd from cegppo.cegppo_loss itself: the figure draws the loss the
-    trainer uses, not a second copy of its cases. PPO-clip (betas 0): F = r inside the clip range
-    or where the clip does not bind, 0 where it binds; CE-GPPO: beta1 * (1 - eps) and
-    beta2 * (1 + eps) in the two clip regions instead of 0."""
+    `ratios`, taken by autograd from the trainer's own loss (cegppo.policy_loss): the figure draws
+    the loss the trainer uses, not a second copy of its cases. PPO-clip (betas 0): F = r inside the
+    clip range or where the clip does not bind, 0 where it binds; CE-GPPO: beta1 * (1 - eps) and
+    beta2 * (1 + eps) in the two clip regions instead of 0; algo "cispo": min(r, 1 + eps) everywhere."""
     import torch
     import cegppo
     r = torch.tensor(ratios, dtype=torch.float64)[None, :]                  # [1, N] one token per ratio
     logp = torch.zeros_like(r, requires_grad=True)                          # [1, N] log pi, at the ratio r
-    loss, _ = cegppo.cegppo_loss(logp, -torch.log(r), torch.tensor([advantage], dtype=torch.float64),
-                                 torch.ones_like(r), epsilon_low=epsilon, epsilon_high=epsilon, beta1=beta1,
-                                 beta2=beta2, dual_clip=cegppo.ALGOS["cegppo"]["dual_clip"], num_tokens=1)
+    knobs = dict(epsilon_low=epsilon, epsilon_high=epsilon, beta1=beta1, beta2=beta2,
+                 dual_clip=cegppo.ALGOS["cegppo"]["dual_clip"])
+    loss, _ = cegppo.policy_loss(algo, logp, -torch.log(r), torch.tensor([advantage], dtype=torch.float64),
+                                 torch.ones_like(r), num_tokens=1, **knobs)
     loss.backward()
     return (-logp.grad[0] / advantage).tolist()
 
 
 def plot_gradient_weight(output, epsilon=0.2, beta1=0.5, beta2=1.0):
-    """The README's figure: F against the ratio, for A > 0 and A < 0, PPO-clip beside CE-GPPO."""
+    """The README's figure: F against the ratio, for A > 0 and A < 0, PPO-clip beside CE-GPPO and CISPO
+    (at its own cap, cegppo.ALGOS: over these ratios it keeps F = r for every token)."""
+    import cegppo
+    cispo_cap = 1 + cegppo.ALGOS["cispo"]["epsilon_high"]
     rs = [i / 200 for i in range(1, 401)]
     fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for ax, adv, title in ((axes[0], 1.0, "A > 0: high clip region r > 1+eps (PA&LP)"),
@@ -172,6 +178,8 @@ def plot_gradient_weight(output, epsilon=0.2, beta1=0.5, beta2=1.0):
         ax.plot(rs, gradient_weight(rs, adv, epsilon), lw=3, color="C0", label="PPO-clip / GRPO")
         ax.plot(rs, gradient_weight(rs, adv, epsilon, beta1, beta2), "--", lw=2, color="C3",
                 label=f"CE-GPPO (beta1 {beta1:g}, beta2 {beta2:g})")
+        ax.plot(rs, gradient_weight(rs, adv, cispo_cap - 1, algo="cispo"), ":", lw=2, color="C2",
+                label=f"CISPO (weight cap {cispo_cap:g})")
         for x in (1 - epsilon, 1 + epsilon):
             ax.axvline(x, color="gray", lw=0.8, ls=":")
         ax.set(title=title, xlabel="ratio r = pi / pi_old", ylabel="gradient weight F", ylim=(-0.1, 2.1))
@@ -198,21 +206,37 @@ def collapse_step(rows, high=0.3, low=0.1, window=5):
     return rows[-1]["step"] if rows[-1].get("stopped") == "collapsed" else None
 
 
+def median(xs):
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def heldout_auc(evals):
+    """The area under the held-out curve [(step, accuracy)] (trapezoids) over the steps it spans:
+    the run's mean held-out accuracy, early learning counted; the single evaluation for one."""
+    if len(evals) < 2:
+        return evals[0][1] if evals else float("nan")
+    area = sum((s1 - s0) * (a0 + a1) / 2 for (s0, a0), (s1, a1) in zip(evals, evals[1:]))
+    return area / (evals[-1][0] - evals[0][0])
+
+
 def run_summary(run):
     """The numbers the lab tables report for one run."""
     rows, cfg = read_rows(run), read_config(run)
     n = len(rows)
     last = rows[n - max(1, n // 5):]                       # the last 20% of the steps
-    evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
+    evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     mean = lambda xs: sum(xs) / max(1, len(xs))             # noqa: E731
     step = collapse_step(rows)
     return {"seed": cfg.get("seed"), "steps": n,
             "entropy_last20": mean([r["entropy"] for r in last]),
-            "heldout_end": evals[-1] if evals else float("nan"),
+            "heldout_end": evals[-1][1] if evals else float("nan"),
+            "heldout_auc": heldout_auc(evals),
             "reward_first10": mean([r["reward"] for r in rows[:10]]),
             "reward_last10": mean([r["reward"] for r in rows[-10:]]),
             "clip_low": mean([r["clip_ratio/low_mean"] for r in rows]),
             "clip_high": mean([r["clip_ratio/high_mean"] for r in rows]),
+            "kl_median": median([r["approx_kl"] for r in rows]),
             "kl_max": max(r["approx_kl"] for r in rows),
             "collapse_step": step,
             "recovered": step is not None and mean([r["reward"] for r in rows[-10:]]) >= 0.3}
@@ -227,8 +251,11 @@ def mean_se(xs):
 
 
 TABLE_STATS = (("entropy_last20", "entropy, last 20%", 4), ("heldout_end", "held-out, end", 3),
+               ("heldout_auc", "held-out, area under the curve", 3),
                ("reward_first10", "reward, first 10", 3), ("reward_last10", "reward, last 10", 3),
-               ("clip_low", "clip low", 4), ("clip_high", "clip high", 4), ("kl_max", "max KL per step", 3))
+               ("clip_low", "clip low", 4), ("clip_high", "clip high", 4),
+               ("kl_median", "median KL per step", 4), ("kl_max", "max KL per step", 3))
+DIFF_STATS = TABLE_STATS[:5]          # what the paired differences from a baseline report
 
 
 def seed_table(run_dirs, baseline=None):
@@ -253,19 +280,108 @@ def seed_table(run_dirs, baseline=None):
     base = next((runs for label, runs in groups if label.startswith(baseline)), None)
     if base is None:
         raise ValueError(f"--baseline {baseline}: no setting's label starts with it")
-    by_seed = {r["seed"]: r for r in base}
     out += ["", f"Differences from {baseline}, paired by seed (mean ± standard error; * beyond 2 standard errors):", "",
-            "| setting | seeds | " + " | ".join(name for _, name, _ in TABLE_STATS[:4]) + " |",
-            "|---|---|" + "---|" * 4]
+            "| setting | seeds | " + " | ".join(name for _, name, _ in DIFF_STATS) + " |",
+            "|---|---|" + "---|" * len(DIFF_STATS)]
     for label, runs in groups:
-        pairs = [(r, by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed and runs is not base]
-        if not pairs:
+        if runs is base:
             continue
-        cells = []
-        for k, _, d in TABLE_STATS[:4]:
-            m, se = mean_se([a[k] - b[k] for a, b in pairs])
-            cells.append(f"{m:+.{d}f} ± {se:.{d}f}" + (" *" if se == se and abs(m) > 2 * se else ""))
-        out.append(f"| {label} | {len(pairs)} | " + " | ".join(cells) + " |")
+        cells = [paired_difference(runs, base, k, d) for k, _, d in DIFF_STATS]
+        if cells[0] is not None:
+            out.append(f"| {label} | {len(cells[0][2])} | " + " | ".join(c[3] for c in cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def paired_difference(runs, base, key, digits=3):
+    """(mean, standard error, seeds, text) of runs' `key` minus base's, paired by seed (run summaries);
+    None where no seed is in both. The text marks a difference beyond two standard errors with *."""
+    by_seed = {r["seed"]: r for r in base}
+    pairs = [(r, by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
+    if not pairs:
+        return None
+    m, se = mean_se([a[key] - b[key] for a, b in pairs])
+    return m, se, [a["seed"] for a, _ in pairs], f"{m:+.{digits}f} ± {se:.{digits}f}" + (" *" if beyond(m, se) else "")
+
+
+def beyond(m, se):
+    """Is a difference beyond two standard errors (se nan: one seed, never)?"""
+    return se == se and abs(m) > 2 * se
+
+
+# ----------------------------------------------------------------------------------------------
+# The step-size map: each setting's difference from a baseline, paired by seed, at each learning rate
+# ----------------------------------------------------------------------------------------------
+MAP_STATS = (("heldout_end", "held-out accuracy at the end", 3), ("heldout_auc", "held-out, area under the curve", 3),
+             ("entropy_last20", "entropy, last 20% of steps", 4))
+
+
+def step_size_points(run_dirs, baseline):
+    """The map's numbers: [(label, learning rate, summaries, baseline's summaries)] for every setting
+    (runs grouped by everything but seed and learning rate) at every learning rate the baseline ran
+    too, the baseline's own points included; sorted by setting, then learning rate."""
+    methods = group_by_setting(run_dirs, ignore=NOT_A_SETTING | {"learning_rate"})
+    split = []
+    for label, runs in methods:
+        by_lr = {}
+        for r in runs:
+            by_lr.setdefault(read_config(r).get("learning_rate"), []).append(run_summary(r))
+        split.append((label.split(" (")[0], by_lr))
+    base = next((by_lr for label, by_lr in split if label.startswith(baseline)), None)
+    if base is None:
+        raise ValueError(f"--baseline {baseline}: no setting's label starts with it")
+    return [(label, lr, by_lr[lr], base[lr]) for label, by_lr in split for lr in sorted(by_lr) if lr in base]
+
+
+def step_size_map(run_dirs, output, baseline="algo=grpo"):
+    """The lab's map: x the step size, as the baseline's median per-step KL to pi_old (its learning
+    rate written beside each point); y each setting's difference from the baseline at that step size,
+    paired by seed, with bars of two standard errors (a bar that misses 0: beyond them)."""
+    points = step_size_points(run_dirs, baseline)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(MAP_STATS), figsize=(5.2 * len(MAP_STATS), 4.6))
+    labels = [lb for lb in dict.fromkeys(p[0] for p in points) if not lb.startswith(baseline)]
+    for ax, (key, title, _) in zip(axes, MAP_STATS):
+        for i, label in enumerate(labels):
+            mine = [(median([b["kl_median"] for b in base]), lr, paired_difference(runs, base, key))
+                    for lb, lr, runs, base in points if lb == label]
+            xs, ms, ses = [x for x, _, _ in mine], [d[0] for _, _, d in mine], [d[1] for _, _, d in mine]
+            ax.errorbar(xs, ms, yerr=[2 * e if e == e else 0 for e in ses], fmt="o-" if len(xs) > 1 else "o",
+                        color=f"C{i}", lw=2, capsize=4, label=label)
+            for x, lr, d in mine:
+                ax.plot([x], [d[0]], "o", ms=9, color=f"C{i}", mfc=f"C{i}" if beyond(d[0], d[1]) else "white")
+                if i == 0:
+                    ax.annotate(f"lr {lr:g}", (x, 0), textcoords="offset points", xytext=(0, 6), ha="center",
+                                fontsize=9, color="gray")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set(title=f"{title}: minus {baseline}", xlabel=f"step size: {baseline}'s median KL(pi_old || pi) per step")
+        ax.grid(alpha=0.3)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", ncol=min(3, max(1, len(names))), fontsize=10)
+    fig.text(0.01, 0.01, "paired by seed; bars: 2 standard errors; filled: beyond them", fontsize=9, color="gray")
+    fig.tight_layout(rect=(0, 0.03, 1, 1 - 0.07 * (1 + (len(names) - 1) // 3)))
+    save(fig, output)
+
+
+def map_table(run_dirs, baseline="algo=grpo"):
+    """Markdown: one row per setting and learning rate, with its difference from the baseline at the
+    same learning rate (paired by seed) and the verdict on held-out accuracy at the end."""
+    stats = (("heldout_end", 3), ("heldout_auc", 3), ("entropy_last20", 4), ("clip_low", 4), ("clip_high", 4),
+             ("kl_median", 4), ("kl_max", 3))
+    out = ["| setting | lr | steps | seeds | collapsed | held-out, end | held-out, AUC | entropy, last 20% | clip low "
+           "| clip high | median KL | max KL | vs baseline: held-out, end | held-out, AUC | entropy | verdict |",
+           "|---|---|---|---|---|" + "---|" * (len(stats) + 4)]
+    for label, lr, runs, base in step_size_points(run_dirs, baseline):
+        cells = [f"{mean_se([r[k] for r in runs])[0]:.{d}f} ± {mean_se([r[k] for r in runs])[1]:.{d}f}" for k, d in stats]
+        if label.startswith(baseline):
+            diffs, verdict = ["", "", ""], "(baseline)"
+        else:
+            ds = [paired_difference(runs, base, k, d) for k, _, d in MAP_STATS]
+            diffs = [x[3] for x in ds]
+            verdict = "level" if not beyond(ds[0][0], ds[0][1]) else "ahead" if ds[0][0] > 0 else "behind"
+        down = sum(r["collapse_step"] is not None for r in runs)
+        out.append(f"| {label} | {lr:g} | {max(r['steps'] for r in runs)} | {len(runs)} | {down} of {len(runs)} | "
+                   + " | ".join(cells + diffs) + f" | {verdict} |")
     return "\n".join(out) + "\n"
 
 
@@ -280,8 +396,10 @@ def main(argv=None):
                     help="draw only these panels, e.g. entropy,eval/accuracy (default: all ten)")
     ap.add_argument("--table", action="store_true", help="also print the seed table (mean ± standard error per "
                     "setting, collapses counted) in Markdown")
-    ap.add_argument("--baseline", metavar="LABEL", help="with --table: differences from the setting whose label "
-                    "starts with LABEL (e.g. algo=grpo), paired by seed")
+    ap.add_argument("--baseline", metavar="LABEL", help="with --table or --map: differences from the setting whose "
+                    "label starts with LABEL (e.g. algo=grpo), paired by seed")
+    ap.add_argument("--map", metavar="PNG", help="draw the step-size map instead of curves: each setting's "
+                    "difference from --baseline at each learning rate (and print its table)")
     args = ap.parse_args(argv)
     if args.gradient_weight:
         plot_gradient_weight(args.gradient_weight)
@@ -297,6 +415,15 @@ def main(argv=None):
     if args.window < 1:
         print(f"error: --window {args.window}: must be at least 1", file=sys.stderr)
         return 2
+    if args.map:
+        try:
+            step_size_map(args.runs, args.map, args.baseline or "algo=grpo")
+            print(f"wrote {args.map}")
+            print(map_table(args.runs, args.baseline or "algo=grpo"))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     unknown = [k for k in args.metrics or [] if k not in dict(PANELS)]
     if unknown:
         print(f"error: --metrics {','.join(unknown)}: not a panel; one of {', '.join(k for k, _ in PANELS)}",

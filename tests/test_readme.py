@@ -69,7 +69,7 @@ def test_the_flags_page_is_the_config():
     for f in dataclasses.fields(train.Config):
         row = next(line for line in page.splitlines() if f"| `--{f.name}` |" in line)
         assert f"| {train._default_text(f)} |" in row and f.metadata["help"].replace("|", "/") in row
-    assert "| cegppo 0.5, grpo 0, dapo 0, gppo 1 |" in page                  # --beta1, per algorithm
+    assert "| cegppo 0.5, grpo 0, dapo 0, gppo 1, cispo - |" in page         # --beta1, per algorithm
 
 
 def test_algorithm_table_matches_algos():
@@ -79,12 +79,19 @@ def test_algorithm_table_matches_algos():
         cells = [c.strip() for c in r.strip("|").split("|")]
         algo = re.match(r"`(\w+)`", cells[0]).group(1)
         knobs = ["beta1", "beta2", "epsilon_low", "epsilon_high", "dual_clip"]
-        assert [float(c) for c in cells[1:]] == [cegppo.ALGOS[algo][k] for k in knobs], algo
+        assert [None if c == "-" else float(c) for c in cells[1:]] == [cegppo.ALGOS[algo][k] for k in knobs], algo
 
 
 @pytest.mark.parametrize("algo", list(cegppo.ALGOS))
 def test_algo_flag_fills_in_its_knobs(algo):
     cfg = train.parse_config(["--algo", algo])
     assert {k: getattr(cfg, k) for k in cegppo.ALGOS[algo]} == cegppo.ALGOS[algo]
+    if cegppo.ALGOS[algo]["beta1"] is None:                          # CISPO has no betas: refused in one line
+        with pytest.raises(loading.UserError, match="--beta1: --algo cispo has no such knob"):
+            train.parse_config(["--algo", algo, "--beta1", "0.25"])
+        # a preset's clip range is not CISPO's: the knobs it does not have stay unset under --preset lab
+        cfg = train.parse_config(["--preset", "lab", "--algo", algo])
+        assert (cfg.epsilon_low, cfg.dual_clip, cfg.epsilon_high) == (None, None, 0.1)
+        return
     cfg = train.parse_config(["--algo", algo, "--beta1", "0.25"])     # an explicit flag wins
     assert cfg.beta1 == 0.25

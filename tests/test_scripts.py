@@ -204,9 +204,9 @@ def test_bad_input_is_one_clear_line(case, tmp_path):
 def test_help_shows_each_algorithms_defaults_once():
     p = script("train.py", "--help")
     text = " ".join(p.stdout.split())
-    assert "(default: cegppo 0.5, grpo 0, dapo 0, gppo 1)" in text              # --beta1
-    assert "(default: cegppo 0.2, grpo 0.2, dapo 0.28, gppo 0.2)" in text       # --epsilon_high
-    assert "{cegppo,grpo,dapo,gppo}" in text
+    assert "(default: cegppo 0.5, grpo 0, dapo 0, gppo 1, cispo -)" in text              # --beta1
+    assert "(default: cegppo 0.2, grpo 0.2, dapo 0.28, gppo 0.2, cispo 4)" in text       # --epsilon_high
+    assert "{cegppo,grpo,dapo,gppo,cispo}" in text and "cispo: its own loss" in text
     assert "default: None" not in text and text.count("(default:") == text.count("(default: ")
     assert "{tiny,lab}" in text and "same as --load_in_4bit false" in text
 
@@ -264,6 +264,9 @@ def test_gradient_weight_figure(tmp_path):
     assert plot.gradient_weight([0.5], -1.0, beta1=0.5) == pytest.approx([0.4])
     assert plot.gradient_weight([1.5], 1.0, beta2=1.0) == pytest.approx([1.2])
     assert plot.gradient_weight([0.5], 1.0, beta1=0.5, beta2=1.0) == pytest.approx([0.5])   # A > 0, low r: kept
+    # CISPO: min(r, 1 + eps) for every token, either sign of A (cap 1.2 here)
+    assert plot.gradient_weight([0.5, 1.1, 1.5], 1.0, algo="cispo") == pytest.approx([0.5, 1.1, 1.2])
+    assert plot.gradient_weight([0.5, 1.5], -1.0, algo="cispo") == pytest.approx([0.5, 1.2])
     png = str(tmp_path / "gw.png")
     assert plot.main(["--gradient_weight", png]) == 0 and os.path.getsize(png) > 10_000
 
