@@ -389,9 +389,11 @@ class SampledTokenLogProbs(LogitsProcessor):
         return torch.stack(self.logp, dim=1), torch.stack(self.entropy, dim=1)
 
 
-def _generate(model, input_ids, attention_mask, gen_kwargs, batch_size, temperature=None, shrink_on_oom=True):
+def _generate(model, input_ids, attention_mask, gen_kwargs, batch_size, temperature=None, shrink_on_oom=True,
+              processors=()):
     """model.generate over sub-batches; on CUDA out-of-memory halve the sub-batch and retry
     (or, with shrink_on_oom False, raise at once: the caller has memory of its own to give back).
+    `processors` run after the recorder and must leave the logits as they are (a progress bar).
 
     Returns ([completion [b, t]], [(logp, entropy) [b, t] each, or None], the sub-batch that fit):
     with a temperature, the sampler's own log-probs of its tokens (SampledTokenLogProbs)."""
@@ -401,14 +403,15 @@ def _generate(model, input_ids, attention_mask, gen_kwargs, batch_size, temperat
         try:
             out = model.generate(input_ids=input_ids[i:i + batch_size],
                                  attention_mask=attention_mask[i:i + batch_size],
-                                 logits_processor=LogitsProcessorList([recorder] if recorder else []), **gen_kwargs)
+                                 logits_processor=LogitsProcessorList([recorder] if recorder else []) + list(processors),
+                                 **gen_kwargs)
         except torch.OutOfMemoryError:
             if batch_size == 1 or not shrink_on_oom:
                 raise
             del recorder
             torch.cuda.empty_cache()
             batch_size = max(1, batch_size // 2)
-            warnings.warn(f"out of memory in generation: retrying with generation batch {batch_size}")
+            warnings.warn(f"out of memory in generation: retrying with generation batch {batch_size}", stacklevel=2)
             continue
         completion = out[:, input_ids.shape[1]:]                                      # [b, t]
         outs.append(completion)
@@ -419,7 +422,7 @@ def _generate(model, input_ids, attention_mask, gen_kwargs, batch_size, temperat
 
 @torch.no_grad()
 def rollout(model, tokenizer, prompts, num_generations, max_new_tokens, temperature=1.0, top_p=1.0,
-            batch_size=64, shrink_on_oom=True):
+            batch_size=64, shrink_on_oom=True, processors=()):
     """Sample `num_generations` completions for each chat-formatted prompt.
 
     Returns a dict (L: padded prompt length, T: completion length, B = P prompts x G):
@@ -435,7 +438,8 @@ def rollout(model, tokenizer, prompts, num_generations, max_new_tokens, temperat
       gen_batch_size  the generation sub-batch that fit in memory (for the next call)
     temperature 0 means greedy (then no sample_logp / sample_entropy). The responses to one
     prompt are next to each other. On CUDA out-of-memory the generation sub-batch halves and
-    generate() runs again, unless shrink_on_oom is False.
+    generate() runs again, unless shrink_on_oom is False. `processors`: logits processors that only
+    watch the decoding (runtime.GenerationProgress, a progress bar), run once per decoded token.
     """
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
@@ -452,7 +456,8 @@ def rollout(model, tokenizer, prompts, num_generations, max_new_tokens, temperat
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     was_training = model.training
     model.eval()
-    chunks, scored, batch_size = _generate(model, ids, amask, gen_kwargs, batch_size, temperature, shrink_on_oom)
+    chunks, scored, batch_size = _generate(model, ids, amask, gen_kwargs, batch_size, temperature, shrink_on_oom,
+                                           processors)
     model.train(was_training)
     T = max(c.shape[1] for c in chunks)
     completion = torch.cat([F.pad(c, (0, T - c.shape[1]), value=pad) for c in chunks])       # [B, T]

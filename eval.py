@@ -23,10 +23,14 @@ from tqdm import tqdm
 import cegppo
 import loading
 from loading import UserError
+from runtime import PROGRESS, GenerationProgress
 
 
-def evaluate(model, tokenizer, rows, max_new_tokens, batch_size=64, k=1, temperature=0.0, top_p=1.0, progress=False):
+def evaluate(model, tokenizer, rows, max_new_tokens, batch_size=64, k=1, temperature=0.0, top_p=1.0, progress=False,
+             generation_progress="off"):
     """Score `rows` [(question, answer)]: k samples each (greedy when temperature is 0).
+    progress: a bar over the generate() calls; generation_progress: auto | on | off, a bar inside each
+    call, ticked per decoded token (runtime.GenerationProgress).
 
     Returns accuracy (avg@k), its standard error over questions, counts, and one record per completion.
     """
@@ -34,9 +38,12 @@ def evaluate(model, tokenizer, rows, max_new_tokens, batch_size=64, k=1, tempera
     records = []
     for s in tqdm(range(0, len(rows), per_q), desc="eval", disable=not progress, leave=False):
         chunk = rows[s:s + per_q]
+        ticker = GenerationProgress("eval: generating", len(chunk) * k, cegppo.eos_ids(tokenizer, model),
+                                    generation_progress)
         with loading.model_autocast(model):         # half precision on a GPU, as in training; none on a CPU
             ro = cegppo.rollout(model, tokenizer, [cegppo.format_prompt(tokenizer, q) for q, _ in chunk], k,
-                                max_new_tokens, temperature, top_p, batch_size)
+                                max_new_tokens, temperature, top_p, batch_size, processors=[ticker])
+        ticker.close()
         lengths = ro["completion_mask"].sum(1).tolist()
         for j, text in enumerate(ro["texts"]):
             q, a = chunk[j // k]
@@ -79,10 +86,12 @@ class EvalConfig:
     dtype: str = field(default="auto", metadata={"help": "compute dtype: auto, bf16, fp16 or fp32"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch; 0 = $OMP_NUM_THREADS, else one per core"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
+    progress: str = field(default="auto", metadata={"help": "a progress bar inside each generate() call (sequences finished, tokens): auto = on a terminal once a call has run 2 s, on, off"})
 
 
 def main(argv=None):
-    parser = loading.dataclass_parser(EvalConfig, __doc__.splitlines()[0], choices={"dtype": ["auto", *loading.DTYPES]})
+    parser = loading.dataclass_parser(EvalConfig, __doc__.splitlines()[0],
+                                      choices={"dtype": ["auto", *loading.DTYPES], "progress": list(PROGRESS)})
     cfg = EvalConfig(**vars(parser.parse_args(argv)))
     if cfg.k < 1 or (cfg.limit is not None and cfg.limit < 1):
         raise UserError("--k and --limit must be at least 1")
@@ -97,7 +106,7 @@ def main(argv=None):
                                     dtype=cfg.dtype)
     model.eval()
     res = evaluate(model, tok, rows, cfg.max_completion_length, cfg.batch_size, cfg.k, cfg.temperature, cfg.top_p,
-                   progress=True)
+                   progress=True, generation_progress=cfg.progress)
     os.makedirs(cfg.output_dir, exist_ok=True)
     records = res.pop("records")
     with open(os.path.join(cfg.output_dir, "completions.jsonl"), "w") as f:

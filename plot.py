@@ -31,7 +31,7 @@ PANELS = [
     ("quadrants/na_hp_drive", "NA&HP entropy drive (raises H)"),
     ("quadrants/na_lp_drive", "NA&LP entropy drive (lowers H)"),
 ]
-NOT_A_SETTING = {"seed", "seeds", "jobs", "output_dir", "resume", "max_steps", "save_steps", "eval_steps", "logging_steps", "wandb",
+NOT_A_SETTING = {"seed", "seeds", "jobs", "progress", "output_dir", "resume", "max_steps", "save_steps", "eval_steps", "logging_steps", "wandb",
                  "generation_batch_size", "threads", "preset", "rollout_model"}
 
 

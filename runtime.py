@@ -5,6 +5,7 @@ train.py reads as the algorithm's steps.
     check_resume, find_checkpoint, save_checkpoint, restore   atomic checkpoints, exact resume
     rng_state, set_rng_state      every generator, restorable on another device count or a CPU
     timed, sync                   wall time of a phase (on a GPU once its queued work has run)
+    GenerationProgress            a progress bar inside a long generate() call
     reset_peak_mem, peak_mem_gb, peak_mem_reserved_gb   this step's peak memory
     catch_ctrl_c, start_wandb     Ctrl-C finishes the step and saves; optional Weights & Biases
     run_seed_processes            --jobs: the seeds of one command in processes of their own
@@ -13,7 +14,9 @@ train.py reads as the algorithm's steps.
 import dataclasses
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -21,8 +24,10 @@ import sys
 import threading
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
+from transformers import LogitsProcessor
 
 from loading import UserError
 
@@ -48,34 +53,63 @@ def check_resume(cfg, may_change):
     return ckpt
 
 
+CHECKPOINT_FILES = ("state.pt", os.path.join("adapter", "adapter_config.json"),
+                    os.path.join("adapter", "adapter_model.safetensors"))
+
+
 def find_checkpoint(out):
-    for name in ("checkpoint", "checkpoint.old"):   # .old only survives a crash between two renames
+    """The newest complete checkpoint folder of a run, or None: `checkpoint`, else `checkpoint.old`
+    (all that is left after a crash or power cut between save_checkpoint's two renames). Complete:
+    every file there and none empty (a folder renamed before its data reached the disk would not be)."""
+    for name in ("checkpoint", "checkpoint.old"):
         path = os.path.join(out, name)
-        if os.path.isfile(os.path.join(path, "state.pt")):
+        if all(os.path.isfile(os.path.join(path, f)) and os.path.getsize(os.path.join(path, f)) > 0
+               for f in CHECKPOINT_FILES):
             return path
     return None
 
 
 def save_checkpoint(out, model, optimizer, scaler, state):
-    """7. Adapter + optimizer + loss scale + the loop's State + RNG, written to a temp folder and renamed."""
+    """7. Adapter + optimizer + loss scale + the loop's State + RNG, written to a temp folder, flushed
+    to disk and renamed: atomic against a crash of the process and against a power cut."""
     final, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(os.path.join(tmp, "adapter"))
+    # only tensors, numbers, strings and containers of them: restore loads it with weights_only=True
     torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                 **dataclasses.asdict(state)}, os.path.join(tmp, "state.pt"))
+    flush_to_disk(tmp)                  # the data on disk before a rename can point at it
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
     os.rename(tmp, final)
+    flush_to_disk(out, files=False)     # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
+
+
+def flush_to_disk(folder, files=True):
+    """fsync every file under `folder` (with files) and the folders themselves, where the platform
+    lets a folder be opened (POSIX; on Windows the files are flushed and the folder entries are not)."""
+    for root, dirs, names in os.walk(folder) if files else [(folder, [], [])]:
+        for name in names:
+            with open(os.path.join(root, name), "rb+") as f:
+                os.fsync(f.fileno())
+        try:
+            fd = os.open(root, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def restore(ckpt, out, optimizer, scaler, state_cls):
     """The loop's State (a `state_cls`) from a checkpoint, with the optimizer, loss scale and RNG;
     metrics and sample rows written after it (a crash) are dropped, to be redone."""
-    # map_location: a checkpoint saved on a GPU loads on a CPU too; load_state_dict then moves each
-    # optimizer state tensor to its parameter's device (and dtype), wherever that is
-    saved = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False, map_location="cpu")
+    saved = load_state(os.path.join(ckpt, "state.pt"))
     optimizer.load_state_dict(saved["optimizer"])
     if scaler.is_enabled() and saved["scaler"]:     # a run saved without fp16 (or moved to fp16) starts a fresh scale
         scaler.load_state_dict(saved["scaler"])
@@ -92,8 +126,30 @@ def restore(ckpt, out, optimizer, scaler, state_cls):
     return state
 
 
+def load_state(path):
+    """state.pt, unpickled with weights_only=True: tensors, numbers, strings and containers only, so
+    that a checkpoint from someone else cannot run code. Anything else is one clear UserError."""
+    try:
+        # map_location: a checkpoint saved on a GPU loads on a CPU too; load_state_dict then moves each
+        # optimizer state tensor to its parameter's device (and dtype), wherever that is
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+) was not an allowed global|Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise UserError(f"--resume: {path} holds a pickled {found.group(1) or found.group(2)}, not only tensors "
+                            "and numbers (not a checkpoint this program wrote); refusing to load it, since "
+                            "unpickling it could run code") from None
+        raise UserError(f"--resume: {path} is not a readable checkpoint (damaged, or not written by this program)") from None
+    except (RuntimeError, EOFError, OSError):
+        raise UserError(f"--resume: {path} is not a readable checkpoint (damaged, or not written by this program)") from None
+
+
 def rng_state():
+    """Every generator a run draws from: Python's, NumPy's, torch's and each GPU's, as tensors and numbers."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
@@ -103,6 +159,9 @@ def set_rng_state(s):
     and one saved with 2 GPUs visible resumes with 1 (or 1 with 2: the others keep their seeds)."""
     random.setstate(s["python"])
     torch.set_rng_state(s["torch"].cpu())
+    if s.get("numpy"):                  # (checkpoints written before NumPy's state was saved have none)
+        n = s["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     cuda = s.get("cuda") or []
     if torch.cuda.is_available():
         for i, state in enumerate(cuda[:torch.cuda.device_count()]):
@@ -169,6 +228,47 @@ def peak_mem_reserved_gb():
 
 
 # ----------------------------------------------------------------------------------------------
+# Progress inside a long generate() call
+# ----------------------------------------------------------------------------------------------
+PROGRESS = ("auto", "on", "off")          # train.py's and eval.py's --progress
+
+
+class GenerationProgress(LogitsProcessor):
+    """A progress bar that generate() ticks once per decoded token: sequences finished (the bar) and
+    tokens generated. For cegppo.rollout's `processors`; it leaves the logits as they are.
+
+    mode "auto": shown on a terminal once a rollout has run `delay_s` seconds (short ones, tests and
+    logs stay quiet); "on": always (to `file`); "off": never. One object serves a whole rollout,
+    whatever its generation sub-batches: a call whose input is not longer than the last one's is
+    the first decode step of the next sub-batch."""
+
+    def __init__(self, desc, sequences, eos_token_ids, mode="auto", delay_s=2.0, file=None):
+        shown = mode == "on" or (mode == "auto" and sys.stderr.isatty())
+        self.bar = tqdm(total=sequences, desc=desc, unit="seq", delay=0 if mode == "on" else delay_s,
+                        disable=not shown, leave=False, dynamic_ncols=True, file=file or sys.stderr)
+        self.eos = torch.tensor(list(eos_token_ids))
+        self.tokens, self.done_before, self.prompt_len, self.last_len = 0, 0, None, 0
+        self.finished = 0
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] <= self.last_len:            # a new sub-batch: its first decode step
+            self.done_before += self.finished
+            self.prompt_len = None
+        if self.prompt_len is None:
+            self.prompt_len = input_ids.shape[1]
+        self.last_len = input_ids.shape[1]
+        ended = torch.isin(input_ids[:, self.prompt_len:], self.eos.to(input_ids.device)).any(1)   # [b]
+        self.finished = int(ended.sum())
+        self.tokens += int((~ended).sum())                   # a token is decoded now for every live row
+        self.bar.update(self.done_before + self.finished - self.bar.n)
+        self.bar.set_postfix_str(f"{self.tokens} tokens", refresh=False)
+        return scores
+
+    def close(self):
+        self.bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
 # Ctrl-C and wandb
 # ----------------------------------------------------------------------------------------------
 def catch_ctrl_c():
@@ -191,6 +291,10 @@ def catch_ctrl_c():
 
 
 PARENT_PID = "CEGPPO_JOBS_PARENT"        # set by run_seed_processes for the processes it starts
+# train.py's exit codes for a run stopped by --collapse_patience whose groups were all wrong (collapsed)
+# or each all right or all wrong (split): results, not failures (--seeds runs the next seed)
+COLLAPSED, SPLIT = 3, 4
+NO_SIGNAL_EXIT = (COLLAPSED, SPLIT)
 
 
 def _watch_parent(pid, stop, every_s=1.0):
@@ -209,7 +313,7 @@ def run_seed_processes(runs, jobs, max_steps, poll_s=1.0):
     """Run [(seed, argv, output_dir)] as processes, at most `jobs` at a time, each writing everything it
     prints to output_dir/train.log; show one progress line per seed. Returns 0, or 130 after Ctrl-C
     (every seed finishes its step and saves: --resume continues them), or 1 after one error line per
-    seed that failed (a collapsed seed, exit code 3, is a result, not a failure).
+    seed that failed (a seed stopped for lack of signal, exit code 3 or 4, is a result, not a failure).
 
     Each process runs in a session of its own, so that a Ctrl-C reaches it once, from here, and not
     also from the terminal (a second Ctrl-C aborts a run without saving)."""
@@ -247,7 +351,7 @@ def run_seed_processes(runs, jobs, max_steps, poll_s=1.0):
         print(f"stopped; seeds {', '.join(left)} not finished: continue them with --resume", file=sys.stderr)
         return 130
     progress.close()
-    failed = {seed: code for seed, code in codes.items() if code not in (0, 3)}
+    failed = {seed: code for seed, code in codes.items() if code not in (0, *NO_SIGNAL_EXIT)}
     for seed, code in failed.items():
         out = next(o for s, _, o in runs if s == seed)
         print(f"error: seed {seed} failed (exit code {code}): {_last_line(os.path.join(out, 'train.log'))} "
@@ -320,5 +424,5 @@ def start_wandb(cfg):
     try:
         import wandb            # optional: only for --wandb
     except ImportError:
-        raise UserError("--wandb: wandb is not installed (pip install wandb)")
+        raise UserError("--wandb: wandb is not installed (pip install wandb)") from None
     return wandb.init(project="cegppo", name=os.path.basename(cfg.output_dir), config=dataclasses.asdict(cfg))

@@ -51,7 +51,7 @@ import plot
 import rollout_copy
 from eval import evaluate
 from loading import UserError
-from runtime import (catch_ctrl_c, check_resume, find_checkpoint, peak_mem_gb, peak_mem_reserved_gb, reset_peak_mem,
+from runtime import (COLLAPSED, NO_SIGNAL_EXIT, SPLIT, GenerationProgress, catch_ctrl_c, check_resume, find_checkpoint, peak_mem_gb, peak_mem_reserved_gb, reset_peak_mem,
                      restore, run_seed_processes, save_checkpoint, start_wandb, sync, timed)
 
 
@@ -106,6 +106,7 @@ class Config:
     seeds: Optional[str] = _f(None, "comma-separated seeds, e.g. 1,2,3: one run per seed, in output_dir/seed-<n>")
     jobs: int = _f(1, "with --seeds: run this many seeds at once, each in its own process, the CPU threads divided among them")
     threads: int = _f(0, "CPU threads for torch; 0 = $OMP_NUM_THREADS, else one per core")
+    progress: Literal["auto", "on", "off"] = _f("auto", "a progress bar inside each rollout's and evaluation's generate() call (sequences finished, tokens): auto = on a terminal once a call has run 2 s")
     # logging, evaluation, checkpoints
     output_dir: str = _f("runs/cegppo", "metrics.jsonl, samples.jsonl, curves.png, checkpoint/, final adapter (presets: runs/<preset>)")
     logging_steps: int = _f(1, "write samples.jsonl and redraw curves.png every N steps")
@@ -131,10 +132,10 @@ PRESETS = {
                 save_steps=50, logging_steps=10, output_dir="runs/lab"),
 }
 
-# Flags that may change between a run and its --resume; any other difference is refused.
-RESUME_MAY_CHANGE = {"resume", "seeds", "jobs", "max_steps", "save_steps", "eval_steps", "logging_steps", "wandb",
+# Flags that may change between a run and its --resume (a run folder may move); any other difference is refused.
+RESUME_MAY_CHANGE = {"resume", "seeds", "jobs", "output_dir", "max_steps", "save_steps", "eval_steps", "logging_steps", "wandb",
                      "generation_batch_size", "threads", "rollout_model",
-                     "collapse_patience"}
+                     "collapse_patience", "progress"}
 AT_LEAST_1 = ("prompts_per_step", "num_generations", "max_completion_length", "steps_per_generation", "num_iterations",
               "micro_batch_size", "max_steps", "logging_steps", "eval_steps", "save_steps", "generation_batch_size",
               "max_prompt_length", "lora_r", "lora_alpha", "max_generation_rounds", "jobs")
@@ -148,7 +149,7 @@ class State:
     pos: int = 0                   # the next prompt of this epoch's shuffle
     skipped_updates: int = 0       # updates dropped for a non-finite gradient (fp16 overflow)
     last_signal_step: int = 0      # the last step in which some group's rewards differed (collapse_patience)
-    last_rewards_all_right: bool = False   # the last step's groups were all right (saturated, not collapsed)
+    last_no_signal: str = ""       # why the last step had no signal: "collapsed", "saturated", "split" (no_signal_kind)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,10 +186,10 @@ def train(cfg):
         row.update({"time/step_s": time.time() - t0, "peak_mem_gb": peak_mem_gb(),
                     "peak_mem_reserved_gb": peak_mem_reserved_gb()})
         state.last_signal_step = state.step if kept["prompts"] else state.last_signal_step
-        state.last_rewards_all_right = bool(sampled["rewards"].min() >= 1.0)
+        state.last_no_signal = "" if kept["prompts"] else no_signal_kind(sampled)
         stopped = no_signal(state, cfg)                  # a policy with nothing left to learn from stops
         if stopped:
-            row["stopped"] = stopped                     # "collapsed" (all wrong) or "saturated" (all right)
+            row["stopped"] = stopped                     # "collapsed", "saturated" or "split" (no_signal_kind)
         log_step(out, row, sampled, cfg, wandb_run, bar)
         # 7. checkpoint
         if due(state.step, cfg.save_steps, cfg) or stop["asked"] or stopped:
@@ -213,7 +214,7 @@ def main(argv=None):
     else:
         for c in runs:
             rc = train(c)
-            if rc and rc != COLLAPSED:                  # a collapsed seed is a result: the next seeds still run
+            if rc and rc not in NO_SIGNAL_EXIT:         # a collapsed seed is a result: the next seeds still run
                 return rc
         rc = 0
     if rc == 0:
@@ -331,10 +332,14 @@ def rollout_step(model, sampler, tok, round_prompts, gen_batch, cfg, times):
     sampler's own log-probs of its tokens. `sampler` is the policy itself or, on a GPU by default,
     a dense copy of it (rollout_copy.py). A copy that runs out of memory is given up at once
     (freeing it gives back far more than halving the generation batch would)."""
+    ticker = GenerationProgress("rollout", len(round_prompts) * cfg.num_generations, cegppo.eos_ids(tok, sampler),
+                                cfg.progress)
     with loading.model_autocast(model):        # the policy's compute dtype on a GPU, also for the copy
-        return timed(times, "rollout", cegppo.rollout, sampler, tok, [p for p, _ in round_prompts],
-                     cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p, gen_batch,
-                     sampler is model)
+        rollout = timed(times, "rollout", cegppo.rollout, sampler, tok, [p for p, _ in round_prompts],
+                        cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p, gen_batch,
+                        sampler is model, [ticker])
+    ticker.close()
+    return rollout
 
 
 def give_up_dense_copy(error, copy, step):
@@ -589,7 +594,8 @@ def _mean(xs):
 
 def evaluate_policy(model, tok, eval_rows, gen_batch, cfg):
     """6. Greedy accuracy on the fixed held-out subset."""
-    res = evaluate(model, tok, eval_rows, max_new_tokens=cfg.max_completion_length, batch_size=gen_batch)
+    res = evaluate(model, tok, eval_rows, max_new_tokens=cfg.max_completion_length, batch_size=gen_batch,
+                   generation_progress=cfg.progress)
     model.train()
     return {"eval/accuracy": res["accuracy"], "eval/mean_length": res["mean_response_length"]}
 
@@ -634,25 +640,41 @@ def due(step, every, cfg):
     return step % every == 0 or step == cfg.max_steps
 
 
-COLLAPSED = 3   # train()'s exit code for a run stopped by collapse_patience whose groups were all wrong
+def no_signal_kind(sampled):
+    """Why a step's groups carried no signal: every group all wrong ("collapsed": nothing is ever
+    rewarded), all right ("saturated": nothing left to learn), or each group one or the other
+    ("split": the prompts it always solves and the ones it never does)."""
+    if not sampled["all_right"]:
+        return "collapsed"
+    return "saturated" if not sampled["all_wrong"] else "split"
 
 
 def no_signal(state, cfg):
-    """None, or why the run stops: no group has carried a signal for collapse_patience steps, and
-    the last step's groups were all wrong ("collapsed") or all right ("saturated")."""
+    """None, or why the run stops: no group has carried a signal for collapse_patience steps (the
+    last one's no_signal_kind)."""
     if not cfg.collapse_patience or state.step - state.last_signal_step < cfg.collapse_patience:
         return None
-    return "saturated" if state.last_rewards_all_right else "collapsed"
+    return state.last_no_signal or "collapsed"
 
 
-def collapse(state, cfg, reward):
-    """The one line a run stopped by collapse_patience ends with (after its checkpoint is saved)."""
+def collapse(state, cfg, row):
+    """The one line a run stopped by collapse_patience ends with (after its checkpoint is saved), and
+    its exit code: 0 saturated (the adapter is saved too), 3 collapsed, 4 split."""
     since = f"since step {state.last_signal_step} ({state.step - state.last_signal_step} steps"
-    if state.last_rewards_all_right:
+    reward = row["reward"] if row else float("nan")
+    kind = no_signal(state, cfg)
+    if kind == "saturated":
         print(f"saturated: every group has scored all right {since}; last reward {reward:.3f}); stopped at "
               f"step {state.step}: these prompts have nothing left to teach (harder data, or a larger "
               "--num_generations)", file=sys.stderr)
         return 0
+    if kind == "split":
+        right, wrong = (row or {}).get("generation/groups_all_right", 0), (row or {}).get("generation/groups_all_wrong", 0)
+        print(f"split: every group has scored all right or all wrong {since}; the last step: {right} groups all "
+              f"right, {wrong} all wrong); stopped at step {state.step}, checkpoint in {cfg.output_dir}/checkpoint: "
+              "the model always solves some prompts and never the others. A larger --num_generations, or data "
+              "nearer its level, gives it a signal again.", file=sys.stderr)
+        return SPLIT
     print(f"collapsed: no group has carried a reward signal {since}; last reward {reward:.3f}); stopped at step "
           f"{state.step}, checkpoint in {cfg.output_dir}/checkpoint. Try a lower --beta1 or --learning_rate.",
           file=sys.stderr)
@@ -661,11 +683,10 @@ def collapse(state, cfg, reward):
 
 def finish(model, tok, state, stop, out, row=None, cfg=None):
     """The final adapter and tokenizer, or after Ctrl-C the way to resume (exit code 130), or the
-    line of a run stopped by collapse_patience (exit code 3 when it collapsed)."""
+    line of a run stopped by collapse_patience (exit code 3 when it collapsed, 4 when it split)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if cfg is not None and no_signal(state, cfg):
-        reward = row["reward"] if row else float("nan")
-        rc = collapse(state, cfg, reward)
+        rc = collapse(state, cfg, row)
         if rc:
             return rc
     if stop["asked"]:
@@ -742,7 +763,7 @@ def seed_list(text):
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise UserError(f"--seeds {text}: expected comma-separated integers, e.g. 1,2,3")
+        raise UserError(f"--seeds {text}: expected comma-separated integers, e.g. 1,2,3") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {text}: expected distinct comma-separated integers, e.g. 1,2,3")
     return seeds

@@ -67,7 +67,7 @@ def test_checkpoint_saved_on_a_gpu_resumes_on_a_cpu(tmp_path, monkeypatch):
     ckpt = str(tmp_path / "checkpoint")
     write_gpu_checkpoint(ckpt, opt, scaler, cuda_states(2))
     with pytest.raises(RuntimeError, match="CUDA"):              # the file really claims a GPU
-        torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+        torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
     fresh = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt2 = torch.optim.AdamW(fresh, lr=1e-2, fused=True)
     for visible in (0, 1):                          # a CPU-only machine, and one with a single GPU

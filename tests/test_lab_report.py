@@ -3,7 +3,6 @@ rewards that are right on a user's own worked-solution data."""
 import json
 import os
 
-import pytest
 
 import cegppo
 import loading

@@ -238,7 +238,7 @@ def test_prefill_activations_match_the_allocator(wide_mlp_folders, sampler):
                 model = rollout_copy.dense_copy(model)
             body, B = model.get_decoder(), 4
 
-            def per_layer_peak(S):
+            def per_layer_peak(S, body=body, B=B):
                 ids = torch.randint(3, 90, (B, S))
                 with torch.no_grad():
                     return allocated_peak(lambda: body(input_ids=ids, use_cache=False))

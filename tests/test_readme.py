@@ -49,6 +49,15 @@ def test_offline_commands_run(tmp_path):
     assert (tmp_path / "runs/microscope/microscope.json").exists()
 
 
+def test_ci_runs_the_readmes_test_command():
+    # .ci/run installs from the repo's files, then runs exactly what the README tells a user to run
+    command = block("test-command").split("```bash\n")[1].split("```")[0].strip()
+    ci = [line.replace("python3 ", "python ") for line in open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
+          if line.startswith("python3 -m ") and "pip" not in line]
+    assert " && ".join(ci) == command == "python -m ruff check . && python -m pytest -q tests"
+    assert os.path.isfile(os.path.join(ROOT, "ruff.toml"))
+
+
 def test_every_train_and_eval_command_parses():
     # the commands that need a GPU or the Hub cannot run here, but each one's flags must be valid
     assert len(commands("train.py")) >= 10 and len(commands("eval.py")) >= 4

@@ -65,6 +65,42 @@ def test_sampler_logprobs_equal_the_definition(moved_policy, sampler, temperatur
     assert m.float().mean() < 1 and (ro["sample_logp"][~m] == 0).all() and (ro["sample_entropy"][~m] == 0).all()
 
 
+@pytest.mark.parametrize("mode", ["on", "auto", "off"])
+def test_the_generation_progress_bar_ticks_per_token_when_asked(moved_policy, mode):
+    import io
+    import runtime
+    model, tok = moved_policy
+    prompts = [cegppo.format_prompt(tok, q) for q, _ in lab.toy_rows("train", tiny=True)[:3]]
+    out = io.StringIO()
+    calls = []
+
+    class Counting(runtime.GenerationProgress):
+        def __call__(self, input_ids, scores):
+            calls.append(input_ids.shape[1])
+            return super().__call__(input_ids, scores)
+
+    ticker = Counting("rollout", 6, cegppo.eos_ids(tok, model), mode, file=out)
+    torch.manual_seed(0)
+    # batch 4 of 6 sequences: two generate() calls, one object counts both
+    ro = cegppo.rollout(model, tok, prompts, 2, 12, 1.0, 1.0, 4, processors=[ticker])
+    ticker.close()
+    # one call per decoded token of each generate(); every token of every completion counted once
+    # (the first EOS included, nothing after it); finished: the rows whose EOS came before the last call
+    L, lengths = ro["prompt_len"], ro["completion_mask"].sum(1)
+    assert calls == [L + t for t in range(int(lengths[:4].max()))] + [L + t for t in range(int(lengths[4:].max()))]
+    assert ticker.tokens == int(ro["completion_mask"].sum())
+    assert ticker.bar.n <= int((~ro["truncated"]).sum())
+    if mode == "on":
+        shown = [int(n) for n in __import__("re").findall(r"(\d+) tokens", out.getvalue())]   # redraws are throttled
+        assert out.getvalue().startswith("\rrollout:") and shown and 0 < max(shown) <= ticker.tokens
+    else:                           # auto: not a terminal here (tests, logs) -> nothing; off -> nothing
+        assert out.getvalue() == ""
+    # watching changes nothing: the same seed gives the same completions without it
+    torch.manual_seed(0)
+    again = cegppo.rollout(model, tok, prompts, 2, 12, 1.0, 1.0, 4)
+    assert again["texts"] == ro["texts"] and torch.equal(again["sample_logp"], ro["sample_logp"])
+
+
 def test_non_finite_logits_are_caught(moved_policy):
     model, tok = moved_policy
     dense = rollout_copy.dense_copy(model)
@@ -246,7 +282,7 @@ def test_a_collapsed_run_says_so_saves_and_stops(monkeypatch, tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("collapsed: no group has carried a reward signal since step 0")
     assert "--beta1" in last and "--learning_rate" in last
-    state = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
+    state = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=True)
     assert state["step"] == 3
     # resumed (as an interrupted --seeds run resumes every seed), a collapsed run stays stopped
     assert run_main(["--preset", "tiny", "--max_steps", "10", "--eval_limit", "0", "--collapse_patience", "3",
@@ -262,6 +298,25 @@ def test_a_saturated_run_stops_with_its_adapter(monkeypatch, tmp_path, capsys):
     assert len(rows(out)) == 2 and rows(out)[-1]["stopped"] == "saturated"
     assert "saturated: every group has scored all right" in capsys.readouterr().err
     assert os.path.exists(os.path.join(out, "adapter_model.safetensors"))
+
+
+def test_a_split_run_is_neither_collapsed_nor_saturated(monkeypatch, tmp_path, capsys):
+    # each group all right or all wrong, two of each: no signal, but the model has not collapsed
+    # (it solves half the prompts every time) and is not done (it never solves the others)
+    G = train.parse_config(["--preset", "tiny"]).num_generations
+    monkeypatch.setattr(train, "score", lambda texts, answers: torch.tensor(
+        [1.0 if (i // G) % 2 == 0 else 0.0 for i in range(len(texts))]))
+    out = str(tmp_path / "split")
+    assert run_main(["--preset", "tiny", "--max_steps", "10", "--eval_limit", "0", "--collapse_patience", "2",
+                     "--max_generation_rounds", "1", "--output_dir", out]) == train.SPLIT == 4
+    assert len(rows(out)) == 2 and rows(out)[-1]["stopped"] == "split"
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("split: every group has scored all right or all wrong since step 0 (2 steps; "
+                           "the last step: 2 groups all right, 2 all wrong)")
+    # not counted as a collapse by the seed table, and a --seeds run goes on to its next seed
+    import plot
+    assert plot.run_summary(out)["collapse_step"] is None
+    assert train.SPLIT in train.NO_SIGNAL_EXIT
 
 
 def test_quadrant_fractions_of_the_trained_tokens_add_up_to_1(tmp_path):

@@ -115,10 +115,59 @@ def test_resume_after_a_crash(baseline, tmp_path):
     wait_for_rows(out, 3, proc)          # checkpoint at step 2, row 3 written after it
     proc.kill()
     proc.wait()
-    state = __import__("torch").load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
+    state = __import__("torch").load(os.path.join(out, "checkpoint", "state.pt"), weights_only=True)
     assert state["step"] in (2, 4)
     script("train.py", *args[2:], "--resume")
     same_run(baseline, out)
+
+
+class PickledCall:
+    """An object whose unpickling would call open(path, "w"): what a malicious state.pt could do."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_with_a_pickled_object_is_refused(baseline, tmp_path):
+    import shutil
+    import torch
+    out = str(tmp_path / "shared")
+    shutil.copytree(baseline, out)                       # a run folder from a classmate, say
+    state = os.path.join(out, "checkpoint", "state.pt")
+    marker = str(tmp_path / "code-ran")
+    torch.save({**torch.load(state, weights_only=True), "extra": PickledCall(marker)}, state)
+    p = script("train.py", "--model", "tiny", "--dataset", "tiny", "--max_steps", "8", "--output_dir", out,
+               "--resume", check=False)
+    assert p.returncode == 2
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --resume: {state} holds a pickled ") and "could run code" in last
+    assert "Traceback" not in p.stderr and not os.path.exists(marker)
+    assert len(rows(out)) == 6                           # nothing lost
+
+
+def test_resume_after_a_power_cut_takes_the_last_complete_checkpoint(baseline, tmp_path):
+    # a cut before the newest checkpoint's data reached the disk leaves `checkpoint` with an empty
+    # file and the one before it as `checkpoint.old`; one between the two renames leaves only .old
+    import shutil
+    import runtime
+    out = str(tmp_path / "cut")
+    args = ["--model", "tiny", "--dataset", "tiny", "--output_dir", out]
+    script("train.py", *args, "--max_steps", "2")
+    shutil.copytree(os.path.join(out, "checkpoint"), str(tmp_path / "at-step-2"))
+    script("train.py", *args, "--max_steps", "4", "--resume")
+    shutil.move(str(tmp_path / "at-step-2"), os.path.join(out, "checkpoint.old"))
+    open(os.path.join(out, "checkpoint", "state.pt"), "wb").close()
+    os.makedirs(os.path.join(out, "checkpoint.tmp", "adapter"))   # a half-written next one
+    assert runtime.find_checkpoint(out) == os.path.join(out, "checkpoint.old")
+    p = script("train.py", *args, "--max_steps", "6", "--resume")
+    assert f"resumed from {out}/checkpoint.old at step 2" in p.stderr
+    same_run(baseline, out)                              # steps 3 and 4 redone, exactly
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint"]
+    shutil.rmtree(os.path.join(out, "checkpoint"))       # nothing complete at all: one clear line
+    p = script("train.py", *args, "--max_steps", "8", "--resume", check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == f"error: --resume: no checkpoint in {out}"
 
 
 def test_ctrl_c_saves_and_resumes(baseline, tmp_path):
@@ -130,7 +179,7 @@ def test_ctrl_c_saves_and_resumes(baseline, tmp_path):
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "--resume" in err
-    state = __import__("torch").load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
+    state = __import__("torch").load(os.path.join(out, "checkpoint", "state.pt"), weights_only=True)
     assert state["step"] == len(rows(out)) < 6
     script("train.py", *args[2:], "--resume")
     same_run(baseline, out)
