@@ -61,7 +61,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 # fixed size beta * bound * A * grad(log pi) that does not grow with how far the ratio has drifted,
 # which is what keeps the update bounded. We minimise loss = -l, averaged over tokens.
 def cegppo_loss(logp, old_logp, advantages, mask, *, epsilon_low, epsilon_high, beta1, beta2, dual_clip,
-                num_tokens=None):
+                num_tokens=None, tokens=False):
     """CE-GPPO policy loss (token mean) and its statistics. The knobs' defaults live in ALGOS.
 
     logp:       [B, T] log pi_theta of each response token (carries the gradient)
@@ -71,7 +71,8 @@ def cegppo_loss(logp, old_logp, advantages, mask, *, epsilon_low, epsilon_high, 
     dual_clip:  c of the dual clip for A < 0 (term <= -c * A); 0 or None switches it off
     num_tokens: denominator of the token mean; defaults to mask.sum(). Pass the mini-batch's token
                 count when accumulating micro-batches, so that their losses add up to its mean.
-    Returns (loss, stats) with stats' values as Python floats, under the names train.py logs.
+    Returns (loss, stats) with stats' values as Python floats, under the names train.py logs; with
+    tokens=True also what the loss did to each token (token_details: its ratio, region and F).
     """
     mask = mask.to(logp.dtype)                                   # [B, T]
     adv = advantages if advantages.dim() == 2 else advantages[:, None]
@@ -103,7 +104,23 @@ def cegppo_loss(logp, old_logp, advantages, mask, *, epsilon_low, epsilon_high, 
     # Token mean over the whole batch (verl's "token-mean", the authors' choice).
     denom = mask.sum().clamp(min=1.0) if num_tokens is None else float(max(num_tokens, 1))
     loss = (per_token * mask).sum() / denom
-    return loss, _loss_stats(ratio, log_ratio, mask, low, high, dual)
+    stats = _loss_stats(ratio, log_ratio, mask, low, high, dual)
+    if not tokens:
+        return loss, stats
+    # F of d loss / d log pi = -F * A / denom, from the masks and coefficients above (a test checks
+    # it against autograd): r inside, beta * bound in a clip region, 0 where the dual clip binds
+    weight = torch.where(low, beta1 * (1.0 - epsilon_low), torch.where(high, beta2 * (1.0 + epsilon_high), ratio))
+    return loss, stats, token_details(ratio, low, high, dual, torch.where(dual, 0.0, weight))
+
+
+REGIONS = ("none", "low", "high", "dual")       # token_details' region codes 0-3
+
+
+def token_details(ratio, low, high, dual, weight):
+    """What a policy loss did to each token, [B, T] each (no gradient): the ratio r, the region
+    (REGIONS' index: 1 low clip, 2 high clip, 3 dual clip, 0 none) and F, the token's gradient weight."""
+    region = torch.where(dual, 3, torch.where(high, 2, torch.where(low, 1, 0)))
+    return {"ratio": ratio.detach(), "region": region, "weight": weight.detach()}
 
 
 def _loss_stats(ratio, log_ratio, mask, low, high, dual):
@@ -155,7 +172,7 @@ ALGOS = {
 # ever loses its gradient: F = min(r, 1 + eps_high) for every token, either sign of A. CE-GPPO keeps
 # PPO-clip's F = r inside [1 - eps, 1 + eps] and gives the clipped tokens a fixed beta * (1 +- eps);
 # CISPO has no trust region at all, only a cap on the weight. Token mean, as cegppo_loss.
-def cispo_loss(logp, old_logp, advantages, mask, *, epsilon_high, num_tokens=None):
+def cispo_loss(logp, old_logp, advantages, mask, *, epsilon_high, num_tokens=None, tokens=False):
     """CISPO policy loss (token mean) and the statistics of cegppo_loss, under the same names.
 
     logp, old_logp, mask: [B, T]; advantages: [B] or [B, T]; num_tokens as in cegppo_loss.
@@ -173,14 +190,16 @@ def cispo_loss(logp, old_logp, advantages, mask, *, epsilon_high, num_tokens=Non
     loss = (per_token * mask).sum() / denom
     capped = (ratio > 1.0 + epsilon_high) & (adv > 0)            # [B, T]
     none = torch.zeros_like(capped)
-    return loss, _loss_stats(ratio, log_ratio, mask, none, capped, none)
+    stats = _loss_stats(ratio, log_ratio, mask, none, capped, none)
+    return (loss, stats, token_details(ratio, none, capped, none, weight)) if tokens else (loss, stats)
 
 
-def policy_loss(algo, logp, old_logp, advantages, mask, *, num_tokens=None, **knobs):
+def policy_loss(algo, logp, old_logp, advantages, mask, *, num_tokens=None, tokens=False, **knobs):
     """The loss --algo names, with its knobs (ALGOS' keys): cispo_loss for cispo, else cegppo_loss."""
     if algo == "cispo":
-        return cispo_loss(logp, old_logp, advantages, mask, epsilon_high=knobs["epsilon_high"], num_tokens=num_tokens)
-    return cegppo_loss(logp, old_logp, advantages, mask, num_tokens=num_tokens, **knobs)
+        return cispo_loss(logp, old_logp, advantages, mask, epsilon_high=knobs["epsilon_high"], num_tokens=num_tokens,
+                          tokens=tokens)
+    return cegppo_loss(logp, old_logp, advantages, mask, num_tokens=num_tokens, tokens=tokens, **knobs)
 
 
 def positive_sft_loss(logp, mask, positive, num_tokens=None):
@@ -237,17 +256,24 @@ def token_quadrants(logp, entropy, advantages, mask):
     adv = advantages if advantages.dim() == 2 else advantages[:, None]
     adv = adv.float().expand_as(logp)                            # [B, T]
     valid = mask > 0                                             # [B, T]
-    high_p = logp > -entropy                                     # [B, T]
+    quadrant = quadrant_of(logp, entropy, adv)                   # [B, T]
     drive = -(logp + entropy) * adv                              # [B, T]
     n = valid.sum().clamp(min=1)
     out = {}
-    selections = ((adv > 0) & high_p, (adv > 0) & ~high_p, (adv < 0) & high_p, (adv < 0) & ~high_p)
-    for name, sel in zip(QUADRANTS, selections):         # pa_hp, pa_lp, na_hp, na_lp
-        sel = sel & valid
+    for q, name in enumerate(QUADRANTS):                         # pa_hp, pa_lp, na_hp, na_lp
+        sel = (quadrant == q) & valid
         k = sel.sum()
         out[f"quadrants/{name}_frac"] = (k / n).item()
         out[f"quadrants/{name}_drive"] = (drive[sel].mean().item() if k > 0 else 0.0)
     return out
+
+
+def quadrant_of(logp, entropy, adv):
+    """Each token's quadrant as QUADRANTS' index (0 PA&HP, 1 PA&LP, 2 NA&HP, 3 NA&LP; -1 for A = 0),
+    by token_quadrants' definition. logp, entropy, adv: [B, T]."""
+    high_p = logp > -entropy                                     # [B, T]
+    q = torch.where(adv > 0, torch.where(high_p, 0, 1), torch.where(high_p, 2, 3))
+    return torch.where(adv == 0, -1, q)
 
 
 # ----------------------------------------------------------------------------------------------

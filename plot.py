@@ -5,6 +5,7 @@
     python plot.py runs/lab-*/seed-* --metrics entropy,eval/accuracy --table         # two panels, the seed table
     python plot.py --gradient_weight docs/gradient_weight.png
     python plot.py runs/lab/*/*/seed-* --map docs/lab_map.png --baseline algo=grpo   # the step-size map
+    python plot.py --tokens runs/lab           # runs/lab/tokens.html: what the update did to each token
 
 Each run is a train.py output folder (metrics.jsonl + config.json). Runs whose configurations
 differ only in --seed (and the output folder) are one setting: drawn as the mean over seeds with a
@@ -398,12 +399,22 @@ def main(argv=None):
                     "setting, collapses counted) in Markdown")
     ap.add_argument("--baseline", metavar="LABEL", help="with --table or --map: differences from the setting whose "
                     "label starts with LABEL (e.g. algo=grpo), paired by seed")
+    ap.add_argument("--tokens", metavar="RUN", help="(re)write RUN/tokens.html, the page of what the update did "
+                    "to each recorded token (from RUN/tokens.jsonl), instead of curves")
     ap.add_argument("--map", metavar="PNG", help="draw the step-size map instead of curves: each setting's "
                     "difference from --baseline at each learning rate (and print its table)")
     args = ap.parse_args(argv)
     if args.gradient_weight:
         plot_gradient_weight(args.gradient_weight)
         print(f"wrote {args.gradient_weight}")
+        return 0
+    if args.tokens:
+        if not os.path.isfile(os.path.join(args.tokens, "tokens.jsonl")):
+            print(f"error: --tokens {args.tokens}: no tokens.jsonl (a train.py run with --token_groups > 0)",
+                  file=sys.stderr)
+            return 2
+        import token_page
+        print(f"wrote {token_page.write_page(args.tokens)}")
         return 0
     if not args.runs:
         print("error: give at least one train.py output folder (or --gradient_weight PNG)", file=sys.stderr)

@@ -115,7 +115,7 @@ def restore(ckpt, out, optimizer, scaler, state_cls):
         scaler.load_state_dict(saved["scaler"])
     set_rng_state(saved["rng"])
     state = state_cls(**{f.name: saved[f.name] for f in dataclasses.fields(state_cls) if f.name in saved})
-    for name in ("metrics.jsonl", "samples.jsonl"):
+    for name in ("metrics.jsonl", "samples.jsonl", "tokens.jsonl"):
         path = os.path.join(out, name)
         rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
         tmp = path + ".tmp"

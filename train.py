@@ -49,6 +49,7 @@ import cegppo
 import loading
 import plot
 import rollout_copy
+import token_page
 from eval import evaluate
 from loading import UserError
 from runtime import (COLLAPSED, NO_SIGNAL_EXIT, SPLIT, GenerationProgress, catch_ctrl_c, check_resume, find_checkpoint, peak_mem_gb, peak_mem_reserved_gb, reset_peak_mem,
@@ -109,7 +110,8 @@ class Config:
     progress: Literal["auto", "on", "off"] = _f("auto", "a progress bar inside each rollout's and evaluation's generate() call (sequences finished, tokens): auto = on a terminal once a call has run 2 s")
     # logging, evaluation, checkpoints
     output_dir: str = _f("runs/cegppo", "metrics.jsonl, samples.jsonl, curves.png, checkpoint/, final adapter (presets: runs/<preset>)")
-    logging_steps: int = _f(1, "write samples.jsonl and redraw curves.png every N steps")
+    logging_steps: int = _f(1, "write samples.jsonl and tokens.jsonl and redraw curves.png and tokens.html every N steps")
+    token_groups: int = _f(2, "kept groups whose every token (what the update did to it) goes to tokens.jsonl / tokens.html at each logging step; 0 = none")
     eval_steps: int = _f(25, "greedy accuracy on the held-out subset every N steps (and at step 1 and the end)")
     eval_limit: int = _f(64, "size of the fixed held-out subset; 0 = no evaluation")
     save_steps: int = _f(25, "checkpoint every N steps (and at the end and on Ctrl-C)")
@@ -135,7 +137,7 @@ PRESETS = {
 # Flags that may change between a run and its --resume (a run folder may move); any other difference is refused.
 RESUME_MAY_CHANGE = {"resume", "seeds", "jobs", "output_dir", "max_steps", "save_steps", "eval_steps", "logging_steps", "wandb",
                      "generation_batch_size", "threads", "rollout_model",
-                     "collapse_patience", "progress"}
+                     "collapse_patience", "progress", "token_groups"}
 AT_LEAST_1 = ("prompts_per_step", "num_generations", "max_completion_length", "steps_per_generation", "num_iterations",
               "micro_batch_size", "max_steps", "logging_steps", "eval_steps", "save_steps", "generation_batch_size",
               "max_prompt_length", "lora_r", "lora_alpha", "max_generation_rounds", "jobs")
@@ -190,7 +192,7 @@ def train(cfg):
         stopped = no_signal(state, cfg)                  # a policy with nothing left to learn from stops
         if stopped:
             row["stopped"] = stopped                     # "collapsed", "saturated" or "split" (no_signal_kind)
-        log_step(out, row, sampled, cfg, wandb_run, bar)
+        log_step(out, row, sampled, cfg, wandb_run, bar, token_record(tok, kept, old_logp, entropy, update_log, cfg))
         # 7. checkpoint
         if due(state.step, cfg.save_steps, cfg) or stop["asked"] or stopped:
             save_checkpoint(out, model, optimizer, scaler, state)
@@ -461,13 +463,16 @@ def update_policy(model, optimizer, scaler, params, rollout, old_logp, advantage
     G = cfg.num_generations
     groups = torch.arange(0 if rollout is None else rollout["input_ids"].shape[0] // G)
     log = {"loss": [], "sft_loss": [], "grad_norm": [], "ratio/max": [], "stat_sums": {}, "stat_tokens": 0,
-           "first_update": {"tokens": 0, "clipped": 0.0, "diff_sum": 0.0, "diff_max": 0.0}}
-    for _ in range(cfg.num_iterations):
+           "first_update": {"tokens": 0, "clipped": 0.0, "diff_sum": 0.0, "diff_max": 0.0}, "tokens": {}}
+    for it in range(cfg.num_iterations):
         for mini_batch in torch.tensor_split(groups, min(cfg.steps_per_generation, max(1, len(groups)))):
             if len(mini_batch) == 0:
                 continue
             rows = (mini_batch[:, None] * G + torch.arange(G)).flatten()      # the responses of those groups
-            losses = accumulate_gradients(model, scaler, rollout, rows, old_logp, advantages, positive, cfg, log)
+            # tokens.jsonl: what the last pass's update did to each token of the first token_groups groups
+            record = logged(state.step, cfg) and it == cfg.num_iterations - 1
+            losses = accumulate_gradients(model, scaler, rollout, rows, old_logp, advantages, positive, cfg, log,
+                                          cfg.token_groups * G if record else 0)
             if optimizer_step(optimizer, scaler, params, cfg, losses, log):
                 continue
             state.skipped_updates += 1
@@ -476,8 +481,9 @@ def update_policy(model, optimizer, scaler, params, rollout, old_logp, advantage
     return log
 
 
-def accumulate_gradients(model, scaler, rollout, rows, old_logp, advantages, positive, cfg, log):
-    """Forward and backward over one mini-batch in micro-batches; returns (policy, sft) loss sums or None."""
+def accumulate_gradients(model, scaler, rollout, rows, old_logp, advantages, positive, cfg, log, record_below=0):
+    """Forward and backward over one mini-batch in micro-batches; returns (policy, sft) loss sums or None.
+    The rows below `record_below` leave what the loss did to each of their tokens in log["tokens"]."""
     mask = rollout["completion_mask"]
     mini_batch_tokens, positive_tokens = int(mask[rows].sum()), int(mask[rows][positive[rows]].sum())
     device = rollout["input_ids"].device
@@ -489,8 +495,10 @@ def accumulate_gradients(model, scaler, rollout, rows, old_logp, advantages, pos
         with loading.model_autocast(model):            # the forward in half precision on a GPU; the loss in fp32
             logp, _ = cegppo.completion_logprobs(model, input_ids, attention_mask, prompt_len, cfg.temperature,
                                                  with_entropy=False)
-        loss, stats = cegppo.policy_loss(cfg.algo, logp, old_logp[idx, :T].to(device), advantages[idx].to(device),
-                                         completion_mask, num_tokens=mini_batch_tokens, **loss_knobs(cfg))
+        record = [j for j, row in enumerate(idx.tolist()) if row < record_below]
+        loss, stats, *details = cegppo.policy_loss(cfg.algo, logp, old_logp[idx, :T].to(device), advantages[idx].to(device),
+                                                   completion_mask, num_tokens=mini_batch_tokens, tokens=bool(record),
+                                                   **loss_knobs(cfg))
         sft = cegppo.positive_sft_loss(logp, completion_mask, positive[idx].to(device), num_tokens=positive_tokens)
         total = loss + cfg.sft_coef * sft if cfg.sft_coef else loss
         if not torch.isfinite(total):
@@ -502,6 +510,9 @@ def accumulate_gradients(model, scaler, rollout, rows, old_logp, advantages, pos
         for k in cegppo.TOKEN_MEAN_STATS:
             log["stat_sums"][k] = log["stat_sums"].get(k, 0.0) + stats[k] * n
         log["ratio/max"].append(stats["ratio/max"])
+        for j in record:                                 # the loss's own numbers, no extra pass
+            log["tokens"][int(idx[j])] = {"logp": logp[j].detach().float().cpu(),
+                                          **{k: v[j].float().cpu() for k, v in details[0].items()}}
         if not log["loss"] and "sample_logp" in rollout:   # no update applied yet: still the sampling policy
             first, sample_logp = log["first_update"], rollout["sample_logp"][idx, :T].to(device)
             diff = (logp.detach().float() - sample_logp).abs()[completion_mask.bool()]
@@ -600,15 +611,47 @@ def evaluate_policy(model, tok, eval_rows, gen_batch, cfg):
     return {"eval/accuracy": res["accuracy"], "eval/mean_length": res["mean_response_length"]}
 
 
-def log_step(out, row, sampled, cfg, wandb_run, bar):
-    """6. Append the row, print one line, write samples and redraw the curves every logging_steps."""
+def token_record(tok, kept, old_logp, entropy, update_log, cfg):
+    """6. tokens.jsonl's row of a logging step, or None: every token of the groups the update recorded
+    (update_policy; whole groups), with what the loss did to it (cegppo.token_details) and its quadrant."""
+    recorded, G, ro = update_log["tokens"], cfg.num_generations, kept["rollout"]
+    if not recorded:
+        return None
+    adv = kept["advantages"][:, None].expand_as(old_logp)                                # [B, T]
+    quadrant = cegppo.quadrant_of(old_logp, entropy, adv)                               # [B, T]
+    groups = []
+    for g in range(len(recorded) // G):
+        completions = []
+        for b in range(g * G, (g + 1) * G):
+            n, r = int(ro["completion_mask"][b].sum()), recorded[b]
+            ids = ro["input_ids"][b, ro["prompt_len"]:ro["prompt_len"] + n].tolist()
+            completions.append({"reward": kept["rewards"][b].item(), "advantage": round(kept["advantages"][b].item(), 4),
+                                "tokens": tok.batch_decode([[i] for i in ids]),
+                                "old_logp": _rounded(old_logp[b, :n], 6), "logp": _rounded(r["logp"][:n], 6),
+                                "ratio": _rounded(r["ratio"][:n]), "entropy": _rounded(entropy[b, :n]),
+                                "quadrant": quadrant[b, :n].tolist(), "region": r["region"][:n].int().tolist(),
+                                "F": _rounded(r["weight"][:n])})
+        prompt, answer = kept["prompts"][g]
+        groups.append({"prompt": prompt, "answer": answer, "completions": completions})
+    return {"algo": cfg.algo, "beta1": cfg.beta1, "beta2": cfg.beta2, "epsilon_low": cfg.epsilon_low,
+            "epsilon_high": cfg.epsilon_high, "groups": groups}
+
+
+def _rounded(t, digits=4):
+    """`digits` significant digits (6 for the log-probs, whose difference is the ratio's log): what a
+    page shows, at a third of the size of full floats."""
+    return [float(f"{x:.{digits}g}") for x in t.tolist()]
+
+
+def log_step(out, row, sampled, cfg, wandb_run, bar, tokens=None):
+    """6. Append the row, print one line, write samples and tokens and redraw the pictures every logging_steps."""
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
     if wandb_run:
         wandb_run.log(row, step=row["step"])
     bar.update(1)
     tqdm.write(step_line(row, cfg))
-    if row["step"] % cfg.logging_steps and row["step"] != cfg.max_steps:
+    if not logged(row["step"], cfg):
         return
     G = cfg.num_generations
     with open(os.path.join(out, "samples.jsonl"), "a") as f:
@@ -617,6 +660,15 @@ def log_step(out, row, sampled, cfg, wandb_run, bar):
             f.write(json.dumps({"step": row["step"], "prompt": prompt, "completion": sampled["texts"][j],
                                 "answer": answer, "reward": sampled["rewards"][j].item()}) + "\n")
     plot.plot_runs([out], os.path.join(out, "curves.png"))
+    if tokens:
+        with open(os.path.join(out, "tokens.jsonl"), "a") as f:
+            f.write(json.dumps({"step": row["step"], **tokens}) + "\n")
+        token_page.write_page(out)
+
+
+def logged(step, cfg):
+    """Do samples, tokens and the pictures get written at this step (every logging_steps, and the last)?"""
+    return step % cfg.logging_steps == 0 or step == cfg.max_steps
 
 
 def step_line(row, cfg):

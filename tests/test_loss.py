@@ -236,3 +236,37 @@ def test_positive_sft_loss_is_zero_without_a_positive_response():
     assert loss.item() == 0.0
     loss.backward()                                          # it still carries the graph
     assert logp.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("algo", ["cegppo", "grpo", "gppo", "cispo"])
+def test_recorded_weight_is_the_gradient_autograd_gives(algo):
+    # F is recorded from the loss's own masks; the gradient autograd takes through the loss is
+    # d loss / d log pi_t = -F_t * A_t / (number of tokens): they must agree token by token
+    torch.manual_seed(3)
+    logp = (torch.randn(5, 9, dtype=torch.float64) - 1).requires_grad_()
+    old = logp.detach() + torch.randn(5, 9, dtype=torch.float64) * 0.7
+    old[0, 0] = logp[0, 0].detach() - math.log(12.0)                  # r = 12 for one A < 0 token: dual clip
+    adv = torch.tensor([-1.0, 1.5, -0.5, 2.0, -2.0], dtype=torch.float64)
+    mask = torch.ones(5, 9, dtype=torch.float64)
+    mask[2, 6:] = 0
+    loss, stats, tok = policy_loss(algo, logp, old, adv, mask, tokens=True, **ALGOS[algo])
+    grad, = torch.autograd.grad(loss, logp)
+    F = -grad * mask.sum() / adv[:, None]
+    valid = mask.bool()
+    assert torch.allclose(F[valid], tok["weight"][valid], atol=1e-12)
+    # the regions are the ones the statistics count
+    n = mask.sum().item()
+    assert ((tok["region"] == 1) & valid).sum().item() / n == pytest.approx(stats["clip_ratio/low_mean"])
+    assert ((tok["region"] == 2) & valid).sum().item() / n == pytest.approx(stats["clip_ratio/high_mean"])
+    assert torch.allclose(tok["ratio"], torch.exp(logp - old).detach())
+    if algo != "cispo":
+        assert tok["region"][0, 0] == 3 and tok["weight"][0, 0] == 0.0  # the dual clip binds there
+        assert (tok["region"] == 1).any() and (tok["region"] == 2).any()
+
+
+def test_quadrant_of_each_token():
+    from cegppo import quadrant_of
+    logp = torch.tensor([[-0.5, -2.0, -0.2, -3.0, -0.1]])
+    ent = torch.ones(1, 5)
+    adv = torch.tensor([[1.0, 1.0, -2.0, -2.0, 0.0]])
+    assert quadrant_of(logp, ent, adv).tolist() == [[0, 1, 2, 3, -1]]     # PA&HP, PA&LP, NA&HP, NA&LP, none

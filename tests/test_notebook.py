@@ -69,3 +69,11 @@ def test_runs_land_in_the_working_directory(executed):
         folder = work / "runs" / "notebook" / run
         assert (folder / "metrics.jsonl").is_file() and (folder / "adapter_config.json").is_file()
     assert not os.path.exists(os.path.join(ROOT, "runs", "notebook"))
+
+
+def test_the_token_page_shows_inline(executed):
+    nb, work = executed
+    cell = next(c for c in nb.cells if c.cell_type == "code" and "tokens.html" in c.source)
+    shown = "".join(o.get("data", {}).get("text/html", "") for o in cell.outputs)
+    assert shown.startswith("<iframe srcdoc=") and "What the update did to each token" in shown
+    assert (work / "runs" / "notebook" / "cegppo" / "tokens.html").is_file()
