@@ -13,6 +13,7 @@ others are what any GRPO-style trainer needs around it:
     cispo_loss, policy_loss  a baseline that keeps the clipped gradients another way; --algo's loss
     positive_sft_loss       the authors' optional SFT term on fully rewarded responses
     group_advantages        GRPO's group z-score, and which groups carry no signal
+    sampler_correction      importance weights where the sampler's numbers are not pi_old (TRL's, TIS)
     token_quadrants         the paper's PA/NA x HP/LP analysis as per-step metrics
     math_reward             the verifiable reward (math-verify decides equality)
     rollout                 sampling G completions per prompt, with the sampler's own log-probs
@@ -61,7 +62,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 # fixed size beta * bound * A * grad(log pi) that does not grow with how far the ratio has drifted,
 # which is what keeps the update bounded. We minimise loss = -l, averaged over tokens.
 def cegppo_loss(logp, old_logp, advantages, mask, *, epsilon_low, epsilon_high, beta1, beta2, dual_clip,
-                num_tokens=None, tokens=False):
+                num_tokens=None, tokens=False, token_weights=None):
     """CE-GPPO policy loss (token mean) and its statistics. The knobs' defaults live in ALGOS.
 
     logp:       [B, T] log pi_theta of each response token (carries the gradient)
@@ -71,6 +72,8 @@ def cegppo_loss(logp, old_logp, advantages, mask, *, epsilon_low, epsilon_high, 
     dual_clip:  c of the dual clip for A < 0 (term <= -c * A); 0 or None switches it off
     num_tokens: denominator of the token mean; defaults to mask.sum(). Pass the mini-batch's token
                 count when accumulating micro-batches, so that their losses add up to its mean.
+    token_weights: [B, T] or None, weights of each token's term (no gradient): the correction for a
+                sampler whose numbers differ from pi_old (sampler_correction); None is 1 everywhere.
     Returns (loss, stats) with stats' values as Python floats, under the names train.py logs; with
     tokens=True also what the loss did to each token (token_details: its ratio, region and F).
     """
@@ -100,6 +103,8 @@ def cegppo_loss(logp, old_logp, advantages, mask, *, epsilon_low, epsilon_high, 
         cap = -dual_clip * adv                                   # [B, T]
         dual = (adv < 0) & (per_token > cap)
         per_token = torch.where(dual, cap, per_token)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach()
 
     # Token mean over the whole batch (verl's "token-mean", the authors' choice).
     denom = mask.sum().clamp(min=1.0) if num_tokens is None else float(max(num_tokens, 1))
@@ -110,7 +115,8 @@ def cegppo_loss(logp, old_logp, advantages, mask, *, epsilon_low, epsilon_high, 
     # F of d loss / d log pi = -F * A / denom, from the masks and coefficients above (a test checks
     # it against autograd): r inside, beta * bound in a clip region, 0 where the dual clip binds
     weight = torch.where(low, beta1 * (1.0 - epsilon_low), torch.where(high, beta2 * (1.0 + epsilon_high), ratio))
-    return loss, stats, token_details(ratio, low, high, dual, torch.where(dual, 0.0, weight))
+    weight = torch.where(dual, 0.0, weight) * (1.0 if token_weights is None else token_weights)
+    return loss, stats, token_details(ratio, low, high, dual, weight)
 
 
 REGIONS = ("none", "low", "high", "dual")       # token_details' region codes 0-3
@@ -172,10 +178,10 @@ ALGOS = {
 # ever loses its gradient: F = min(r, 1 + eps_high) for every token, either sign of A. CE-GPPO keeps
 # PPO-clip's F = r inside [1 - eps, 1 + eps] and gives the clipped tokens a fixed beta * (1 +- eps);
 # CISPO has no trust region at all, only a cap on the weight. Token mean, as cegppo_loss.
-def cispo_loss(logp, old_logp, advantages, mask, *, epsilon_high, num_tokens=None, tokens=False):
+def cispo_loss(logp, old_logp, advantages, mask, *, epsilon_high, num_tokens=None, tokens=False, token_weights=None):
     """CISPO policy loss (token mean) and the statistics of cegppo_loss, under the same names.
 
-    logp, old_logp, mask: [B, T]; advantages: [B] or [B, T]; num_tokens as in cegppo_loss.
+    logp, old_logp, mask: [B, T]; advantages: [B] or [B, T]; num_tokens, token_weights as in cegppo_loss.
     clip_ratio/high_mean counts the tokens whose weight the cap binds with A > 0 (TRL's
     cispo_clip_ratio); CISPO has no low clip region and no dual clip (their shares are 0).
     """
@@ -185,6 +191,8 @@ def cispo_loss(logp, old_logp, advantages, mask, *, epsilon_high, num_tokens=Non
     log_ratio = logp.detach() - old_logp.detach()                # [B, T] no gradient: the weight is sg(.)
     ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))              # [B, T] r
     weight = ratio.clamp(max=1.0 + epsilon_high)                 # [B, T] sg(min(r, 1 + eps_high))
+    if token_weights is not None:
+        weight = weight * token_weights.detach()
     per_token = -weight * adv * logp                             # [B, T]
     denom = mask.sum().clamp(min=1.0) if num_tokens is None else float(max(num_tokens, 1))
     loss = (per_token * mask).sum() / denom
@@ -194,12 +202,14 @@ def cispo_loss(logp, old_logp, advantages, mask, *, epsilon_high, num_tokens=Non
     return (loss, stats, token_details(ratio, none, capped, none, weight)) if tokens else (loss, stats)
 
 
-def policy_loss(algo, logp, old_logp, advantages, mask, *, num_tokens=None, tokens=False, **knobs):
+def policy_loss(algo, logp, old_logp, advantages, mask, *, num_tokens=None, tokens=False, token_weights=None,
+                **knobs):
     """The loss --algo names, with its knobs (ALGOS' keys): cispo_loss for cispo, else cegppo_loss."""
     if algo == "cispo":
         return cispo_loss(logp, old_logp, advantages, mask, epsilon_high=knobs["epsilon_high"], num_tokens=num_tokens,
-                          tokens=tokens)
-    return cegppo_loss(logp, old_logp, advantages, mask, num_tokens=num_tokens, tokens=tokens, **knobs)
+                          tokens=tokens, token_weights=token_weights)
+    return cegppo_loss(logp, old_logp, advantages, mask, num_tokens=num_tokens, tokens=tokens,
+                       token_weights=token_weights, **knobs)
 
 
 def positive_sft_loss(logp, mask, positive, num_tokens=None):
@@ -231,6 +241,36 @@ def group_advantages(rewards, group_size, eps=1e-6):
     adv = (r - mean) / (std + eps)                               # [P, G]
     adv = torch.where(zero_std[:, None], torch.zeros_like(adv), adv)
     return adv.view(-1), zero_std
+
+
+# Where pi_old is recomputed by the training forward (a GPU: half-precision sampling never equals
+# it exactly), the rollout's tokens came from pi_sample, not pi_old. TRL 1.16 corrects its vLLM
+# sampler this way by default (vllm_importance_sampling_correction, mode sequence_mask, cap 3.0);
+# verl calls the truncated form TIS. Per token t of response i, with d = log pi_old - log pi_sample:
+#   token_*:    w_it = exp(d_it)             sequence_*: w_it = exp(sum_t d_it)  (one weight per response)
+#   *_truncate: min(w, cap)                  *_mask:     w, or 0 where w > cap
+SAMPLER_CORRECTIONS = ("off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def sampler_correction(old_logp, sample_logp, mask, mode="sequence_mask", cap=3.0):
+    """The weights [B, T] of each token's loss term (no gradient) and their statistics under TRL's
+    names. old_logp, sample_logp, mask: [B, T]. Exactly 1 on every token where the sampler's numbers
+    are pi_old (a CPU in float32: train.py's --old_logprobs sampler), and for mode "off"."""
+    mask = mask.to(old_logp.dtype)
+    diff = (old_logp.float() - sample_logp.float()) * mask                     # [B, T] log pi_old / pi_sample
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True).expand_as(diff)                      # [B, T] the response's sum
+    w = torch.exp(diff.clamp(max=20.0)) if mode != "off" else torch.ones_like(diff)
+    cut = (w > cap) & (mask > 0) if mode != "off" else torch.zeros_like(w, dtype=torch.bool)
+    w = torch.where(cut, 0.0 if mode.endswith("mask") else cap, w) * mask      # [B, T]
+    valid = mask > 0
+    kept = w[valid]
+    share = (cut.sum() / valid.sum().clamp(min=1)).item()
+    return w, {"sampling/importance_sampling_ratio/min": kept.min().item() if kept.numel() else 1.0,
+               "sampling/importance_sampling_ratio/mean": kept.mean().item() if kept.numel() else 1.0,
+               "sampling/importance_sampling_ratio/max": kept.max().item() if kept.numel() else 1.0,
+               "sampling/correction_masked": share if mode.endswith("mask") else 0.0,
+               "sampling/correction_truncated": share if mode.endswith("truncate") else 0.0}
 
 
 QUADRANTS = ("pa_hp", "pa_lp", "na_hp", "na_lp")
@@ -404,8 +444,9 @@ class SampledTokenLogProbs(LogitsProcessor):
         if torch.isnan(scores).any() or torch.isposinf(scores).any():   # -inf: a token a processor forbade
             raise NonFiniteLogits("the sampler's logits are not finite")
         logprobs = torch.log_softmax(scores.float() / self.temperature, dim=-1)       # [b, V]
-        probs = logprobs.exp()                                                         # [b, V]
-        self.entropy.append(-(probs * logprobs.masked_fill(probs == 0, 0.0)).sum(-1))  # [b]; 0 log 0 = 0
+        # H = sum_v entr(p_v) = -sum_v p_v log p_v, with entr(0) = 0 (a forbidden token); one [b, V]
+        # temporary beside p, where -(p * log p) with a mask took three
+        self.entropy.append(torch.special.entr(logprobs.exp()).sum(-1))              # [b]
         self.previous = logprobs
         return scores                         # the sampling itself is untouched
 
@@ -426,6 +467,7 @@ def _generate(model, input_ids, attention_mask, gen_kwargs, batch_size, temperat
     outs, scored, i = [], [], 0
     while i < input_ids.shape[0]:
         recorder = SampledTokenLogProbs(temperature) if temperature else None
+        out = None
         try:
             out = model.generate(input_ids=input_ids[i:i + batch_size],
                                  attention_mask=attention_mask[i:i + batch_size],
@@ -434,6 +476,7 @@ def _generate(model, input_ids, attention_mask, gen_kwargs, batch_size, temperat
         except torch.OutOfMemoryError:
             if batch_size == 1 or not shrink_on_oom:
                 raise
+        if out is None:       # out of memory; here, past the except, the failed call's frames are freed
             del recorder
             torch.cuda.empty_cache()
             batch_size = max(1, batch_size // 2)
@@ -547,8 +590,9 @@ def completion_logprobs(model, input_ids, attention_mask, prompt_len, temperatur
     if not chunked:
         logp, entropy = token_logprobs(head(h), targets, temperature)
         return logp.view(B, T), (entropy if with_entropy else torch.zeros_like(entropy)).view(B, T)
-    logp, entropy = _TokenLogProb.apply(h, head.weight, head.bias, targets, temperature,
-                                        chunk_size(B * T, chunk_tokens), with_entropy)
+    weight, bias = head_operands(head, h.device.type)
+    logp, entropy = _TokenLogProb.apply(h, weight, bias, targets, temperature, chunk_size(B * T, chunk_tokens),
+                                        with_entropy)
     return logp.view(B, T), entropy.view(B, T)
 
 
@@ -564,6 +608,18 @@ def chunk_size(positions, chunk_tokens=1024):
     return max(1, min(chunk_tokens, math.ceil(positions / 16)))
 
 
+def head_operands(head, device_type):
+    """The LM head's weight and bias in the precision the log-prob chunks multiply in, cast at most
+    once per pass (never per chunk): float32 (TF32 on GPUs that have it), even under bf16 autocast,
+    whose rounding of the logits (steps of 0.125 at |logit| 16-32) could move a ratio by e^0.125 on
+    its own; under fp16 autocast (a T4: no TF32, 8x slower in float32) fp16, whose steps are 8 times
+    finer (2^-6 there: a ratio moves by 1.6% at most, far inside any clip range)."""
+    half = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+    dtype = torch.float16 if half else torch.float32
+    bias = None if head.bias is None else head.bias.to(dtype)
+    return head.weight.to(dtype), bias
+
+
 class _TokenLogProb(torch.autograd.Function):
     """token_logprobs(hidden @ weight.T + bias, targets, temperature), computed chunk by chunk over positions.
 
@@ -575,23 +631,26 @@ class _TokenLogProb(torch.autograd.Function):
 
     so at most one chunk's [n, V] tensors exist at a time, in both passes.
 
-    Under autocast (half precision on a GPU: loading.autocast) the chunk's matmul runs in the
-    autocast dtype and its logits are cast up to float32 before anything else; the backward then
-    recomputes them under the autocast state of the forward, not of the caller of backward()
-    (usually none), as torch.amp.custom_fwd / custom_bwd do for one device type: otherwise the
-    recomputed float32 logits would not match the forward's lse, and the softmax in the gradient
-    would not be the one whose log-probs the loss saw.
+    The chunk's matmul runs in the weight's own dtype (head_operands: float32, or fp16 under fp16
+    autocast) with autocast off, in the forward and in the backward alike, so the recomputed logits
+    are bit for bit the forward's and the softmax in the gradient is the one whose log-probs the
+    loss saw; the logits are float32 before anything else.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk, with_entropy):
         # hidden [N, d], weight [V, d], targets [N] -> logp [N], entropy [N] (float32, or float64)
-        N, acc = hidden.shape[0], torch.promote_types(hidden.dtype, torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _TokenLogProb._forward(ctx, hidden, weight, bias, targets, temperature, chunk, with_entropy)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, targets, temperature, chunk, with_entropy):
+        N, acc = hidden.shape[0], torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
         logp = torch.empty(N, device=hidden.device, dtype=acc)
         lse = torch.empty_like(logp)
         entropy = torch.zeros_like(logp)
         for s in range(0, N, chunk):
-            logits = F.linear(hidden[s:s + chunk], weight, bias).to(acc).div_(temperature)   # [n, V]
+            logits = F.linear(hidden[s:s + chunk].to(weight.dtype), weight, bias).to(acc).div_(temperature)   # [n, V]
             lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)                                  # [n]
             logp[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None])[:, 0] - lse[s:s + chunk]
             if with_entropy:    # H = -sum_v p_v log p_v; log p is made in the logits' own memory
@@ -600,15 +659,12 @@ class _TokenLogProb(torch.autograd.Function):
             del logits          # free this chunk before the next one is allocated, not after
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
-        device = hidden.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.mark_non_differentiable(entropy)       # a metric, never a loss term
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        device, enabled, dtype = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):        # the forward's precision
+        with torch.autocast(grad_logp.device.type, enabled=False):       # the forward's precision: the weight's
             return _TokenLogProb._backward(ctx, grad_logp)
 
     @staticmethod
@@ -620,13 +676,13 @@ class _TokenLogProb(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need_w else None
         grad_b = torch.zeros(weight.shape[0], device=weight.device, dtype=acc) if need_b else None
         for s in range(0, hidden.shape[0], chunk):
-            h, g = hidden[s:s + chunk], grad_logp[s:s + chunk, None].to(acc)                     # [n, d], [n, 1]
+            h, g = hidden[s:s + chunk].to(weight.dtype), grad_logp[s:s + chunk, None].to(acc)   # [n, d], [n, 1]
             logits = F.linear(h, weight, bias).to(acc).div_(temperature)                         # [n, V]
             # g * (onehot - softmax) / T, built in place in the logits' memory
             dlogits = logits.sub_(lse[s:s + chunk, None]).exp_().mul_(-g)                       # [n, V]
             dlogits.scatter_add_(-1, targets[s:s + chunk, None], g).div_(temperature)
             if need_h:
-                grad_h[s:s + chunk] = dlogits.to(hidden.dtype) @ weight
+                grad_h[s:s + chunk] = (dlogits.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
                 grad_w += dlogits.t() @ h.to(acc)
             if need_b:

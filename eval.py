@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import cegppo
 import loading
+import rollout_copy
 from loading import UserError
 from runtime import PROGRESS, GenerationProgress
 
@@ -89,6 +90,15 @@ class EvalConfig:
     progress: str = field(default="auto", metadata={"help": "a progress bar inside each generate() call (sequences finished, tokens): auto = on a terminal once a call has run 2 s, on, off"})
 
 
+def generation_model(model, tok, rows, cfg):
+    """What generates: on a GPU where it fits, the dense copy of the 4-bit (+ LoRA) model (rollout_copy:
+    one dense matmul per layer instead of dequantising every weight at every token), else the model."""
+    prompt_tokens = max(len(tok(cegppo.format_prompt(tok, q))["input_ids"]) for q, _ in rows)
+    kind = rollout_copy.choose("auto", model, min(cfg.batch_size, len(rows) * cfg.k),
+                               prompt_tokens + cfg.max_completion_length, prompt_tokens=prompt_tokens)
+    return rollout_copy.dense_copy(model) if kind == "dense" else model
+
+
 def main(argv=None):
     parser = loading.dataclass_parser(EvalConfig, __doc__.splitlines()[0],
                                       choices={"dtype": ["auto", *loading.DTYPES], "progress": list(PROGRESS)})
@@ -105,7 +115,8 @@ def main(argv=None):
     model, tok = loading.load_model(loading.resolve_model(cfg.model), four_bit=cfg.load_in_4bit, adapter=cfg.adapter,
                                     dtype=cfg.dtype)
     model.eval()
-    res = evaluate(model, tok, rows, cfg.max_completion_length, cfg.batch_size, cfg.k, cfg.temperature, cfg.top_p,
+    sampler = generation_model(model, tok, rows, cfg)
+    res = evaluate(sampler, tok, rows, cfg.max_completion_length, cfg.batch_size, cfg.k, cfg.temperature, cfg.top_p,
                    progress=True, generation_progress=cfg.progress)
     os.makedirs(cfg.output_dir, exist_ok=True)
     records = res.pop("records")

@@ -169,8 +169,9 @@ def estimate(m, cfg):
         **({f"rollout: dense copy (merged weights, {dtype})": dense_copy_bytes(m, dtype, four_bit)} if dense else {}),
         "rollout: KV cache": kv_cache_bytes(m, gen_batch, seq, sb),
         "rollout: prefill activations (one layer)": prefill_bytes(m, gen_batch, cfg.max_prompt_length, sb,
-                                                                  lora=not dense),
-        "rollout: sampling logits (2 x [batch, V] fp32)": sampling_logits_bytes(m, gen_batch),
+                                                                  lora=not dense or dtype != "fp32"),
+        "rollout: sampling logits (5 x [batch, V] fp32 + the step's)": sampling_logits_bytes(m, gen_batch, sb,
+                                                                                             cfg.top_p),
         ("update: layer-boundary hidden states" if cfg.gradient_checkpointing
          else "update: all layers' activations"): boundaries if cfg.gradient_checkpointing else
         (m.layers * per_layer + 2 * mb * seq * m.hidden * rb),
@@ -194,7 +195,8 @@ def rollout_phase_bytes(m, cfg):
     sb = BYTES[dtype] if dense else residual_bytes(dtype, cfg.load_in_4bit)
     gen_batch = min(cfg.generation_batch_size, cfg.prompts_per_step * cfg.num_generations)
     held = sampling_bytes(m, gen_batch, cfg.max_prompt_length, cfg.max_prompt_length + cfg.max_completion_length,
-                          sb, lora=not dense, micro_batch=cfg.micro_batch_size if dense else 0)
+                          sb, lora=not dense or dtype != "fp32", micro_batch=cfg.micro_batch_size if dense else 0,
+                          top_p=cfg.top_p)
     return held + (dense_copy_bytes(m, dtype, cfg.load_in_4bit) if dense else 0)
 
 

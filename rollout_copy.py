@@ -1,11 +1,16 @@
-"""The rollout's dense copy of the policy: 4-bit base dequantised, LoRA merged, in a plain transformers model.
+"""The rollout's dense copy of the policy: 4-bit base dequantised, LoRA merged or kept apart, in a plain transformers model.
 
 Generation through bitsandbytes' Linear4bit + peft's LoRA layers dequantises every weight of every
 layer at every decode step and adds two small LoRA matmuls per layer; on a CPU (where
 loading.cpu_safe_4bit switches the 4-bit inference kernel off) that is most of the rollout. Before
 each rollout train.py builds, from the current policy, a plain model of the same config whose
-Linear weights are W = dequantize_4bit(W_4bit) + scaling * B @ A (one matrix per layer, no
-bitsandbytes, no peft), lets generate() drive it, and frees it before the updates.
+Linear weights are dequantize_4bit(W_4bit) (no bitsandbytes, no peft), lets generate() drive it,
+and frees it before the updates. The LoRA adapters are merged into those weights (W + scaling *
+B @ A, one matrix per layer) only in float32: rounded to bf16, W + s * B @ A is exactly W wherever
+the adapter's change is below half a bf16 step of W (about 6e-5 at |W| = 0.02), which early in a run
+at lr 1e-5 is most of it, and the copy would sample from the base model. In half precision each
+Linear keeps its adapters apart (LoRALinear: W x + s * B (A x), with the policy's own A and B, as
+peft computes it), so the copy samples from the policy it copies.
 
 Only the sampling moves to the copy. The old log-probs (train.py step 4) are still computed by
 the 4-bit + LoRA policy, so the first update's ratio is still exactly 1 and the loss unchanged;
@@ -13,8 +18,9 @@ the copy samples from a distribution whose rounding differs slightly (merged wei
 summation order), which train.py logs every step as TRL logs its vLLM mismatch:
 sampling/sampling_logp_difference/mean and /max = |log pi_sample - log pi_old| per response token.
 
-    dense_copy(policy, into=None)  the copy (or refresh `into`, a copy built before, in place)
-    merged_weight(layer)           one Linear's dense weight: dequantised base + scaling * B @ A
+    dense_copy(policy, into=None, merge=None)  the copy (or refresh `into`, a copy built before, in place)
+    merged_weight(layer)           one Linear's dense weight: dequantised base (+ scaling * B @ A)
+    LoRALinear                     a dense Linear with its adapters apart (the half-precision copy)
     copy_bytes(policy)             the memory the copy adds (parameters shared with the policy excluded)
     sampling_bytes(policy, ...)    what sampling from it holds besides the weights (memory.py's formulas)
     choose(mode, policy, ...)      'dense' or 'policy' for --rollout_model auto|dense|policy
@@ -61,10 +67,10 @@ def _base_weight(layer):
 
 
 @torch.no_grad()
-def merged_weight(layer, dtype=None, out=None):
-    """A Linear's dense weight [out, in]: dequantised base (if 4-bit) plus scaling * B @ A per active
-    LoRA adapter, in `dtype` (default: the 4-bit layers' compute dtype, else the weight's own).
-    out: a tensor of that shape to write into (no allocation). The policy is only read."""
+def merged_weight(layer, dtype=None, out=None, merge=True):
+    """A Linear's dense weight [out, in]: dequantised base (if 4-bit) plus, with merge, scaling * B @ A
+    per active LoRA adapter, in `dtype` (default: the 4-bit layers' compute dtype, else the weight's
+    own). out: a tensor of that shape to write into (no allocation). The policy is only read."""
     w, _ = _base_weight(layer)
     if isinstance(w, bnb.nn.Params4bit):
         dtype = dtype or w.quant_state.dtype
@@ -78,10 +84,31 @@ def merged_weight(layer, dtype=None, out=None):
         if out is None:
             out = torch.empty(w.shape, dtype=dtype, device=w.device)
         out.copy_(w)
-    for A, B, s in _lora_adapters(layer):
+    for A, B, s in _lora_adapters(layer) if merge else []:
         # W += s * B @ A, accumulated by the matmul kernel in float32 and rounded to out's dtype once
         out.addmm_(B.to(out.dtype), A.to(out.dtype), alpha=s)
     return out
+
+
+class LoRALinear(torch.nn.Module):
+    """A dense Linear whose LoRA adapters stay apart: W x + b + scaling * B (A x) per adapter, computed as
+    peft's LoRA layers compute it (under autocast in its dtype; otherwise in the adapter's dtype and cast
+    back), so that no part of the adapter's change is rounded away into W. A and B are the policy's own
+    tensors (shared: always current, no memory); only W and b belong to the copy."""
+
+    def __init__(self, weight, bias, adapters):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.adapters = adapters                      # [(A [r, in], B [out, r], scaling)]
+
+    def forward(self, x):
+        result = torch.nn.functional.linear(x, self.weight, self.bias)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        for A, B, s in self.adapters:
+            out = torch.nn.functional.linear(torch.nn.functional.linear(x if autocast else x.to(A.dtype), A), B) * s
+            result = result + (out if autocast else out.to(result.dtype))
+        return result
 
 
 def _plain_config(policy):
@@ -102,23 +129,27 @@ def _device(policy):
 
 
 @torch.no_grad()
-def dense_copy(policy, into=None):
+def dense_copy(policy, into=None, merge=None):
     """A plain transformers model (no bitsandbytes, no peft) computing what `policy` computes, for generate().
 
     Every nn.Linear gets merged_weight() of the policy's layer of the same name, in the compute
-    dtype. The other tensors (embeddings, norms, biases, rotary buffers) are frozen in the policy:
-    the copy shares them when their dtype and device already match (no memory), else holds a
-    converted copy; a tensor shared by two modules (a tied LM head) stays shared.
+    dtype, and where that layer has LoRA adapters and merge is False becomes a LoRALinear holding
+    them apart. merge None: merge in float32 only (see the module docstring). The other tensors
+    (embeddings, norms, biases, rotary buffers) are frozen in the policy: the copy shares them when
+    their dtype and device already match (no memory), else holds a converted copy; a tensor shared
+    by two modules (a tied LM head) stays shared.
     into: a copy built before from the same policy; only its merged Linear weights are rewritten
-    (the other tensors cannot have changed), with no allocation.
+    (the other tensors cannot have changed; a LoRALinear's adapters are the policy's own), with no
+    allocation.
     """
     base = base_model(policy)
     if into is not None:
         for _, dmod, pmod in _pairs(into, base):
-            if isinstance(dmod, torch.nn.Linear) and _lora_adapters(pmod):
+            if type(dmod) is torch.nn.Linear and _lora_adapters(pmod):
                 merged_weight(pmod, out=dmod.weight.data)
         return into
     dtype, device = loading.model_compute_dtype(policy), next(base.parameters()).device
+    merge = dtype == torch.float32 if merge is None else merge
     with torch.device("meta"):
         dense = AutoModelForCausalLM.from_config(_plain_config(policy), dtype=dtype)
     made = {}                                                     # source tensor -> its tensor in the copy
@@ -134,7 +165,7 @@ def dense_copy(policy, into=None):
             if isinstance(dmod, torch.nn.Linear) and pname == "weight":
                 w, _ = _base_weight(pmod)
                 if isinstance(w, bnb.nn.Params4bit) or _lora_adapters(pmod):
-                    t = merged_weight(pmod, dtype)
+                    t = merged_weight(pmod, dtype, merge=merge)
                 else:
                     t = converted(w, dtype)                       # a plain Linear (the LM head): shared
             elif isinstance(dmod, torch.nn.Linear) and pname == "bias":
@@ -148,6 +179,13 @@ def dense_copy(policy, into=None):
     left = [n for n, t in [*dense.named_parameters(), *dense.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"dense rollout copy: no source for {left[:3]}")
+    if not merge:                                                 # the adapters apart, beside W
+        for name, dmod, pmod in list(_pairs(dense, base)):
+            if isinstance(dmod, torch.nn.Linear) and _lora_adapters(pmod):
+                parent, _, child = name.rpartition(".")
+                setattr(dense.get_submodule(parent) if parent else dense, child,
+                        LoRALinear(dmod.weight.data, None if dmod.bias is None else dmod.bias.data,
+                                   _lora_adapters(pmod)))
     dense.generation_config = copy.deepcopy(base.generation_config)
     dense.eval()
     return dense
@@ -175,19 +213,21 @@ def copy_bytes(policy, dtype=None):
     return total
 
 
-def sampling_bytes(policy, sequences=1, tokens=1, prompt_tokens=None, micro_batch=0):
+def sampling_bytes(policy, sequences=1, tokens=1, prompt_tokens=None, micro_batch=0, top_p=1.0):
     """Bytes sampling from the copy holds besides the weights: generate()'s KV cache, its prefill's
     activations and its logits for `sequences` sequences of `prompt_tokens` (default: all `tokens`)
     prompt and `tokens` positions in all, or, when larger, the no-grad log-prob pass over
     `micro_batch` sequences that the mismatch metric runs while the copy is held. memory.py's
-    formulas (sizes.py), on the policy's shape, in the copy's compute dtype with merged Linears."""
+    formulas (sizes.py), on the policy's shape, in the copy's compute dtype: merged Linears in float32,
+    LoRA layers in half precision (dense_copy)."""
     shape = sizes.ModelShape.from_config(base_model(policy).config)
-    elem = torch.tensor([], dtype=loading.model_compute_dtype(policy)).element_size()
+    dtype = loading.model_compute_dtype(policy)
+    elem = torch.tensor([], dtype=dtype).element_size()
     return sizes.sampling_bytes(shape, sequences, tokens if prompt_tokens is None else prompt_tokens, tokens, elem,
-                                lora=False, micro_batch=micro_batch)
+                                lora=dtype != torch.float32, micro_batch=micro_batch, top_p=top_p)
 
 
-def choose(mode, policy, sequences=1, tokens=1, margin=0.1, prompt_tokens=None, micro_batch=0):
+def choose(mode, policy, sequences=1, tokens=1, margin=0.1, prompt_tokens=None, micro_batch=0, top_p=1.0):
     """'dense' or 'policy' for --rollout_model. auto: dense on a GPU when everything sampling from the
     copy holds (copy_bytes + sampling_bytes: the copy, the KV cache, the prefill's activations, the
     logits, the mismatch metric's log-prob pass) fits in its free memory with `margin` of it to
@@ -200,7 +240,7 @@ def choose(mode, policy, sequences=1, tokens=1, margin=0.1, prompt_tokens=None, 
     device = _device(policy)
     if device.type != "cuda":
         return "policy"
-    need = copy_bytes(policy) + sampling_bytes(policy, sequences, tokens, prompt_tokens, micro_batch)
+    need = copy_bytes(policy) + sampling_bytes(policy, sequences, tokens, prompt_tokens, micro_batch, top_p)
     return "dense" if need <= (1 - margin) * free_gpu_bytes(device) else "policy"
 
 
@@ -223,6 +263,8 @@ def release(dense):
     cache to the driver (torch.cuda.empty_cache), so that the updates, and anything else on the
     card, get the memory back. The copy cannot be used afterwards; build a new one (dense_copy)."""
     for module in dense.modules():
+        if isinstance(module, LoRALinear):
+            module.adapters = []                                  # the policy's own: only dropped
         for name, p in module._parameters.items():
             if p is not None:
                 module._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)

@@ -77,9 +77,15 @@ def prefill_bytes(m, sequences, tokens, elem_bytes, lora=True):
     return sequences * tokens * layer_forward_elems(m, lora) * elem_bytes
 
 
-def sampling_logits_bytes(m, sequences):
-    """generate()'s logits of one decode step and their processed copy: 2 x [sequences, V] float32."""
-    return 2 * sequences * m.vocab * 4
+def sampling_logits_bytes(m, sequences, elem_bytes=4, top_p=1.0):
+    """What one decode step holds of [sequences, V] tensors at its peak: the model's logits (in the
+    residual dtype, `elem_bytes`), and in float32 generate()'s copy of them, the temperature warper's
+    output, the sampling softmax, and the recorder's log-softmax of this step beside the last step's
+    (cegppo.SampledTokenLogProbs: p and entr(p) beside its log-softmax): 5 x [sequences, V] float32.
+    top_p < 1 sorts them too (values, int64 indices, their cumulative sum, masks: 4 float32's worth
+    more). Measured on generate() itself, op by op (tests/test_memory.py): 6 and 9.5 float32's worth
+    at top_p 1 and 0.9 with float32 logits."""
+    return sequences * m.vocab * (elem_bytes + 5 * 4 + (16 if top_p < 1 else 0))
 
 
 def logprob_chunk_bytes(m, positions):
@@ -94,20 +100,21 @@ def logprob_pass_bytes(m, sequences, tokens, completion_tokens, elem_bytes, lora
             + logprob_chunk_bytes(m, sequences * completion_tokens))
 
 
-def generate_bytes(m, sequences, prompt_tokens, tokens, elem_bytes, lora=True):
+def generate_bytes(m, sequences, prompt_tokens, tokens, elem_bytes, lora=True, top_p=1.0):
     """generate() at its peak: during the prefill, its activations and the prompts' part of the KV
     cache; later the whole cache of `tokens` positions (the prefill's tensors are gone by then);
     the sampling logits throughout."""
     prefill = prefill_bytes(m, sequences, prompt_tokens, elem_bytes, lora) + kv_cache_bytes(m, sequences, prompt_tokens,
                                                                                           elem_bytes)
-    return max(prefill, kv_cache_bytes(m, sequences, tokens, elem_bytes)) + sampling_logits_bytes(m, sequences)
+    return max(prefill, kv_cache_bytes(m, sequences, tokens, elem_bytes)) + sampling_logits_bytes(m, sequences, elem_bytes,
+                                                                                                top_p)
 
 
-def sampling_bytes(m, sequences, prompt_tokens, tokens, elem_bytes, lora=True, micro_batch=0):
+def sampling_bytes(m, sequences, prompt_tokens, tokens, elem_bytes, lora=True, micro_batch=0, top_p=1.0):
     """What sampling holds besides the weights, at its peak: generate() over `sequences` sequences of
     `prompt_tokens` prompt and `tokens` positions in all (generate_bytes); or, when larger, a no-grad
     log-prob pass over `micro_batch` sequences (the dense copy's mismatch metric, computed while the
     copy is held; 0: none). elem_bytes: the residual stream's (float32 in the 4-bit policy, the
     compute dtype in the dense copy); lora: through unmerged LoRA layers (the policy) or not (the copy)."""
     logprob = logprob_pass_bytes(m, micro_batch, tokens, tokens - prompt_tokens, elem_bytes, lora) if micro_batch else 0
-    return max(generate_bytes(m, sequences, prompt_tokens, tokens, elem_bytes, lora), logprob)
+    return max(generate_bytes(m, sequences, prompt_tokens, tokens, elem_bytes, lora, top_p), logprob)

@@ -92,6 +92,8 @@ class Config:
     generation_batch_size: int = _f(64, "sequences per generate() call; halves itself on out-of-memory")
     rollout_model: Literal["auto", "dense", "policy"] = _f("auto", "sample from a dense copy of the policy (4-bit dequantised, LoRA merged; held while sampling) or through its 4-bit + LoRA layers; auto: dense on a GPU where it fits, else policy")
     old_logprobs: Literal["auto", "sampler", "policy"] = _f("auto", "pi_old of the sampled tokens: the sampler's own log-probs (no extra pass) or a pass through the policy; auto: the sampler's on a CPU in float32, else (any GPU) the policy's")
+    sampler_correction: Literal["off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = _f("sequence_mask", "where pi_old is recomputed (--old_logprobs policy, a GPU's default), weight each token's loss by pi_old / pi_sample from the sampler's own log-probs, per token or per response, truncated at the cap or set to 0 above it (TRL's default for its vLLM sampler); exactly 1 where the sampler's numbers are pi_old")
+    sampler_correction_cap: float = _f(3.0, "the cap of --sampler_correction (TRL: vllm_importance_sampling_clip_max 3.0)")
     max_generation_rounds: int = _f(4, "dynamic sampling: generate again (more prompts) until P groups carry a signal, at most this many rounds per step; 1 = off")
     collapse_patience: int = _f(20, "stop (saved) after this many steps in a row in which no group carried a signal; 0 = never")
     # optimisation
@@ -175,15 +177,18 @@ def train(cfg):
         # 1-3. rollout, reward, advantages, in rounds of prompts until P groups carry a signal
         kept, sampled = collect_groups(model, tok, prompts, sampler_kind, gen_batch, state, cfg, times)
         gen_batch, sampler_kind = sampled["gen_batch_size"], sampled["sampler_kind"]
-        # 4. old log-probs and entropy of the kept tokens under the sampling policy, no gradient
+        # 4. old log-probs and entropy of the kept tokens under the sampling policy, no gradient, and the
+        #    weights that correct for the sampler's own numbers differing from them (1 where they are pi_old)
         old_logp, entropy = timed(times, "old_logprob", old_logprobs_of, model, kept["rollout"], source, cfg)
+        weights, correction = sampler_weights(kept["rollout"], old_logp, cfg)
         # 5. several optimizer updates on mini-batches of the kept groups
         update_log = timed(times, "update", update_policy, model, optimizer, scaler, params, kept["rollout"],
-                           old_logp, kept["advantages"], kept["rewards"] >= 1.0, cfg, state)
+                           old_logp, weights, kept["advantages"], kept["rewards"] >= 1.0, cfg, state)
         # 6. log (and evaluate)
         row = metrics_row(state, cfg, kept, sampled, old_logp, entropy, update_log, times, scaler, source)
+        row.update(correction)
         if eval_rows and (state.step == 1 or due(state.step, cfg.eval_steps, cfg)):
-            row.update(evaluate_policy(model, tok, eval_rows, gen_batch, cfg))
+            row.update(evaluate_policy(model, tok, eval_rows, gen_batch, sampler_kind, cfg))
         sync()
         row.update({"time/step_s": time.time() - t0, "peak_mem_gb": peak_mem_gb(),
                     "peak_mem_reserved_gb": peak_mem_reserved_gb()})
@@ -267,7 +272,8 @@ def collect_groups(model, tok, prompts, sampler_kind, gen_batch, state, cfg, tim
     P, G = cfg.prompts_per_step, cfg.num_generations
     groups = []                                          # (rollout, group index, prompt, rewards, advantages)
     sampled = {"rewards": [], "entropy": [], "lengths": [], "truncated": [], "prompts": [], "texts": [],
-               "rounds": 0, "all_wrong": 0, "all_right": 0, "surplus": 0, "thrown_away_s": 0.0, "dense_fallback": 0}
+               "rounds": 0, "all_wrong": 0, "all_right": 0, "surplus": 0, "thrown_away_s": 0.0, "dense_fallback": 0,
+               "non_finite_rounds": 0}
     sampler = model
     if sampler_kind == "dense":
         try:
@@ -285,9 +291,15 @@ def collect_groups(model, tok, prompts, sampler_kind, gen_batch, state, cfg, tim
         try:
             rollout = rollout_step(model, sampler, tok, round_prompts, gen_batch, cfg, times)
         except (torch.OutOfMemoryError, cegppo.NonFiniteLogits) as e:
-            if sampler is model:
+            if sampler is model and isinstance(e, torch.OutOfMemoryError):
                 raise
             failure = e
+        if failure is not None and sampler is model:    # non-finite through the policy: nothing to fall back to
+            sampled["rounds"] += 1
+            sampled["non_finite_rounds"] += 1
+            tqdm.write(f"warning: step {state.step}: the policy's sampling logits are not finite (an fp16 overflow?); "
+                       "this round's prompts are skipped")
+            continue
         if failure is not None:        # outside the except: the failed generate()'s frames are gone
             give_up_dense_copy(failure, sampler, state.step)
             sampler, sampled["dense_fallback"], failure = model, 1, None
@@ -307,6 +319,10 @@ def collect_groups(model, tok, prompts, sampler_kind, gen_batch, state, cfg, tim
     if sampler is not model:
         rollout_copy.release(sampler)                   # its memory goes back before the updates
     del sampler
+    if not sampled["rewards"]:                          # every round non-finite: nothing to train on
+        raise UserError(f"step {state.step}: the policy's sampling logits were not finite in all "
+                        f"{sampled['rounds']} generation rounds (an fp16 overflow?); resume with --dtype bf16 "
+                        "on a GPU that has it, or --dtype fp32")
     sampled.update({k: torch.cat(sampled[k]) for k in ("rewards", "entropy", "lengths", "truncated")},
                    gen_batch_size=gen_batch, sampler_kind="policy" if sampled["dense_fallback"] else sampler_kind)
     kept = {"rollout": merge_groups([(r, g) for r, g, *_ in groups], G, tok.pad_token_id),
@@ -425,18 +441,40 @@ def old_logprobs_of(model, rollout, source, cfg):
 
 @torch.no_grad()
 def old_logprobs(model, rollout, cfg, with_entropy=True):
-    """4. log pi_old and the entropy of every sampled token through the policy, micro-batch by
-    micro-batch: [B, T] each, on the CPU."""
+    """4. log pi_old and the entropy of every sampled token through the policy, in exactly the
+    micro-batches the updates will score (update_partition): [B, T] each, on the CPU."""
     B, T = rollout["completion_mask"].shape
     old_logp, entropy = torch.zeros(B, T), torch.zeros(B, T)
-    for s in range(0, B, cfg.micro_batch_size):
-        input_ids, attention_mask, _, prompt_len = micro_batch(rollout, slice(s, s + cfg.micro_batch_size))
+    for idx in (idx for mini_batch in update_partition(rollout, cfg) for idx in mini_batch):
+        input_ids, attention_mask, _, prompt_len = micro_batch(rollout, idx)
         with loading.model_autocast(model):            # the same precision path as the updates': ratio 1
             logp, ent = cegppo.completion_logprobs(model, input_ids, attention_mask, prompt_len, cfg.temperature,
                                                    with_entropy=with_entropy)
-        old_logp[s:s + len(input_ids), :logp.shape[1]] = logp.float().cpu()
-        entropy[s:s + len(input_ids), :logp.shape[1]] = ent.float().cpu()
+        old_logp[idx, :logp.shape[1]] = logp.float().cpu()
+        entropy[idx, :logp.shape[1]] = ent.float().cpu()
     return old_logp, entropy
+
+
+def update_partition(rollout, cfg):
+    """The kept rows as the updates take them: a list of mini-batches (whole groups, steps_per_generation
+    of them), each a list of micro-batches (micro_batch_size rows of it, as index tensors). The old
+    log-probs are scored in exactly these micro-batches: on a GPU the kernels, and so the rounding,
+    depend on a batch's shape, and only the same shapes make the first update's ratio 1 exactly."""
+    G = cfg.num_generations
+    groups = torch.arange(0 if rollout is None else rollout["input_ids"].shape[0] // G)
+    return [list(torch.split((mini_batch[:, None] * G + torch.arange(G)).flatten(), cfg.micro_batch_size))
+            for mini_batch in torch.tensor_split(groups, min(cfg.steps_per_generation, max(1, len(groups))))
+            if len(mini_batch)]
+
+
+def sampler_weights(rollout, old_logp, cfg):
+    """4. The weights [B, T] of each kept token's loss term that correct for the sampler's numbers
+    differing from pi_old (cegppo.sampler_correction; --sampler_correction), and their statistics."""
+    if rollout is None:
+        return torch.zeros(0, 0), {}
+    sample = rollout["sample_logp"].float().cpu()
+    return cegppo.sampler_correction(old_logp, sample[:, :old_logp.shape[1]], rollout["completion_mask"].cpu(),
+                                     cfg.sampler_correction, cfg.sampler_correction_cap)
 
 
 def micro_batch(rollout, rows):
@@ -453,26 +491,21 @@ def micro_batch(rollout, rows):
 # ----------------------------------------------------------------------------------------------
 # Step 5: the updates
 # ----------------------------------------------------------------------------------------------
-def update_policy(model, optimizer, scaler, params, rollout, old_logp, advantages, positive, cfg, state):
+def update_policy(model, optimizer, scaler, params, rollout, old_logp, weights, advantages, positive, cfg, state):
     """5. `steps_per_generation` optimizer updates per pass over the kept groups, `num_iterations` passes.
 
     Mini-batches are whole groups: a group's advantages sum to zero, so an update that saw only its
     wrong answers would push down the tokens that right and wrong answers share.
     Returns the per-update losses and grad norms and the token-weighted loss statistics.
     """
-    G = cfg.num_generations
-    groups = torch.arange(0 if rollout is None else rollout["input_ids"].shape[0] // G)
     log = {"loss": [], "sft_loss": [], "grad_norm": [], "ratio/max": [], "stat_sums": {}, "stat_tokens": 0,
            "first_update": {"tokens": 0, "clipped": 0.0, "diff_sum": 0.0, "diff_max": 0.0}, "tokens": {}}
     for it in range(cfg.num_iterations):
-        for mini_batch in torch.tensor_split(groups, min(cfg.steps_per_generation, max(1, len(groups)))):
-            if len(mini_batch) == 0:
-                continue
-            rows = (mini_batch[:, None] * G + torch.arange(G)).flatten()      # the responses of those groups
+        for micro_batches in update_partition(rollout, cfg):      # a mini-batch: whole groups
             # tokens.jsonl: what the last pass's update did to each token of the first token_groups groups
             record = logged(state.step, cfg) and it == cfg.num_iterations - 1
-            losses = accumulate_gradients(model, scaler, rollout, rows, old_logp, advantages, positive, cfg, log,
-                                          cfg.token_groups * G if record else 0)
+            losses = accumulate_gradients(model, scaler, rollout, micro_batches, old_logp, weights, advantages, positive,
+                                          cfg, log, cfg.token_groups * cfg.num_generations if record else 0)
             if optimizer_step(optimizer, scaler, params, cfg, losses, log):
                 continue
             state.skipped_updates += 1
@@ -481,15 +514,16 @@ def update_policy(model, optimizer, scaler, params, rollout, old_logp, advantage
     return log
 
 
-def accumulate_gradients(model, scaler, rollout, rows, old_logp, advantages, positive, cfg, log, record_below=0):
-    """Forward and backward over one mini-batch in micro-batches; returns (policy, sft) loss sums or None.
-    The rows below `record_below` leave what the loss did to each of their tokens in log["tokens"]."""
-    mask = rollout["completion_mask"]
+def accumulate_gradients(model, scaler, rollout, micro_batches, old_logp, weights, advantages, positive, cfg, log,
+                         record_below=0):
+    """Forward and backward over one mini-batch, micro-batch by micro-batch (update_partition); returns
+    (policy, sft) loss sums or None. The rows below `record_below` leave what the loss did to each of
+    their tokens in log["tokens"]."""
+    mask, rows = rollout["completion_mask"], torch.cat(micro_batches)
     mini_batch_tokens, positive_tokens = int(mask[rows].sum()), int(mask[rows][positive[rows]].sum())
     device = rollout["input_ids"].device
     policy_sum, sft_sum = 0.0, 0.0
-    for s in range(0, len(rows), cfg.micro_batch_size):
-        idx = rows[s:s + cfg.micro_batch_size]
+    for idx in micro_batches:
         input_ids, attention_mask, completion_mask, prompt_len = micro_batch(rollout, idx)
         T = completion_mask.shape[1]
         with loading.model_autocast(model):            # the forward in half precision on a GPU; the loss in fp32
@@ -498,7 +532,7 @@ def accumulate_gradients(model, scaler, rollout, rows, old_logp, advantages, pos
         record = [j for j, row in enumerate(idx.tolist()) if row < record_below]
         loss, stats, *details = cegppo.policy_loss(cfg.algo, logp, old_logp[idx, :T].to(device), advantages[idx].to(device),
                                                    completion_mask, num_tokens=mini_batch_tokens, tokens=bool(record),
-                                                   **loss_knobs(cfg))
+                                                   token_weights=weights[idx, :T].to(device), **loss_knobs(cfg))
         sft = cegppo.positive_sft_loss(logp, completion_mask, positive[idx].to(device), num_tokens=positive_tokens)
         total = loss + cfg.sft_coef * sft if cfg.sft_coef else loss
         if not torch.isfinite(total):
@@ -572,6 +606,7 @@ def metrics_row(state, cfg, kept, sampled, old_logp, entropy, update_log, times,
         "sampling/sampling_logp_difference/max": first["diff_max"],
         "sampling/old_logprobs_from_sampler": int(source == "sampler"),
         "sampling/dense_fallback": sampled["dense_fallback"],
+        "sampling/non_finite_rounds": sampled["non_finite_rounds"],
         "completions/mean_length": sampled["lengths"].mean().item(),
         "completions/max_length": sampled["lengths"].max().item(),
         "completions/clipped_ratio": sampled["truncated"].float().mean().item(),
@@ -603,10 +638,16 @@ def _mean(xs):
     return sum(xs) / max(1, len(xs))
 
 
-def evaluate_policy(model, tok, eval_rows, gen_batch, cfg):
-    """6. Greedy accuracy on the fixed held-out subset."""
-    res = evaluate(model, tok, eval_rows, max_new_tokens=cfg.max_completion_length, batch_size=gen_batch,
-                   generation_progress=cfg.progress)
+def evaluate_policy(model, tok, eval_rows, gen_batch, sampler_kind, cfg):
+    """6. Greedy accuracy on the fixed held-out subset, generated by what the rollout samples from: the
+    dense copy where it is used (built for the evaluation and freed after it), else the policy."""
+    sampler = rollout_copy.dense_copy(model) if sampler_kind == "dense" else model
+    try:
+        res = evaluate(sampler, tok, eval_rows, max_new_tokens=cfg.max_completion_length, batch_size=gen_batch,
+                       generation_progress=cfg.progress)
+    finally:
+        if sampler is not model:
+            rollout_copy.release(sampler)
     model.train()
     return {"eval/accuracy": res["accuracy"], "eval/mean_length": res["mean_response_length"]}
 
@@ -806,6 +847,7 @@ def check_config(cfg):
     need(cfg.temperature > 0, "temperature", "RL sampling needs a temperature > 0")
     need(cfg.learning_rate > 0, "learning_rate", "must be > 0")
     need(cfg.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+    need(cfg.sampler_correction_cap >= 1, "sampler_correction_cap", "must be at least 1 (1 = no mismatch allowed)")
     if cfg.dtype == "bf16" and torch.cuda.is_available() and not loading.native_bf16():   # the rule of compute_dtype
         raise UserError("--dtype bf16: this GPU has no native bf16 (compute capability below 8.0); "
                         "use --dtype fp16 (loss-scaled) or auto")
@@ -894,7 +936,8 @@ def choose_sampler(model, cfg, source):
     kind = rollout_copy.choose(cfg.rollout_model, model, min(cfg.generation_batch_size,
                                                              cfg.prompts_per_step * cfg.num_generations),
                                cfg.max_prompt_length + cfg.max_completion_length,
-                               prompt_tokens=cfg.max_prompt_length, micro_batch=cfg.micro_batch_size)
+                               prompt_tokens=cfg.max_prompt_length, micro_batch=cfg.micro_batch_size,
+                               top_p=cfg.top_p)
     print(f"sampling through the {'dense copy' if kind == 'dense' else '4-bit policy'}; pi_old from the "
           f"{'sampler' if source == 'sampler' else 'policy (one no-grad pass)'}", file=sys.stderr)
     return kind

@@ -162,8 +162,8 @@ def fp16_policy():
 
 def update(fp16_policy, state, adv_factor=1.0):
     cfg, model, params, optimizer, scaler, ro, old_logp, adv = fp16_policy
-    return train.update_policy(model, optimizer, scaler, params, ro, old_logp, adv * adv_factor,
-                               torch.zeros(8, dtype=torch.bool), cfg, state)
+    return train.update_policy(model, optimizer, scaler, params, ro, old_logp, torch.ones_like(old_logp),
+                               adv * adv_factor, torch.zeros(8, dtype=torch.bool), cfg, state)
 
 
 @pytest.mark.parametrize("how", ["inf_in_one_gradient", "huge_loss"])

@@ -241,7 +241,8 @@ def test_positive_sft_loss_is_zero_without_a_positive_response():
 @pytest.mark.parametrize("algo", ["cegppo", "grpo", "gppo", "cispo"])
 def test_recorded_weight_is_the_gradient_autograd_gives(algo):
     # F is recorded from the loss's own masks; the gradient autograd takes through the loss is
-    # d loss / d log pi_t = -F_t * A_t / (number of tokens): they must agree token by token
+    # d loss / d log pi_t = -F_t * A_t / (number of tokens): they must agree token by token (F
+    # includes the sampler correction's weight of the token, which scales its term)
     torch.manual_seed(3)
     logp = (torch.randn(5, 9, dtype=torch.float64) - 1).requires_grad_()
     old = logp.detach() + torch.randn(5, 9, dtype=torch.float64) * 0.7
@@ -249,7 +250,9 @@ def test_recorded_weight_is_the_gradient_autograd_gives(algo):
     adv = torch.tensor([-1.0, 1.5, -0.5, 2.0, -2.0], dtype=torch.float64)
     mask = torch.ones(5, 9, dtype=torch.float64)
     mask[2, 6:] = 0
-    loss, stats, tok = policy_loss(algo, logp, old, adv, mask, tokens=True, **ALGOS[algo])
+    weights = torch.rand(5, 9, dtype=torch.float64) + 0.5            # a sampler correction's weights
+    weights[1] = 1.0
+    loss, stats, tok = policy_loss(algo, logp, old, adv, mask, tokens=True, token_weights=weights, **ALGOS[algo])
     grad, = torch.autograd.grad(loss, logp)
     F = -grad * mask.sum() / adv[:, None]
     valid = mask.bool()
@@ -270,3 +273,29 @@ def test_quadrant_of_each_token():
     ent = torch.ones(1, 5)
     adv = torch.tensor([[1.0, 1.0, -2.0, -2.0, 0.0]])
     assert quadrant_of(logp, ent, adv).tolist() == [[0, 1, 2, 3, -1]]     # PA&HP, PA&LP, NA&HP, NA&LP, none
+
+
+def test_sampler_correction_by_hand():
+    from cegppo import sampler_correction
+    # d = log pi_old - log pi_sample: response 0 [0.1, -0.2, 0.5] (sum 0.4), response 1 [1.5, 0, masked 9]
+    old = torch.tensor([[0.1, -0.2, 0.5], [1.5, 0.0, 9.0]]) - 2.0
+    sample = torch.full((2, 3), -2.0)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    e = math.exp
+    want = {"token_truncate": [[e(0.1), e(-0.2), e(0.5)], [3.0, 1.0, 0.0]],
+            "token_mask": [[e(0.1), e(-0.2), e(0.5)], [0.0, 1.0, 0.0]],                # e^1.5 = 4.48 > 3: 0
+            "sequence_truncate": [[e(0.4)] * 3, [3.0, 3.0, 0.0]],                      # e^0.4 = 1.49
+            "sequence_mask": [[e(0.4)] * 3, [0.0, 0.0, 0.0]],
+            "off": [[1.0] * 3, [1.0, 1.0, 0.0]]}
+    masked = {"token_mask": 1 / 5, "sequence_mask": 2 / 5}
+    truncated = {"token_truncate": 1 / 5, "sequence_truncate": 2 / 5}
+    for mode, w in want.items():
+        got, st = sampler_correction(old, sample, mask, mode, cap=3.0)
+        assert torch.allclose(got, torch.tensor(w), rtol=1e-6), mode
+        assert st["sampling/correction_masked"] == pytest.approx(masked.get(mode, 0.0))
+        assert st["sampling/correction_truncated"] == pytest.approx(truncated.get(mode, 0.0))
+        valid = [x for row, m in zip(w, mask.tolist()) for x, k in zip(row, m) if k]
+        assert st["sampling/importance_sampling_ratio/max"] == pytest.approx(max(valid), rel=1e-6)
+        # where the sampler's numbers are pi_old (a CPU in float32), every weight is exactly 1
+        ones, _ = sampler_correction(sample, sample, mask, mode, cap=3.0)
+        assert torch.equal(ones, mask.float())

@@ -91,6 +91,38 @@ def test_kv_cache_matches_generate(loaded):
         shape, len(prompts), seq, memory.residual_bytes("fp16", True))
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_sampling_logits_are_what_generate_holds(loaded, top_p):
+    """The [batch, V] tensors of a decode step, tracked op by op through a whole sampled rollout (a
+    dispatch mode sees every tensor generate(), the warpers and the recorder make; the LM head's own
+    weight and its views are left out): their peak is what sizes.sampling_logits_bytes counts."""
+    import weakref
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import sizes
+    model, tok, shape = loaded
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    B = 8
+
+    class Tracker(TorchDispatchMode):
+        live, peak = {}, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == shape.vocab and \
+                        t.untyped_storage().data_ptr() not in weights:
+                    self.live[t.untyped_storage().data_ptr()] = (weakref.ref(t), t.untyped_storage().nbytes())
+            Tracker.peak = max(Tracker.peak, sum(n for ref, n in self.live.values() if ref() is not None))
+            return out
+    prompts = [cegppo.format_prompt(tok, q) for q in ("What is 2+3?", "What is 7*8?")]
+    with Tracker():
+        cegppo.rollout(model, tok, prompts, B // 2, 6, 1.0, top_p, 64)
+    # the residual stream (and the head's output) is float32 in the 4-bit policy
+    counted = sizes.sampling_logits_bytes(shape, B, memory.residual_bytes("fp16", True), top_p)
+    assert 0 < Tracker.peak <= counted
+    assert counted <= 1.5 * Tracker.peak                 # and not far above it
+
+
 @pytest.mark.parametrize("four_bit", [True, False])
 def test_one_layer_saved_activations(four_bit):
     """One decoder block's tensors saved for backward, per token, as autograd sees them (measured at

@@ -92,46 +92,86 @@ def test_autocast_helper():
             assert torch.is_autocast_enabled("cpu")
 
 
-def test_token_logprob_backward_runs_in_the_forwards_precision(monkeypatch):
-    """The backward recomputes each chunk's logits: under the forward's autocast state (custom_fwd /
-    custom_bwd), not under the caller's of backward(), which train.py keeps outside autocast."""
-    seen = []
-    real = torch.nn.functional.linear
+def spy_on_linear(monkeypatch):
+    """Every F.linear cegppo makes: (autocast on, its output dtype)."""
+    seen, real = [], torch.nn.functional.linear
 
     def spy(x, w, b=None):
         out = real(x, w, b)
-        seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), out.dtype))
+        seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
         return out
     monkeypatch.setattr(cegppo.F, "linear", spy)
+    return seen
+
+
+def head(V=50, d=16, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lm = torch.nn.Linear(d, V, bias=False)
+    lm.weight.data = torch.randn(V, d, generator=g) * scale
+    return lm
+
+
+def test_the_head_runs_in_float32_under_bf16_autocast(monkeypatch):
+    """The log-prob chunks multiply by the LM head in float32 under bf16 autocast, forward and
+    backward: the logits, log-probs and gradient are bit for bit those without autocast."""
+    seen = spy_on_linear(monkeypatch)
     torch.manual_seed(0)
+    lm, targets = head(), torch.randint(0, 50, (40,))
     h = torch.randn(40, 16, requires_grad=True)
-    w, targets = torch.randn(50, 16), torch.randint(0, 50, (40,))
-    for autocast in (True, False):
+    results = {}
+    for autocast in (False, True):
         seen.clear()
+        h.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            lp, _ = cegppo._TokenLogProb.apply(h, w, None, targets, 1.0, 8, False)
-        assert lp.dtype == torch.float32                          # the log-probs are float32 either way
+            w, b = cegppo.head_operands(lm, "cpu")
+            lp, ent = cegppo._TokenLogProb.apply(h, w, b, targets, 1.0, 8, True)
         lp.sum().backward()                                       # outside autocast, as in train.py
-        forward, backward = seen[:5], seen[5:]
-        assert len(forward) == len(backward) == 5
-        want = torch.bfloat16 if autocast else torch.float32
-        assert all(a == autocast and d == want for _, a, d in forward + backward), seen
-    # and the gradient is the definition's under the same autocast: the recomputed softmax is the
-    # forward's (before the fix, the backward's float32 logits did not match the bf16 forward's lse)
-    h.grad = None
+        assert len(seen) == 10 and all(not a and d == torch.float32 for a, d in seen), seen   # 5 chunks x 2
+        assert w is lm.weight                                     # float32 already: no cast at all
+        results[autocast] = (lp.detach(), ent, h.grad.clone())
+    for a, b in zip(results[False], results[True]):
+        assert torch.equal(a, b)
+
+
+def test_a_bf16_rounding_step_cannot_move_a_ratio():
+    # large logits (bf16's steps are 0.125 at 16-32, 0.5 at 64-128) and targets that compete with the
+    # top token: a tiny update of the hidden state (of the policy) moves a bf16 logit by a whole step
+    # or not at all, so pi / pi_old jumps; through the float32 head it moves as little as the update
+    torch.manual_seed(1)
+    lm = head(V=200, d=64, scale=3.0)
+    h = torch.randn(64, 64)
+    logits = h @ lm.weight.T
+    targets = logits.argsort(-1)[:, -2]                          # the runner-up: log-probs far from 0
+    dh = torch.randn(64, 64) * 1e-4
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        lp, _ = cegppo._TokenLogProb.apply(h, w, None, targets, 1.0, 8, False)
-    lp.sum().backward()
-    ours = h.grad.clone()
-    h.grad = None
-    monkeypatch.setattr(cegppo.F, "linear", real)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = real(h, w)                                       # bf16, as the chunks'
+        before, _ = cegppo._TokenLogProb.apply(h, *cegppo.head_operands(lm, "cpu"), targets, 1.0, 16, False)
+        after, _ = cegppo._TokenLogProb.apply(h + dh, *cegppo.head_operands(lm, "cpu"), targets, 1.0, 16, False)
+        bf16_before, _ = cegppo.token_logprobs(torch.nn.functional.linear(h, lm.weight), targets)
+        bf16_after, _ = cegppo.token_logprobs(torch.nn.functional.linear(h + dh, lm.weight), targets)
     ref, _ = cegppo.token_logprobs(logits, targets)
-    ref.sum().backward()
-    assert torch.allclose(lp, ref, atol=1e-6)
-    # both backward matmuls run in bf16 (unit roundoff 2^-9 = 2e-3) on the same softmax: a few roundoffs
-    assert ((ours - h.grad).norm() / h.grad.norm()).item() < 1e-2
+    true_change = cegppo.token_logprobs((h + dh) @ lm.weight.T, targets)[0] - ref
+    assert logits.abs().max() > 32 and true_change.abs().max() < 0.01   # log r of at most 0.01
+    assert ((after - before) - true_change).abs().max() < 1e-4            # the float32 head: the true change
+    assert ((bf16_after - bf16_before) - true_change).abs().max() > 0.1   # bf16 logits: a ratio off by e^0.1+
+
+
+def test_the_head_is_cast_once_per_pass_under_fp16_autocast(monkeypatch):
+    """fp16 autocast (a T4): the chunks multiply in fp16, and the [V, d] head is cast to it once per
+    pass, not once per chunk (counted with torch's profiler: aten::_to_copy on the head's shape)."""
+    lm, targets = head(V=300, d=32), torch.randint(0, 300, (64,))
+    lm.weight.requires_grad_(False)                               # frozen, as the policy's head
+    h = torch.randn(64, 32, requires_grad=True)
+    seen = spy_on_linear(monkeypatch)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        with torch.autocast("cpu", dtype=torch.float16):
+            w, b = cegppo.head_operands(lm, "cpu")
+            lp, _ = cegppo._TokenLogProb.apply(h, w, b, targets, 1.0, 8, False)    # 8 chunks
+        lp.sum().backward()
+    casts = [e for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes and
+             list(e.input_shapes[0]) == [300, 32]]
+    assert len(casts) == 1
+    assert len(seen) == 16 and all(not a and d == torch.float16 for a, d in seen)
+    assert lp.dtype == torch.float32 and torch.isfinite(h.grad).all()
 
 
 def rollout_batch(tok, n=8):
@@ -183,7 +223,7 @@ def test_autocast_first_update_ratio_is_one_and_matches_fp32(tiny_policy, monkey
     mask = ro["completion_mask"][:, :lp32.shape[1]].bool()
     assert not torch.equal(lp16, lp32)                       # bf16 really ran
     # Tolerances. bf16 keeps 8 significant bits (unit roundoff 2^-9 ~ 2e-3). A log-prob passes through
-    # two layers of bf16 matmuls and a bf16 LM head, whose rounding moves a logit by ~|logit| x 2^-9;
+    # two layers of bf16 matmuls (the LM head runs in float32: head_operands), whose rounding moves a logit by ~|logit| x 2^-9;
     # with this model's logits of a few units that is ~1e-2 at most (measured: max 2.2e-3, mean
     # 5.6e-4), so 2e-2. The loss is a token mean of ratio x advantage with the ratio exactly 1 in
     # both runs: the same number. The LoRA gradient is a difference of similar terms (advantages of
@@ -229,3 +269,33 @@ def test_train_and_eval_forwards_run_under_autocast(tmp_path, monkeypatch):
     model, tok = loading.load_model(lab.warm_start_path("tiny"), four_bit=True)
     res = eval_script.evaluate(model, tok, lab.toy_rows("test", tiny=True)[:2], max_new_tokens=8)
     assert res["n_questions"] == 2 and seen["rollout"] == [True]
+
+
+def test_first_ratio_is_one_for_the_lab_presets_batch_shapes_under_bf16(monkeypatch):
+    """The lab preset scores micro-batches of 32 rows, but its updates take mini-batches of one group
+    (8 rows): the old log-probs are scored in the updates' own micro-batches (train.update_partition),
+    so under bf16 autocast too every first-update log-prob equals its old one bit for bit. (The lab's
+    shapes on its random-init model: the warm start's training is not needed for the shapes.)"""
+    cfg = train.parse_config(["--preset", "lab"])
+    assert (cfg.micro_batch_size, cfg.num_generations, cfg.steps_per_generation) == (32, 8, 8)
+    model, tok = loading.load_model(lab.tiny_model_path("lab"), four_bit=True, lora_rank=cfg.lora_r,
+                                    lora_alpha=cfg.lora_alpha, trainable=True, gradient_checkpointing=False)
+    g = torch.Generator().manual_seed(2)
+    for n, q in model.named_parameters():
+        if "lora_B" in n:
+            q.data = torch.randn(q.shape, generator=g) * 1e-3
+    prompts = [cegppo.format_prompt(tok, q) for q, _ in lab.toy_rows("train")[:cfg.prompts_per_step]]
+    torch.manual_seed(0)
+    ro = cegppo.rollout(model, tok, prompts, cfg.num_generations, cfg.max_completion_length)
+    fp32, _ = train.old_logprobs(model, ro, cfg)
+    monkeypatch.setattr(loading, "autocast", lambda device_type, dtype: torch.autocast("cpu", dtype=torch.bfloat16))
+    old, _ = train.old_logprobs(model, ro, cfg)
+    assert not torch.equal(old, fp32)                                     # bf16 really ran
+    partition = train.update_partition(ro, cfg)
+    assert [len(idx) for mb in partition for idx in mb] == [8] * 8
+    for mini_batch in partition:
+        for idx in mini_batch:
+            ids, amask, c, p = train.micro_batch(ro, idx)
+            with loading.model_autocast(model):
+                lp, _ = cegppo.completion_logprobs(model, ids, amask, p, cfg.temperature, with_entropy=False)
+            assert torch.equal(lp.detach() * c, old[idx, :c.shape[1]] * c)     # ratio 1, bit for bit

@@ -176,3 +176,61 @@ def test_release_frees_the_copy_and_spares_the_policy(policy, monkeypatch):
     ids = tok(["What is 2+3?"], return_tensors="pt")["input_ids"]
     assert torch.isfinite(logits(model, ids)).all()
     assert not rollout_copy.base_model(model).model.embed_tokens.weight.is_meta
+
+
+def test_the_bf16_copy_keeps_a_small_adapter_that_merging_rounds_away():
+    """In bf16, W + s B A rounds back to W wherever the adapter's change is below half a bf16 step of
+    W: a merged copy samples from (almost) the base model early in a run. The half-precision copy keeps
+    the adapters apart (LoRALinear, as peft computes them) and so computes what the policy computes."""
+    model, _ = loading.load_model(lab.warm_start_path("tiny"), four_bit=True, lora_rank=8, trainable=True,
+                                  dtype="bf16")
+    assert loading.model_compute_dtype(model) == torch.bfloat16
+    g = torch.Generator().manual_seed(1)
+    for n, q in model.named_parameters():          # a small trained adapter: B of 1e-5, as after a few updates
+        if "lora_B" in n:
+            q.data = torch.randn(q.shape, generator=g) * 1e-5
+    kept, merged = rollout_copy.dense_copy(model), rollout_copy.dense_copy(model, merge=True)
+    errors = []
+    for name, dmod, pmod in rollout_copy._pairs(kept, rollout_copy.base_model(model)):
+        if not rollout_copy._lora_adapters(pmod):
+            continue
+        assert isinstance(dmod, rollout_copy.LoRALinear)
+        x = torch.randn(6, pmod.in_features, generator=g).to(torch.bfloat16)
+        with torch.no_grad():
+            want = pmod(x).float()                           # the policy: 4-bit base + LoRA (peft)
+            base = pmod.get_base_layer()(x).float()          # the same without the adapter
+            got = dmod(x).float()
+            rounded = merged.get_submodule(name)(x).float()
+        assert torch.equal(got, want), name                  # bit for bit: the same operations
+        change = (want - base).abs().sum()
+        assert change > 0
+        errors.append((rounded - want).abs().sum().item() / change.item())     # the merged copy's error
+    assert len(errors) == 2 * 7                                # 2 layers x q, k, v, o, gate, up, down
+    # merged in bf16, every layer's error (rounding W + s B A to bf16: changes below half a step errors,
+    # others moved by up to half a step) is larger than the whole of the adapter's change (measured:
+    # 2.6 to 35 times it)
+    assert min(errors) > 1, errors
+    # in float32 the copy merges (exact to float32 rounding, and one matmul per layer)
+    fp32, _ = loading.load_model(lab.warm_start_path("tiny"), four_bit=True, lora_rank=8, trainable=True)
+    assert not any(isinstance(m, rollout_copy.LoRALinear) for m in rollout_copy.dense_copy(fp32).modules())
+    rollout_copy.release(kept)
+    assert all(m.adapters == [] for m in kept.modules() if isinstance(m, rollout_copy.LoRALinear))
+    assert all(p.is_meta for p in kept.parameters())
+
+
+def test_evaluation_generates_from_the_dense_copy_where_the_rollout_does(policy, monkeypatch):
+    import eval as eval_script
+    model, tok = policy
+    rows = lab.toy_rows("test", tiny=True)[:4]
+    cfg = train.parse_config(["--model", "tiny", "--max_completion_length", "12"])
+    seen, real = [], train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda m, *a, **k: seen.append(type(m).__name__) or real(m, *a, **k))
+    on_copy = train.evaluate_policy(model, tok, rows, 8, "dense", cfg)
+    on_policy = train.evaluate_policy(model, tok, rows, 8, "policy", cfg)
+    assert seen == ["Qwen2ForCausalLM", "PeftModelForCausalLM"]
+    assert on_copy == on_policy                        # greedy, float32: the same answers
+    # eval.py: the copy where rollout_copy.choose picks it (a GPU with room), the model itself otherwise
+    ecfg = eval_script.EvalConfig(max_completion_length=12)
+    assert eval_script.generation_model(model, tok, rows, ecfg) is model          # a CPU: the policy
+    monkeypatch.setattr(rollout_copy, "choose", lambda mode, *a, **k: "dense")
+    assert type(eval_script.generation_model(model, tok, rows, ecfg)).__name__ == "Qwen2ForCausalLM"

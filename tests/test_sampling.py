@@ -326,3 +326,29 @@ def test_quadrant_fractions_of_the_trained_tokens_add_up_to_1(tmp_path):
         assert x["trained_responses"] > 0
         fracs = [x[f"quadrants/{q}_frac"] for q in cegppo.QUADRANTS]
         assert sum(fracs) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_non_finite_logits_through_the_policy_skip_the_round(monkeypatch, tmp_path, capsys):
+    # fp16 sampling through the policy itself can overflow too; with no copy to give up, the round's
+    # prompts are skipped, counted and said, and the step fills from the next round
+    real, calls = cegppo.rollout, []
+
+    def overflowing_once(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise cegppo.NonFiniteLogits("the sampler's logits are not finite")
+        return real(*a, **k)
+    monkeypatch.setattr(cegppo, "rollout", overflowing_once)
+    out = str(tmp_path / "nonfinite")
+    assert run_main(["--preset", "tiny", "--max_steps", "2", "--eval_limit", "0", "--rollout_model", "policy",
+                     "--output_dir", out]) == 0
+    r = rows(out)
+    assert [x["sampling/non_finite_rounds"] for x in r] == [1, 0]
+    assert r[0]["generation/rounds"] >= 2 and r[0]["updates"] >= 1
+    said = capsys.readouterr()
+    assert "the policy's sampling logits are not finite" in said.out + said.err     # tqdm.write: stdout
+    # every round non-finite: one clear line, not a traceback
+    monkeypatch.setattr(cegppo, "rollout", lambda *a, **k: (_ for _ in ()).throw(cegppo.NonFiniteLogits("x")))
+    with pytest.raises(loading.UserError, match=r"step 1: the policy's sampling logits were not finite in all 4"):
+        run_main(["--preset", "tiny", "--max_steps", "2", "--eval_limit", "0", "--rollout_model", "policy",
+                  "--output_dir", str(tmp_path / "always")])
