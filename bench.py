@@ -20,6 +20,11 @@ that cannot download the real one; its reward is a coin flip (see coin_reward).
 4-bit + LoRA policy (--rollout_model policy); the second's numbers come back prefixed `policy_`.
 --rollout-copy-cost: what building the dense rollout copy costs (fresh, and refreshed in place), its
 bytes, and its logits' distance from the 4-bit + LoRA policy's; nothing else.
+--mismatch bf16,fp16,fp32: per compute dtype, how far the sampler's own log-probs are from pi_old
+recomputed by the policy's training forward (the dense copy with LoRA merged and kept apart, and the
+policy itself), what the first update would clip if the sampler's numbers were pi_old, and the
+sampler correction's weights; on a CPU the half precisions run under CPU autocast. --adapter: a
+trained LoRA (a train.py output folder) instead of a fresh one.
 
 TRL gets the same model object (4-bit + LoRA built by loading.load_model), the same chat-formatted
 prompts and reward, the same P prompts x G generations, completion length, temperature, top_p,
@@ -319,6 +324,65 @@ def rollout_copy_cost(cfg, out_dir, repeats=3):
     print(f"wrote {out_dir}/rollout_copy_cost.json")
 
 
+def sampler_mismatch(cfg, adapter, dtypes, out_dir):
+    """bench.py --mismatch: one row per compute dtype and sampler (see the module docstring)."""
+    import contextlib
+    import dataclasses
+    loading.set_threads(cfg.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows, real_autocast = [], loading.autocast
+    for dtype in dtypes:
+        c = dataclasses.replace(cfg, dtype=dtype)
+        torch.manual_seed(cfg.seed)
+        model, tok = train.policy_model(c, adapter)
+        if adapter is None:                          # LoRA B small and random, as after some training
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 1e-3)
+        prompts = [p for p, _ in train.usable_prompts(c, tok, train.load_data(c)[0])[:cfg.prompts_per_step]]
+        half = loading.DTYPES[dtype] if dtype != "fp32" else None
+        # the autocast train.py's passes enter: CUDA's own, or on a CPU its autocast in the same dtype
+        loading.autocast = (lambda d, t, half=half: torch.autocast("cpu", dtype=half)) if device == "cpu" and half \
+            else real_autocast
+        try:
+            samplers = [("copy, LoRA merged", True), *([("copy, LoRA kept apart", False)] if half else []),
+                        ("4-bit policy", None)]
+            for name, merge in samplers:
+                sampler = model if merge is None else rollout_copy.dense_copy(model, merge=merge)
+                torch.manual_seed(cfg.seed + 1)
+                with loading.model_autocast(model) if device == "cuda" else (
+                        torch.autocast("cpu", dtype=half) if half else contextlib.nullcontext()):
+                    ro = cegppo.rollout(sampler, tok, prompts, c.num_generations, c.max_completion_length,
+                                        c.temperature, c.top_p, c.generation_batch_size)
+                old, _ = train.old_logprobs(model, ro, c, with_entropy=False)
+                mask = ro["completion_mask"].cpu()
+                sample = ro["sample_logp"].float().cpu()[:, :old.shape[1]]
+                d = (sample - old).abs()[mask.bool()]
+                eps = max(c.epsilon_low or 0.2, c.epsilon_high or 0.2)
+                _, corr = cegppo.sampler_correction(old, sample, mask, c.sampler_correction, c.sampler_correction_cap)
+                rows.append({"dtype": dtype, "sampler": name, "tokens": int(mask.sum()),
+                             "logp_diff_mean": d.mean().item(), "logp_diff_max": d.max().item(),
+                             "would_clip_at_first_update": (d > torch.log(torch.tensor(1 + eps))).float().mean().item(),
+                             "correction": c.sampler_correction, **{k.split("/")[-1] if "ratio" in k else k: v
+                                                                   for k, v in corr.items()}})
+                if sampler is not model:
+                    rollout_copy.release(sampler)
+        finally:
+            loading.autocast = real_autocast
+        del model
+    print(f"{'dtype':<6} {'sampler':<22} {'tokens':>6} {'|dlogp| mean':>12} {'max':>8} {'clip@1st':>8} "
+          f"{'IS mean':>8} {'IS min':>7} {'IS max':>7} {'masked':>7}")
+    for r in rows:
+        print(f"{r['dtype']:<6} {r['sampler']:<22} {r['tokens']:>6} {r['logp_diff_mean']:>12.2e} {r['logp_diff_max']:>8.2e} "
+              f"{r['would_clip_at_first_update']:>8.4f} {r['mean']:>8.4f} {r['min']:>7.3f} {r['max']:>7.3f} "
+              f"{r['sampling/correction_masked']:>7.4f}")
+    with open(os.path.join(out_dir, "mismatch.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    print(f"wrote {out_dir}/mismatch.json")
+    return rows
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description="Benchmark train.py's RL step (all train.py flags apply).")
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
@@ -338,6 +402,9 @@ def parse_args(argv):
                     "copy and from the 4-bit + LoRA policy (the second's numbers prefixed policy_)")
     ap.add_argument("--rollout-copy-cost", action="store_true", help="instead: the dense rollout copy's build "
                     "time (fresh and refreshed in place), size and logits' distance from the policy's")
+    ap.add_argument("--mismatch", metavar="DTYPES", type=lambda t: [d.strip() for d in t.split(",") if d.strip()],
+                    help="instead: the sampler-vs-policy log-prob difference per compute dtype, e.g. bf16,fp16,fp32")
+    ap.add_argument("--adapter", help="with --mismatch: a trained LoRA adapter (a train.py output folder)")
     ap.add_argument("--profile", action="store_true", help="run our side under torch.profiler and write the "
                     "ops that take the time to ours/profile.txt (the timings then include its overhead)")
     args, train_args = ap.parse_known_args(argv)
@@ -402,6 +469,12 @@ def main(argv=None):
     cfg = train.parse_config(train_args)
     if args.rollout_copy_cost:
         rollout_copy_cost(cfg, args.output_dir)
+        return 0
+    if args.mismatch:
+        bad = [d for d in args.mismatch if d not in loading.DTYPES]
+        if bad:
+            raise UserError(f"--mismatch {','.join(bad)}: each one of {', '.join(loading.DTYPES)}")
+        sampler_mismatch(cfg, args.adapter, args.mismatch, args.output_dir)
         return 0
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     result = {"device": device, "model": cfg.model, "settings": {k: getattr(cfg, k) for k in (

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,6 +456,22 @@ class SampledTokenLogProbs(LogitsProcessor):
         return torch.stack(self.logp, dim=1), torch.stack(self.entropy, dim=1)
 
 
+class CastKVCache(DynamicCache):
+    """generate()'s KV cache, stored in the autocast dtype. Through the 4-bit policy, k and v leave their
+    layers in float32 (the residual stream's dtype after k-bit preparation): the default cache would
+    hold them in float32, twice the memory, and attention under autocast would cast the whole cache
+    down again at every decode step. Cast once as stored, attention sees the very numbers it would
+    have cast to."""
+
+    def __init__(self, dtype, **kwargs):
+        super().__init__(**kwargs)
+        self.store_dtype = dtype
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return super().update(key_states.to(self.store_dtype), value_states.to(self.store_dtype), layer_idx,
+                              *args, **kwargs)
+
+
 def _generate(model, input_ids, attention_mask, gen_kwargs, batch_size, temperature=None, shrink_on_oom=True,
               processors=()):
     """model.generate over sub-batches; on CUDA out-of-memory halve the sub-batch and retry
@@ -465,6 +481,8 @@ def _generate(model, input_ids, attention_mask, gen_kwargs, batch_size, temperat
     Returns ([completion [b, t]], [(logp, entropy) [b, t] each, or None], the sub-batch that fit):
     with a temperature, the sampler's own log-probs of its tokens (SampledTokenLogProbs)."""
     outs, scored, i = [], [], 0
+    device = input_ids.device.type
+    half = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None   # (a GPU's)
     while i < input_ids.shape[0]:
         recorder = SampledTokenLogProbs(temperature) if temperature else None
         out = None
@@ -472,7 +490,7 @@ def _generate(model, input_ids, attention_mask, gen_kwargs, batch_size, temperat
             out = model.generate(input_ids=input_ids[i:i + batch_size],
                                  attention_mask=attention_mask[i:i + batch_size],
                                  logits_processor=LogitsProcessorList([recorder] if recorder else []) + list(processors),
-                                 **gen_kwargs)
+                                 **({"cache": CastKVCache(half)} if half else {}), **gen_kwargs)
         except torch.OutOfMemoryError:
             if batch_size == 1 or not shrink_on_oom:
                 raise

@@ -14,12 +14,15 @@ coin per completion, as for `bench.py --synthetic-0.5b`); the prompts are the la
      card's dtype: bf16 from compute capability 8.0), then one more after --resume
   b  the same under an 8 GB cap (torch.cuda.set_per_process_memory_fraction): peak allocated and peak
      reserved beside memory.py's estimate for the same settings
-  c  the T4 path forced (--dtype fp16, dynamic loss scaling) at 0.5B shapes: three steps, all
-     finite, loss_scale logged
+  c  the T4 path forced at 0.5B shapes: the card taken as one without native bf16 (fp16 with dynamic
+     loss scaling, TF32 off): three steps, all finite, loss_scale logged
   d  rollout tokens/s and the log-prob mismatch |log pi_sample - log pi_old|, dense copy against the
-     4-bit policy, in bf16 and fp16 (0.5B shapes)
+     4-bit policy, in bf16 and fp16 (0.5B shapes); then bench.py --mismatch's rows on a small random
+     adapter: the copy with LoRA merged and kept apart, what the first update would clip if the
+     sampler's numbers were pi_old, and the sampler correction's weights
   e  step time and peak memory beside TRL's GRPOTrainer on (a)'s settings (bench.py --vs-trl's
-     machinery), when trl is installed
+     machinery), when trl is installed. Not like for like in one respect, said in its rows: TRL 1.16
+     casts a quantised model's trainable LoRA parameters to bf16, ours stay float32
 
 Each run is a fresh Python process (its own peak memory). Parts that would start after
 --deadline_s are skipped and say so. Without CUDA it stops with one line and exit code 2.
@@ -131,6 +134,9 @@ def train_worker(spec_path):
     worker.json: its exit code or error, and the process's peak allocated and reserved CUDA memory."""
     spec = json.load(open(spec_path))
     cegppo.math_reward = bench.coin_reward
+    if spec.get("as_t4"):                # a card without native bf16 (a T4): fp16 by the rule, and no TF32
+        loading.native_bf16 = lambda device=None: False
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if spec.get("cap_gb"):
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_gb"] * 1e9 / total))
@@ -180,7 +186,12 @@ def rollout_worker(spec_path):
             rows.append(row)
         rollout_copy.release(dense)                           # and on CUDA the cache back to the driver
         del model, dense
-    json.dump({"rows": rows}, open(os.path.join(os.path.dirname(spec_path), "worker.json"), "w"))
+    folder = os.path.dirname(spec_path)
+    try:
+        mismatch = bench.sampler_mismatch(train.parse_config(spec["args"]), None, spec["dtypes"], folder)
+    except Exception as e:
+        mismatch = [{"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]}]
+    json.dump({"rows": rows, "mismatch": mismatch}, open(os.path.join(folder, "worker.json"), "w"))
 
 
 def metrics(out):
@@ -257,6 +268,15 @@ def summarize_rollout(part, res):
         out.append(row(part, f"logp mismatch mean / max, {what}",
                        f"{r['sampling/sampling_logp_difference/mean']:.2e} / "
                        f"{r['sampling/sampling_logp_difference/max']:.2e}"))
+    for r in res.get("mismatch", []):
+        if "error" in r:
+            out.append(row(part, "sampler mismatch (bench.py --mismatch)", r["error"], "", False))
+            continue
+        what = f"{r['sampler']}, {r['dtype']}, small random adapter"
+        out.append(row(part, f"logp mismatch mean / max, {what}", f"{r['logp_diff_mean']:.2e} / {r['logp_diff_max']:.2e}",
+                       "CPU simulation: docs/benchmarks.md"))
+        out.append(row(part, f"would clip at the first update / correction ({r['correction']}) mean, masked, {what}",
+                       f"{r['would_clip_at_first_update']:.4f} / {r['mean']:.4f}, {r['sampling/correction_masked']:.4f}"))
     if "error" in res:
         out.append(row(part, "error", res["error"], "", False))
     return out
@@ -272,6 +292,8 @@ def summarize_trl(part, ours_rows, trl):
                if ours_mem is not None else None)]
     if trl.get("trl_peak_mem_reserved_gb") is not None:
         out.append(row(part, "peak reserved (GB): TRL", round(trl["trl_peak_mem_reserved_gb"], 2)))
+    out.append(row(part, "not like for like", "TRL 1.16 casts a quantised model's trainable LoRA parameters to bf16; "
+                   "ours stay float32 (more memory, exact optimizer updates)"))
     return out
 
 
@@ -343,8 +365,8 @@ def main(argv=None):
         rows += summarize_train("b", b_rows, res, 3) + summarize_memory("b", b_rows, res, args.cap_gb, est)
         raw["b"] = {**res, "estimate_gb": est}
     if "c" in args.parts and not skip("c"):
-        res, _ = in_own_process("train_worker", {"args": train_args(folders["0.5b"], out("c"), "--dtype", "fp16",
-                                                                    "--max_steps", "3")}, out("c"), left())
+        res, _ = in_own_process("train_worker", {"args": train_args(folders["0.5b"], out("c"), "--max_steps", "3"),
+                                                 "as_t4": True}, out("c"), left())
         rows += summarize_train("c", metrics(out("c")), res, 3) + summarize_fp16("c", metrics(out("c")), res)
         raw["c"] = res
     if "d" in args.parts and not skip("d"):

@@ -126,3 +126,21 @@ def test_rollout_copy_cost_command(tmp_path):
     c = json.load(open(tmp_path / "rollout_copy_cost.json"))
     assert c["build_fresh_s"] > 0 and c["refresh_in_place_s"] > 0 and c["copy_bytes_gb"] > 0
     assert c["max_abs_logit_diff"] < 1e-4 < c["max_abs_logit"]     # float32 rounding only (test_rollout_copy.py)
+
+
+def test_mismatch_rows_per_dtype_and_sampler(tmp_path):
+    # bench.py --mismatch on the tiny model: bf16 under CPU autocast beside float32; the half-precision
+    # copy both ways (LoRA merged and kept apart), float32's merged only (it is exact there)
+    import bench
+    out = str(tmp_path / "mm")
+    assert bench.main(["--mismatch", "bf16,fp32", "--model", "tiny", "--dataset", "tiny", "--prompts_per_step", "2",
+                       "--output_dir", out]) == 0
+    rows = json.load(open(os.path.join(out, "mismatch.json")))
+    assert [(r["dtype"], r["sampler"]) for r in rows] == [
+        ("bf16", "copy, LoRA merged"), ("bf16", "copy, LoRA kept apart"), ("bf16", "4-bit policy"),
+        ("fp32", "copy, LoRA merged"), ("fp32", "4-bit policy")]
+    bf16, fp32 = rows[:3], rows[3:]
+    assert all(r["logp_diff_max"] < 1e-4 and r["mean"] == pytest.approx(1.0, abs=1e-5) for r in fp32)
+    assert all(r["logp_diff_mean"] > 10 * fp32[0]["logp_diff_mean"] for r in bf16)       # bf16's rounding shows
+    with pytest.raises(bench.UserError, match="--mismatch bf32: each one of"):
+        bench.main(["--mismatch", "bf32", "--model", "tiny", "--dataset", "tiny", "--output_dir", out])

@@ -122,3 +122,10 @@ def test_rollout_worker_measures_both_samplers(tmp_path):
         assert 0 <= r["sampling/sampling_logp_difference/mean"] <= r["sampling/sampling_logp_difference/max"] < 1e-3
     table = {r["check"]: r["measured"] for r in gpu_check.summarize_rollout("d", res)}
     assert "rollout tokens/s, dense fp32" in table and "logp mismatch mean / max, policy fp32" in table
+    # bench.py --mismatch's rows: in float32 the copy merges, the first update would clip nothing and
+    # the sampler correction's weights are 1
+    assert [(r["dtype"], r["sampler"]) for r in res["mismatch"]] == [("fp32", "copy, LoRA merged"),
+                                                                       ("fp32", "4-bit policy")]
+    assert all(r["would_clip_at_first_update"] == 0 and abs(r["mean"] - 1) < 1e-5 for r in res["mismatch"])
+    assert "would clip at the first update / correction (sequence_mask) mean, masked, 4-bit policy, fp32, " \
+        "small random adapter" in table

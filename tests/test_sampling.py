@@ -352,3 +352,35 @@ def test_non_finite_logits_through_the_policy_skip_the_round(monkeypatch, tmp_pa
     with pytest.raises(loading.UserError, match=r"step 1: the policy's sampling logits were not finite in all 4"):
         run_main(["--preset", "tiny", "--max_steps", "2", "--eval_limit", "0", "--rollout_model", "policy",
                   "--output_dir", str(tmp_path / "always")])
+
+
+def test_the_kv_cache_is_kept_in_the_autocast_dtype(moved_policy, monkeypatch):
+    # through the 4-bit policy k and v come out in float32; under autocast (a GPU's, here the CPU's
+    # bf16) generate() gets a cache that stores them in bf16 as they come: half the memory, no cast of
+    # the whole cache at every step, and the very numbers attention would have cast them to
+    model, tok = moved_policy
+    prompts = [cegppo.format_prompt(tok, q) for q, _ in lab.toy_rows("train", tiny=True)[:3]]
+    stored, real = [], cegppo.CastKVCache.update
+
+    def recording(self, k, v, layer, *a, **kw):
+        out = real(self, k, v, layer, *a, **kw)
+        stored.append((k.dtype, out[0].dtype, out[1].dtype))
+        return out
+
+    def run():
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return cegppo.rollout(model, tok, prompts, 4, 12, 1.0, 1.0, 64)
+    monkeypatch.setattr(cegppo.CastKVCache, "update", recording)
+    torch.manual_seed(0)
+    cegppo.rollout(model, tok, prompts, 4, 12, 1.0, 1.0, 64)                # no autocast (a CPU): the default cache
+    assert not stored
+    cast = run()
+    assert stored and set(stored) == {(torch.float32, torch.bfloat16, torch.bfloat16)}
+
+    class Plain(cegppo.DynamicCache):                 # the default cache, for comparison
+        def __init__(self, dtype, **kwargs):
+            super().__init__(**kwargs)
+    monkeypatch.setattr(cegppo, "CastKVCache", Plain)
+    plain = run()
+    assert cast["texts"] == plain["texts"] and torch.equal(cast["sample_logp"], plain["sample_logp"])
