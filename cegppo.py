@@ -472,12 +472,24 @@ class CastKVCache(DynamicCache):
                               *args, **kwargs)
 
 
+def prompt_cache(model, prompt_ids, prompt_mask):
+    """Each prompt's keys and values once, for generate() to sample its G completions from: a forward
+    over the prompts [P, L] without their last token (the one generate() runs itself, which starts
+    the decoding), positions as generate() counts them. Returns [(K, V) per layer], [P, heads, L - 1, d]."""
+    position_ids = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model.get_decoder()(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],      # no LM head:
+                              position_ids=position_ids[:, :-1], use_cache=True)                     # no [P, L, V] logits
+    return [(layer.keys, layer.values) for layer in out.cache.layers]
+
+
 def _generate(model, input_ids, attention_mask, gen_kwargs, batch_size, temperature=None, shrink_on_oom=True,
-              processors=()):
+              processors=(), prompt_kv=None, group_size=1):
     """model.generate over sub-batches; on CUDA out-of-memory halve the sub-batch and retry
     (or, with shrink_on_oom False, raise at once: the caller has memory of its own to give back).
     `processors` run after the recorder and must leave the logits as they are (a progress bar).
 
+    prompt_kv: prompt_cache of the distinct prompts, each the prompt of `group_size` consecutive rows:
+    every sub-batch starts from it, expanded to its rows, instead of encoding its prompts again.
     Returns ([completion [b, t]], [(logp, entropy) [b, t] each, or None], the sub-batch that fit):
     with a temperature, the sampler's own log-probs of its tokens (SampledTokenLogProbs)."""
     outs, scored, i = [], [], 0
@@ -485,17 +497,21 @@ def _generate(model, input_ids, attention_mask, gen_kwargs, batch_size, temperat
     half = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None   # (a GPU's)
     while i < input_ids.shape[0]:
         recorder = SampledTokenLogProbs(temperature) if temperature else None
+        cache = CastKVCache(half) if half else DynamicCache() if prompt_kv else None
+        for layer, (k, v) in enumerate(prompt_kv or []):         # the sub-batch's rows of the prompts' cache
+            prompts = torch.arange(i, min(i + batch_size, input_ids.shape[0]), device=k.device) // group_size
+            cache.update(k[prompts], v[prompts], layer)
         out = None
         try:
             out = model.generate(input_ids=input_ids[i:i + batch_size],
                                  attention_mask=attention_mask[i:i + batch_size],
                                  logits_processor=LogitsProcessorList([recorder] if recorder else []) + list(processors),
-                                 **({"cache": CastKVCache(half)} if half else {}), **gen_kwargs)
+                                 **({"cache": cache} if cache is not None else {}), **gen_kwargs)
         except torch.OutOfMemoryError:
             if batch_size == 1 or not shrink_on_oom:
                 raise
         if out is None:       # out of memory; here, past the except, the failed call's frames are freed
-            del recorder
+            del recorder, cache
             torch.cuda.empty_cache()
             batch_size = max(1, batch_size // 2)
             warnings.warn(f"out of memory in generation: retrying with generation batch {batch_size}", stacklevel=2)
@@ -509,7 +525,7 @@ def _generate(model, input_ids, attention_mask, gen_kwargs, batch_size, temperat
 
 @torch.no_grad()
 def rollout(model, tokenizer, prompts, num_generations, max_new_tokens, temperature=1.0, top_p=1.0,
-            batch_size=64, shrink_on_oom=True, processors=()):
+            batch_size=64, shrink_on_oom=True, processors=(), share_prompts=True):
     """Sample `num_generations` completions for each chat-formatted prompt.
 
     Returns a dict (L: padded prompt length, T: completion length, B = P prompts x G):
@@ -527,6 +543,8 @@ def rollout(model, tokenizer, prompts, num_generations, max_new_tokens, temperat
     prompt are next to each other. On CUDA out-of-memory the generation sub-batch halves and
     generate() runs again, unless shrink_on_oom is False. `processors`: logits processors that only
     watch the decoding (runtime.GenerationProgress, a progress bar), run once per decoded token.
+    share_prompts: encode each prompt once (prompt_cache) and sample its G completions from that
+    cache, rather than encoding it in each of the G rows: the same numbers, to rounding.
     """
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
@@ -543,8 +561,10 @@ def rollout(model, tokenizer, prompts, num_generations, max_new_tokens, temperat
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     was_training = model.training
     model.eval()
+    share = share_prompts and num_generations > 1 and enc["input_ids"].shape[1] > 1
+    prompt_kv = prompt_cache(model, enc["input_ids"].to(device), enc["attention_mask"].to(device)) if share else None
     chunks, scored, batch_size = _generate(model, ids, amask, gen_kwargs, batch_size, temperature, shrink_on_oom,
-                                           processors)
+                                           processors, prompt_kv, num_generations)
     model.train(was_training)
     T = max(c.shape[1] for c in chunks)
     completion = torch.cat([F.pad(c, (0, T - c.shape[1]), value=pad) for c in chunks])       # [B, T]

@@ -155,8 +155,10 @@ def estimate(m, cfg):
     gen_batch = min(cfg.generation_batch_size, cfg.prompts_per_step * cfg.num_generations)
     mb = cfg.micro_batch_size
     resid, comp = layer_activation_elems(m, cfg.lora_r, four_bit)
-    per_layer = mb * seq * (resid * rb + comp * 4)
-    boundaries = (m.layers + 2) * mb * seq * m.hidden * rb        # each block's input, final norm in/out
+    positions, packed_rows, packed_len = update_positions(cfg)
+    per_layer = positions * (resid * rb + comp * 4)
+    boundaries = (m.layers + 2) * positions * m.hidden * rb        # each block's input, final norm in/out
+    prompts = train.shared_prompts(cfg)
     # the sampler: the 4-bit + LoRA policy, or with --rollout_model dense its dense copy, whose residual
     # stream is in the compute dtype (auto is counted as the policy: it takes the copy only where it fits)
     dense = getattr(cfg, "rollout_model", "auto") == "dense"
@@ -168,14 +170,17 @@ def estimate(m, cfg):
         "LoRA grads + AdamW moments (fp32)": 3 * 4 * lora,
         **({f"rollout: dense copy (merged weights, {dtype})": dense_copy_bytes(m, dtype, four_bit)} if dense else {}),
         "rollout: KV cache": kv_cache_bytes(m, gen_batch, seq, sb),
-        "rollout: prefill activations (one layer)": prefill_bytes(m, gen_batch, cfg.max_prompt_length, sb,
+        **({"rollout: the prompts' shared cache": kv_cache_bytes(m, prompts, cfg.max_prompt_length, sb)}
+           if prompts else {}),
+        "rollout: prefill activations (one layer)": prefill_bytes(m, prompts or gen_batch, cfg.max_prompt_length, sb,
                                                                   lora=not dense or dtype != "fp32"),
         "rollout: sampling logits (5 x [batch, V] fp32 + the step's)": sampling_logits_bytes(m, gen_batch, sb,
                                                                                              cfg.top_p),
         ("update: layer-boundary hidden states" if cfg.gradient_checkpointing
          else "update: all layers' activations"): boundaries if cfg.gradient_checkpointing else
-        (m.layers * per_layer + 2 * mb * seq * m.hidden * rb),
+        (m.layers * per_layer + 2 * positions * m.hidden * rb),
         "update: one layer's recompute": per_layer if cfg.gradient_checkpointing else 0,
+        **({"update: packed attention mask (bool)": packed_rows * packed_len ** 2} if packed_rows else {}),
         "update: log-prob chunk (2 x chunk x V fp32)": logprob_chunk_bytes(m, mb * cfg.max_completion_length),
     }
     persistent = sum(v for k, v in lines.items() if not k.startswith(("rollout", "update")))
@@ -187,6 +192,22 @@ def estimate(m, cfg):
     return lines
 
 
+def update_positions(cfg):
+    """(positions, packed rows, packed row length) of one update micro-batch's forward, at the worst
+    case: micro_batch_size rows of prompt + completion; with --shared_prefix (shared_prefix.pack) the
+    distinct prompts of the groups it touches once (a micro-batch can cut a group at either end) and
+    every completion token, in rows of one prompt and its completions (0 rows: the plain layout)."""
+    mb, G, L, T = cfg.micro_batch_size, cfg.num_generations, cfg.max_prompt_length, cfg.max_completion_length
+    plain = mb * (L + T)
+    if not cfg.shared_prefix or G == 1:
+        return plain, 0, 0
+    groups = min(mb, math.ceil(mb / G) + (1 if mb % G else 0))
+    packed = groups * L + mb * T
+    if packed > 0.9 * plain:                  # train.micro_batch_logprobs falls back (shared_prefix.worth_it)
+        return plain, 0, 0
+    return packed, groups, L + min(mb, G) * T
+
+
 def rollout_phase_bytes(m, cfg):
     """The rollout phase at its peak: sizes.sampling_bytes for the sampler cfg picks, plus the dense
     copy if it is one (with its log-prob pass for the mismatch metric, as rollout_copy.choose counts)."""
@@ -196,7 +217,7 @@ def rollout_phase_bytes(m, cfg):
     gen_batch = min(cfg.generation_batch_size, cfg.prompts_per_step * cfg.num_generations)
     held = sampling_bytes(m, gen_batch, cfg.max_prompt_length, cfg.max_prompt_length + cfg.max_completion_length,
                           sb, lora=not dense or dtype != "fp32", micro_batch=cfg.micro_batch_size if dense else 0,
-                          top_p=cfg.top_p)
+                          top_p=cfg.top_p, prompts=train.shared_prompts(cfg))
     return held + (dense_copy_bytes(m, dtype, cfg.load_in_4bit) if dense else 0)
 
 

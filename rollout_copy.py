@@ -213,7 +213,7 @@ def copy_bytes(policy, dtype=None):
     return total
 
 
-def sampling_bytes(policy, sequences=1, tokens=1, prompt_tokens=None, micro_batch=0, top_p=1.0):
+def sampling_bytes(policy, sequences=1, tokens=1, prompt_tokens=None, micro_batch=0, top_p=1.0, prompts=None):
     """Bytes sampling from the copy holds besides the weights: generate()'s KV cache, its prefill's
     activations and its logits for `sequences` sequences of `prompt_tokens` (default: all `tokens`)
     prompt and `tokens` positions in all, or, when larger, the no-grad log-prob pass over
@@ -224,10 +224,11 @@ def sampling_bytes(policy, sequences=1, tokens=1, prompt_tokens=None, micro_batc
     dtype = loading.model_compute_dtype(policy)
     elem = torch.tensor([], dtype=dtype).element_size()
     return sizes.sampling_bytes(shape, sequences, tokens if prompt_tokens is None else prompt_tokens, tokens, elem,
-                                lora=dtype != torch.float32, micro_batch=micro_batch, top_p=top_p)
+                                lora=dtype != torch.float32, micro_batch=micro_batch, top_p=top_p, prompts=prompts)
 
 
-def choose(mode, policy, sequences=1, tokens=1, margin=0.1, prompt_tokens=None, micro_batch=0, top_p=1.0):
+def choose(mode, policy, sequences=1, tokens=1, margin=0.1, prompt_tokens=None, micro_batch=0, top_p=1.0,
+           prompts=None):
     """'dense' or 'policy' for --rollout_model. auto: dense on a GPU when everything sampling from the
     copy holds (copy_bytes + sampling_bytes: the copy, the KV cache, the prefill's activations, the
     logits, the mismatch metric's log-prob pass) fits in its free memory with `margin` of it to
@@ -240,7 +241,7 @@ def choose(mode, policy, sequences=1, tokens=1, margin=0.1, prompt_tokens=None, 
     device = _device(policy)
     if device.type != "cuda":
         return "policy"
-    need = copy_bytes(policy) + sampling_bytes(policy, sequences, tokens, prompt_tokens, micro_batch, top_p)
+    need = copy_bytes(policy) + sampling_bytes(policy, sequences, tokens, prompt_tokens, micro_batch, top_p, prompts)
     return "dense" if need <= (1 - margin) * free_gpu_bytes(device) else "policy"
 
 

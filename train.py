@@ -49,6 +49,7 @@ import cegppo
 import loading
 import plot
 import rollout_copy
+import shared_prefix
 import token_page
 from eval import evaluate
 from loading import UserError
@@ -100,6 +101,7 @@ class Config:
     steps_per_generation: int = _f(4, "optimizer updates per pass over a rollout (mini-batches of whole groups); with 1 update in all (and num_iterations 1) the ratio is always 1 and nothing is clipped")
     num_iterations: int = _f(1, "passes over each rollout (the paper: 1)")
     micro_batch_size: int = _f(8, "responses per forward/backward (gradient accumulation inside a mini-batch)")
+    shared_prefix: bool = _f(True, "encode each group's prompt once in the rollout's prefill, the old log-probs and the updates, its G completions packed behind it (the same numbers, to rounding, with less work); false: every row its own prompt")
     learning_rate: float = _f(1e-5, "AdamW learning rate (constant after warm-up)")
     warmup_steps: int = _f(5, "linear warm-up, in RL steps")
     weight_decay: float = _f(0.1, "AdamW weight decay (paper: 0.1)")
@@ -355,7 +357,7 @@ def rollout_step(model, sampler, tok, round_prompts, gen_batch, cfg, times):
     with loading.model_autocast(model):        # the policy's compute dtype on a GPU, also for the copy
         rollout = timed(times, "rollout", cegppo.rollout, sampler, tok, [p for p, _ in round_prompts],
                         cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p, gen_batch,
-                        sampler is model, [ticker])
+                        sampler is model, [ticker], cfg.shared_prefix)
     ticker.close()
     return rollout
 
@@ -446,13 +448,31 @@ def old_logprobs(model, rollout, cfg, with_entropy=True):
     B, T = rollout["completion_mask"].shape
     old_logp, entropy = torch.zeros(B, T), torch.zeros(B, T)
     for idx in (idx for mini_batch in update_partition(rollout, cfg) for idx in mini_batch):
-        input_ids, attention_mask, _, prompt_len = micro_batch(rollout, idx)
         with loading.model_autocast(model):            # the same precision path as the updates': ratio 1
-            logp, ent = cegppo.completion_logprobs(model, input_ids, attention_mask, prompt_len, cfg.temperature,
-                                                   with_entropy=with_entropy)
+            logp, ent = micro_batch_logprobs(model, micro_batch(rollout, idx), cfg, with_entropy)
         old_logp[idx, :logp.shape[1]] = logp.float().cpu()
         entropy[idx, :logp.shape[1]] = ent.float().cpu()
     return old_logp, entropy
+
+
+def micro_batch_logprobs(model, batch, cfg, with_entropy):
+    """log pi and the entropy of a micro-batch's completion tokens, [b, T] each: with --shared_prefix
+    each group's prompt once (shared_prefix.py: the same numbers, to rounding, for less work) where
+    that removes at least a tenth of the tokens, else the plain definition (cegppo.completion_logprobs).
+    The old log-probs and the updates score the same micro-batches, so they take the same path."""
+    input_ids, attention_mask, completion_mask, prompt_len = batch
+    if cfg.shared_prefix and shared_prefix.worth_it(input_ids, attention_mask, completion_mask, prompt_len):
+        return shared_prefix.completion_logprobs(model, input_ids, attention_mask, completion_mask, prompt_len,
+                                                 cfg.temperature, with_entropy=with_entropy)
+    if cfg.shared_prefix and not _PLAIN_SAID:
+        _PLAIN_SAID.append(True)
+        tqdm.write("shared prefix: these prompts are too short beside their completions for packing to pay; "
+                   "scored in the plain layout where so")
+    return cegppo.completion_logprobs(model, input_ids, attention_mask, prompt_len, cfg.temperature,
+                                      with_entropy=with_entropy)
+
+
+_PLAIN_SAID = []
 
 
 def update_partition(rollout, cfg):
@@ -524,11 +544,11 @@ def accumulate_gradients(model, scaler, rollout, micro_batches, old_logp, weight
     device = rollout["input_ids"].device
     policy_sum, sft_sum = 0.0, 0.0
     for idx in micro_batches:
-        input_ids, attention_mask, completion_mask, prompt_len = micro_batch(rollout, idx)
+        batch = micro_batch(rollout, idx)
+        completion_mask = batch[2]
         T = completion_mask.shape[1]
         with loading.model_autocast(model):            # the forward in half precision on a GPU; the loss in fp32
-            logp, _ = cegppo.completion_logprobs(model, input_ids, attention_mask, prompt_len, cfg.temperature,
-                                                 with_entropy=False)
+            logp, _ = micro_batch_logprobs(model, batch, cfg, with_entropy=False)
         record = [j for j, row in enumerate(idx.tolist()) if row < record_below]
         loss, stats, *details = cegppo.policy_loss(cfg.algo, logp, old_logp[idx, :T].to(device), advantages[idx].to(device),
                                                    completion_mask, num_tokens=mini_batch_tokens, tokens=bool(record),
@@ -937,10 +957,16 @@ def choose_sampler(model, cfg, source):
                                                              cfg.prompts_per_step * cfg.num_generations),
                                cfg.max_prompt_length + cfg.max_completion_length,
                                prompt_tokens=cfg.max_prompt_length, micro_batch=cfg.micro_batch_size,
-                               top_p=cfg.top_p)
+                               top_p=cfg.top_p, prompts=shared_prompts(cfg))
     print(f"sampling through the {'dense copy' if kind == 'dense' else '4-bit policy'}; pi_old from the "
           f"{'sampler' if source == 'sampler' else 'policy (one no-grad pass)'}", file=sys.stderr)
     return kind
+
+
+def shared_prompts(cfg):
+    """The distinct prompts a rollout's shared prefill encodes (cegppo.prompt_cache), or None: without
+    --shared_prefix, or with one completion per prompt. memory.py counts the same."""
+    return cfg.prompts_per_step if cfg.shared_prefix and cfg.num_generations > 1 else None
 
 
 def lr_at(step, cfg):

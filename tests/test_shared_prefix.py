@@ -1,0 +1,166 @@
+"""shared_prefix.py and the shared prefill: each group's prompt once gives the plain layout's numbers.
+
+Tolerances. In float32 the packed rows compute every hidden state from the same tokens, positions and
+attended keys as the plain layout, in matrices of other shapes: the same real numbers summed in
+another order, a few float32 roundings (1e-7 relative) per layer. Measured on these models: log-probs
+and entropies within 2e-6, LoRA gradients within 3e-7 relative; bounded at 1e-5 and 1e-5, ten
+times that. Under bf16 autocast each matmul rounds to bf16 (2^-9 relative) in whichever shape it
+runs, so the layouts differ by bf16 rounding, the bound of tests/test_precision.py: 2e-2 on a
+log-prob, 3e-2 relative on the gradient.
+"""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import cegppo
+import lab
+import loading
+import rollout_copy
+import shared_prefix
+import train
+
+
+def policy(size, gradient_checkpointing, seed=1):
+    model, tok = loading.load_model(lab.tiny_model_path(size), four_bit=True, lora_rank=8, trainable=True,
+                                    gradient_checkpointing=gradient_checkpointing)
+    g = torch.Generator().manual_seed(seed)
+    for n, q in model.named_parameters():           # LoRA moved off zero, so that it counts on every path
+        if "lora_B" in n:
+            q.data = torch.randn(q.shape, generator=g) * 3e-2
+    return model, tok
+
+
+# prompts of different lengths (33, 51 and 24 tokens in the chat template), so that the plain layout
+# left-pads two of them and the packed rows differ in length
+QUESTIONS = ["What is 6-8?", "What is 12+3 and then times 7, please?", "Hi?"]
+
+
+def batch(model, tok, G=4):
+    torch.manual_seed(0)
+    prompts = [cegppo.format_prompt(tok, q) for q in QUESTIONS]
+    return cegppo.rollout(model, tok, prompts, G, 16, 1.0, 1.0, 64)
+
+
+def numbers(fn, model, completion_mask, adv):
+    """(logp, entropy, loss, LoRA gradients) of one pass through `fn`, CE-GPPO's loss against old
+    log-probs 0.3 off either way (so that both clip regions are used)."""
+    model.zero_grad(set_to_none=True)
+    logp, _ = fn(with_entropy=False)
+    with torch.no_grad():
+        _, entropy = fn(with_entropy=True)
+    shift = 0.3 * (torch.arange(logp.numel()).view_as(logp) % 3 - 1)       # ratios e^-0.3, 1, e^0.3
+    loss, _ = cegppo.cegppo_loss(logp, logp.detach() + shift, adv, completion_mask, **cegppo.ALGOS["cegppo"])
+    loss.backward()
+    return logp.detach(), entropy, loss.item(), {n: q.grad.clone() for n, q in model.named_parameters()
+                                                 if q.requires_grad}
+
+
+def relative(a, b):
+    return (sum(((a[k] - b[k]) ** 2).sum() for k in a) / sum((b[k] ** 2).sum() for k in a)).sqrt().item()
+
+
+@pytest.mark.parametrize("size,checkpointing,autocast", [("tiny", False, False), ("tiny", True, False),
+                                                        ("lab", True, False), ("lab", False, True)])
+def test_packed_rows_give_the_plain_numbers(size, checkpointing, autocast):
+    model, tok = policy(size, checkpointing)
+    ro = batch(model, tok)
+    idx = torch.arange(2, 11)                          # a group cut at both ends of the micro-batch
+    ids, amask, cmask, L = train.micro_batch(ro, idx)
+    assert len(shared_prefix.segments(ids, amask, L)) == 3 and amask[:, 0].sum() < len(idx)   # left padding
+    adv = torch.linspace(-1.5, 1.5, len(idx))
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    results = {}
+    for name, fn in (("plain", lambda **k: cegppo.completion_logprobs(model, ids, amask, L, **k)),
+                     ("packed", lambda **k: shared_prefix.completion_logprobs(model, ids, amask, cmask, L, **k))):
+        with ctx:
+            results[name] = numbers(fn, model, cmask, adv)
+    (lp, ent, loss, grads), (lp2, ent2, loss2, grads2) = results["plain"], results["packed"]
+    m = cmask.bool()
+    tol = (2e-2, 3e-2) if autocast else (1e-5, 1e-5)
+    assert (lp - lp2)[m].abs().max() < tol[0] and (ent - ent2)[m].abs().max() < tol[0]
+    assert loss == pytest.approx(loss2, abs=tol[0])
+    assert relative(grads2, grads) < tol[1]
+    assert (lp2[~m] == 0).all()                        # after each EOS: nothing computed, zero
+
+
+def test_packing_layout():
+    # two rows of one prompt [5, 6] and one of [7]; completions of 2, 1 and 3 tokens (EOS included)
+    ids = torch.tensor([[0, 5, 6, 10, 11, 0], [0, 5, 6, 12, 0, 0], [0, 0, 7, 13, 14, 15]])
+    amask = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])
+    cmask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    p = shared_prefix.pack(ids, amask, cmask, prompt_len=3)
+    assert p["input_ids"].tolist() == [[5, 6, 10, 11, 12], [7, 13, 14, 15, 0]]
+    assert p["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 3, 0]]   # each completion after its prompt
+    mask = p["mask"][:, 0].int().tolist()
+    # row 0: prompt causal; completion 1 (positions 2, 3) sees the prompt and itself; completion 2
+    # (position 4) sees the prompt only, not completion 1
+    assert mask[0] == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 1]]
+    assert mask[1][4] == [0, 0, 0, 0, 1]                                     # padding: itself only
+    # the state before each kept token (the prompt's last for the first), its target, its plain place
+    assert p["states"].tolist() == [1, 2, 1, 5, 6, 7] and p["targets"].tolist() == [10, 11, 12, 13, 14, 15]
+    assert p["rows"].tolist() == [0, 0, 1, 2, 2, 2] and p["cols"].tolist() == [0, 1, 0, 0, 1, 2]
+    # what it saves: 4 + 4 real tokens (padding left out) against 3 x 6 columns
+    assert shared_prefix.worth_it(ids, amask, cmask, 3)
+    one_each = ids[[0, 2]], amask[[0, 2]], cmask[[0, 2]]                    # a group of one: nothing shared
+    assert not shared_prefix.worth_it(*one_each, 3, share=0.5)
+
+
+@pytest.mark.parametrize("sampler", ["policy", "dense"])
+def test_a_shared_prefill_samples_the_same_completions(sampler):
+    model, tok = policy("tiny", True)
+    gen = rollout_copy.dense_copy(model) if sampler == "dense" else model
+    prompts = [cegppo.format_prompt(tok, q) for q in QUESTIONS]
+    out = {}
+    for share in (True, False):
+        torch.manual_seed(0)                           # generation batch 5: sub-batches cut the groups
+        out[share] = cegppo.rollout(gen, tok, prompts, 4, 16, 1.0, 1.0, 5, share_prompts=share)
+    assert out[True]["texts"] == out[False]["texts"]
+    for k in ("sample_logp", "sample_entropy"):
+        assert (out[True][k] - out[False][k]).abs().max() < 1e-5
+    assert torch.equal(out[True]["input_ids"], out[False]["input_ids"])
+    # the prompts' cache has one row per prompt, not per completion
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    gen.eval()                                         # as rollout() runs it (no checkpointing: a cache)
+    with torch.no_grad():
+        kv = cegppo.prompt_cache(gen, enc["input_ids"], enc["attention_mask"])
+    assert len(kv) == 2 and kv[0][0].shape[0] == 3 and kv[0][0].shape[2] == enc["input_ids"].shape[1] - 1
+
+
+def run_main(args):
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        return train.main(args)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
+def test_a_run_gives_the_same_metrics_either_way(tmp_path):
+    rows = {}
+    for share in ("true", "false"):
+        out = str(tmp_path / share)
+        assert run_main(["--model", "tiny", "--max_steps", "2", "--eval_limit", "0", "--shared_prefix", share,
+                         "--output_dir", out]) == 0
+        rows[share] = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    for a, b in zip(rows["true"], rows["false"]):
+        assert a["reward"] == b["reward"] and a["num_tokens"] == b["num_tokens"]       # the same samples
+        for k in ("loss", "entropy", "approx_kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+
+
+def test_too_short_prompts_fall_back_to_the_plain_layout_and_say_so(capsys, monkeypatch):
+    model, tok = policy("tiny", False)
+    ro = batch(model, tok, G=2)
+    cfg = train.parse_config(["--model", "tiny"])
+    b = train.micro_batch(ro, torch.arange(6))
+    used = []
+    monkeypatch.setattr(shared_prefix, "completion_logprobs", lambda *a, **k: used.append("packed"))
+    monkeypatch.setattr(shared_prefix, "worth_it", lambda *a, **k: False)
+    monkeypatch.setattr(train, "_PLAIN_SAID", [])
+    for _ in range(2):
+        logp, _ = train.micro_batch_logprobs(model, b, cfg, False)
+        assert logp.shape == b[2].shape
+    said = capsys.readouterr()
+    assert not used and (said.out + said.err).count("shared prefix: these prompts are too short") == 1
