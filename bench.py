@@ -14,10 +14,14 @@ CPU) is each one's own. Writes bench.json in --output_dir and prints a table.
 
 --synthetic-0.5b: a random-init model with Qwen2.5-0.5B's shapes, built locally, for machines
 that cannot download the real one; its reward is a coin flip (see coin_reward).
+--gsm8k-length-prompts: the prompts of GSM8K's length in the chat template (about 140 tokens, a
+word problem written in code: gsm8k_length_rows), not the lab's 35, in a local file both sides read.
 --logprob-memory: the log-prob pass's peak memory against naive float32 logits, nothing else.
 --profile: torch.profiler's table of the ops our side spends its time in (ours/profile.txt).
 --both-rollouts: our side twice, sampling from the dense copy (--rollout_model dense) and from the
 4-bit + LoRA policy (--rollout_model policy); the second's numbers come back prefixed `policy_`.
+--plain-too: our side once more with every row its own prompt (--shared_prefix false), alternating
+with the others; its numbers come back prefixed `plain_`, with the ratios shared / plain.
 --rollout-copy-cost: what building the dense rollout copy costs (fresh, and refreshed in place), its
 bytes, and its logits' distance from the 4-bit + LoRA policy's; nothing else.
 --mismatch bf16,fp16,fp32: per compute dtype, how far the sampler's own log-probs are from pi_old
@@ -64,6 +68,21 @@ def coin_reward(completion, answer):
     weights never write a right answer (math_reward would be 0 everywhere, every group would have
     zero variance and our loop would skip every update, which is no benchmark)."""
     return float(int(hashlib.md5(completion.encode()).hexdigest(), 16) % 2)
+
+
+GSM8K_LIKE = ("{a} friends share a garden. Each day {b} of them water {c} rows, and the others pick {d} "
+              "baskets. How many baskets in {e} days?")
+
+
+def gsm8k_length_rows(path, n=64):
+    """A .jsonl of n word problems whose chat-formatted prompts are as long as GSM8K's in Qwen's
+    template (100-150 tokens): 138 with the lab's character-level tokenizer that --synthetic-0.5b
+    uses. The answers are right, but the synthetic model's reward is a coin flip anyway."""
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b, c, d, e = 5 + i % 7, 2 + i % 3, 3 + i % 5, 4 + i % 6, 2 + i % 4
+            f.write(json.dumps({"question": GSM8K_LIKE.format(a=a, b=b, c=c, d=d, e=e), "answer": str(d * e)}) + "\n")
+    return path
 
 
 def synthetic_model(size="qwen2.5-0.5b"):
@@ -395,11 +414,16 @@ def parse_args(argv):
     ap.add_argument("--logprob-positions", type=lambda s: [int(x) for x in s.split(",")],
                     default=list(LOGPROB_TOKENS), help="with --logprob-memory: the numbers of positions N, "
                     "comma-separated (default 256,1024,4096)")
+    ap.add_argument("--gsm8k-length-prompts", dest="long_prompts", action="store_true",
+                    help="prompts of GSM8K's length in the chat template (a local file of word problems written "
+                         "in code), for both sides")
     ap.add_argument("--synthetic-0.5b", dest="synthetic", action="store_true",
                     help="benchmark a random-init model with Qwen2.5-0.5B's shapes on the lab prompts, with a "
                          "coin-flip reward (for machines without the real checkpoint)")
     ap.add_argument("--both-rollouts", action="store_true", help="run our side twice: generating from the dense "
                     "copy and from the 4-bit + LoRA policy (the second's numbers prefixed policy_)")
+    ap.add_argument("--plain-too", dest="plain_too", action="store_true", help="also run our side with "
+                    "--shared_prefix false (every row its own prompt); its numbers prefixed plain_")
     ap.add_argument("--rollout-copy-cost", action="store_true", help="instead: the dense rollout copy's build "
                     "time (fresh and refreshed in place), size and logits' distance from the policy's")
     ap.add_argument("--mismatch", metavar="DTYPES", type=lambda t: [d.strip() for d in t.split(",") if d.strip()],
@@ -414,6 +438,10 @@ def parse_args(argv):
     train_args = ["--max_generation_rounds", "1", *train_args]                         # later flags win
     if args.synthetic:
         train_args = ["--model", synthetic_model(), "--dataset", "lab", *train_args]
+    if args.long_prompts:
+        os.makedirs(args.output_dir, exist_ok=True)
+        rows = gsm8k_length_rows(os.path.join(args.output_dir, "gsm8k_length.jsonl"))
+        train_args = [*train_args, "--dataset", rows]
     if args.both_rollouts:
         train_args = [*train_args, "--rollout_model", "dense"]
     return args, train_args
@@ -422,7 +450,7 @@ def parse_args(argv):
 def run_sides(args, train_args):
     """ours, TRL, ours, TRL, ...: a slow minute of a shared machine then hits both sides alike.
     Returns the median run of each side, merged into one dict (the policy side's keys prefixed)."""
-    ours, trl, ours_policy = [], [], []
+    ours, trl, ours_policy, ours_plain = [], [], [], []
     out = lambda name: os.path.join(args.output_dir, name)
     for _ in range(args.repeats):
         shutil.rmtree(out("ours"), ignore_errors=True)
@@ -431,6 +459,10 @@ def run_sides(args, train_args):
             shutil.rmtree(out("ours_policy"), ignore_errors=True)
             ours_policy.append(run_ours([*train_args, "--rollout_model", "policy"], args.steps, out("ours_policy"),
                                         args.synthetic))
+        if args.plain_too:
+            shutil.rmtree(out("ours_plain"), ignore_errors=True)
+            ours_plain.append(run_ours([*train_args, "--shared_prefix", "false"], args.steps, out("ours_plain"),
+                                       args.synthetic))
         if args.vs_trl:
             trl.append(run_trl(train_args, args.steps, out("trl"), args.synthetic))
     middle = lambda runs, k: sorted(runs, key=lambda r: r[k])[len(runs) // 2]        # the median run
@@ -439,6 +471,12 @@ def run_sides(args, train_args):
         result.update({f"policy_{k}": v for k, v in middle(ours_policy, "step_s").items()},
                       policy_step_s_repeats=[r["step_s"] for r in ours_policy])
         result["rollout_speedup"] = result["generate_tokens_per_s"] / result["policy_generate_tokens_per_s"]
+    if args.plain_too:
+        result.update({f"plain_{k}": v for k, v in middle(ours_plain, "step_s").items()},
+                      plain_step_s_repeats=[r["step_s"] for r in ours_plain])
+        for k in ("step_s", "rollout_s", "update_s", "peak_mem_gb"):
+            if result.get(k) is not None and result.get(f"plain_{k}"):
+                result[f"shared_vs_plain_{k}"] = result[k] / result[f"plain_{k}"]
     if args.vs_trl:
         result.update(middle(trl, "trl_step_s"), trl_step_s_repeats=[r["trl_step_s"] for r in trl])
         for side in ("", "policy_") if args.both_rollouts else ("",):
@@ -453,7 +491,9 @@ def print_table(result, args):
     keys = ("step_s", "rollout_s", "rollout_copy_s", "old_logprob_s", "update_s", "reward_s",
             "rollout_tokens_per_s", "generate_tokens_per_s", "update_tokens_per_s", "peak_mem_gb",
             "peak_mem_reserved_gb", "sampling_logp_difference_mean", "sampling_logp_difference_max")
-    for k in (*keys, *(f"policy_{k}" for k in keys), "rollout_speedup", "trl_step_s", "trl_peak_mem_gb",
+    for k in (*keys, *(f"policy_{k}" for k in keys), *(f"plain_{k}" for k in keys),
+              *(f"shared_vs_plain_{k}" for k in ("step_s", "rollout_s", "update_s", "peak_mem_gb")),
+              "rollout_speedup", "trl_step_s", "trl_peak_mem_gb",
               "trl_peak_mem_reserved_gb", "step_ratio", "mem_ratio", "policy_step_ratio", "policy_mem_ratio"):
         if k in result:
             print(f"  {k:<36} {result[k]:12.3g}" if result[k] is not None else f"  {k:<36} {'not available':>12}")

@@ -271,7 +271,8 @@ def describe(cfg):
     return (f"P {cfg.prompts_per_step} x G {cfg.num_generations}, prompt <= {cfg.max_prompt_length} + completion "
             f"<= {cfg.max_completion_length} tokens, generation batch {cfg.generation_batch_size}, micro-batch "
             f"{cfg.micro_batch_size}, LoRA r {cfg.lora_r}, {'4-bit NF4' if cfg.load_in_4bit else 'no 4-bit'}, "
-            f"compute {cfg.dtype}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
+            f"compute {cfg.dtype}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, "
+            f"{'each prompt once' if cfg.shared_prefix else 'every row its own prompt'}"
             + (", sampling from the dense copy" if cfg.rollout_model == "dense" else ""))
 
 
@@ -288,6 +289,8 @@ def main(argv=None):
                              "counted as the policy: it takes the copy only where the GPU has room)")
     parser.add_argument("--no_load_in_4bit", dest="load_in_4bit", action="store_false")
     parser.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false")
+    parser.add_argument("--no_shared_prefix", dest="shared_prefix", action="store_false",
+                        help="every row its own prompt in the prefill and the updates (train.py --shared_prefix false)")
     a = parser.parse_args(argv)
     cfg = dataclasses.replace(train.Config(), **vars(a))
     print(f"Memory of one train.py step, computed from tensor sizes, not measured ({describe(cfg)}; "

@@ -367,13 +367,15 @@ def step_size_map(run_dirs, output, baseline="algo=grpo"):
 def map_table(run_dirs, baseline="algo=grpo"):
     """Markdown: one row per setting and learning rate, with its difference from the baseline at the
     same learning rate (paired by seed) and the verdict on held-out accuracy at the end."""
-    stats = (("heldout_end", 3), ("heldout_auc", 3), ("entropy_last20", 4), ("clip_low", 4), ("clip_high", 4),
-             ("kl_median", 4), ("kl_max", 3))
+    stats = (("heldout_end", ".3f"), ("heldout_auc", ".3f"), ("entropy_last20", ".4f"), ("clip_low", ".4f"),
+             ("clip_high", ".4f"), ("kl_median", ".1e"), ("kl_max", ".1e"))
     out = ["| setting | lr | steps | seeds | collapsed | held-out, end | held-out, AUC | entropy, last 20% | clip low "
            "| clip high | median KL | max KL | vs baseline: held-out, end | held-out, AUC | entropy | verdict |",
            "|---|---|---|---|---|" + "---|" * (len(stats) + 4)]
-    for label, lr, runs, base in step_size_points(run_dirs, baseline):
-        cells = [f"{mean_se([r[k] for r in runs])[0]:.{d}f} ± {mean_se([r[k] for r in runs])[1]:.{d}f}" for k, d in stats]
+    points = step_size_points(run_dirs, baseline)
+    points.sort(key=lambda p: (-p[1], not p[0].startswith(baseline)))     # by step size, its baseline first
+    for label, lr, runs, base in points:
+        cells = [f"{mean_se([r[k] for r in runs])[0]:{f}} ± {mean_se([r[k] for r in runs])[1]:{f}}" for k, f in stats]
         if label.startswith(baseline):
             diffs, verdict = ["", "", ""], "(baseline)"
         else:
