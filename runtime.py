@@ -318,7 +318,8 @@ def run_seed_processes(runs, jobs, max_steps, poll_s=1.0):
     Each process runs in a session of its own, so that a Ctrl-C reaches it once, from here, and not
     also from the terminal (a second Ctrl-C aborts a run without saving)."""
     pending, running, codes = list(runs), {}, {}
-    progress = SeedProgress([seed for seed, _, _ in runs], max_steps)
+    progress = SeedProgress([(seed, out) for seed, _, out in runs], max_steps)
+    progress.say(f"{len(runs)} seeds, {min(jobs, len(runs))} at a time; each seed's output in its folder's train.log")
     detach = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
     try:
         while pending or running:
@@ -367,14 +368,27 @@ def _last_line(path):
 
 
 class SeedProgress:
-    """One line per seed: its step, last reward and held-out accuracy. On a terminal, a bar per seed
-    redrawn in place; elsewhere (a log file, CI) a plain line per seed every tenth of the run."""
+    """One line per seed: its step, last reward and held-out accuracy, and how long the whole sweep
+    has left at the pace so far. On a terminal, a bar per seed redrawn in place; elsewhere (a log
+    file, CI) a plain line per seed every tenth of the run."""
 
-    def __init__(self, seeds, max_steps):
-        self.max_steps, self.tty = max_steps, sys.stderr.isatty()
+    def __init__(self, runs, max_steps):
+        self.max_steps, self.tty, self.start = max_steps, sys.stderr.isatty(), time.time()
         self.bars = {s: tqdm(total=max_steps, desc=f"seed {s}", position=i, dynamic_ncols=True)
-                     for i, s in enumerate(seeds)} if self.tty else {}
-        self.said, self.sizes = {s: -1 for s in seeds}, {}
+                     for i, (s, _) in enumerate(runs)} if self.tty else {}
+        self.said, self.sizes = {s: -1 for s, _ in runs}, {}
+        # where each seed stands (a resumed one partway), for the pace and what is left
+        self.step = {s: len(_tail_rows(os.path.join(out, "metrics.jsonl"))) for s, out in runs}
+        self.begun = dict(self.step)
+
+    def left(self):
+        """' | sweep: about N min left' from the steps all seeds have made since the start (their pace
+        together, so N jobs at once count N times), or '' until there are a few to go by."""
+        done = sum(self.step[s] - self.begun[s] for s in self.step)
+        if done < 3:
+            return ""
+        minutes = sum(self.max_steps - n for n in self.step.values()) / (done / (time.time() - self.start)) / 60
+        return f" | sweep: about {minutes:.0f} min left" if minutes >= 1 else " | sweep: under a minute left"
 
     def show(self, seed, out, done=None):
         path = os.path.join(out, "metrics.jsonl")
@@ -383,11 +397,11 @@ class SeedProgress:
             return                                  # nothing new since the last look
         self.sizes[seed] = size
         rows = _tail_rows(path)
-        step = rows[-1]["step"] if rows else 0
+        step = self.step[seed] = rows[-1]["step"] if rows else 0
         evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
         text = (f"reward {rows[-1]['reward']:.3f}" if rows else "starting") + \
             (f" | eval {evals[-1]:.3f}" if evals else "") + \
-            ("" if done is None else " | done" if done == 0 else f" | exit code {done}")
+            (self.left() if done is None else " | done" if done == 0 else f" | exit code {done}")
         if self.tty:
             bar = self.bars[seed]
             bar.update(step - bar.n)

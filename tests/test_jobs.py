@@ -60,6 +60,8 @@ def test_jobs_give_each_seed_exactly_its_numbers(one_after_another, two_at_a_tim
         mine = [line for line in lines if line.startswith(f"seed {seed}: ")]
         assert mine and mine[-1].startswith(f"seed {seed}: step 4/4") and mine[-1].endswith("| done")
     assert "step    1 |" not in p.stderr                    # no seed's own step lines interleaved here
+    assert lines[0] == "3 seeds, 2 at a time; each seed's output in its folder's train.log"
+    assert any("| sweep: " in line and " left" in line for line in lines)   # what the whole sweep has left
 
 
 def test_a_killed_sweep_resumes_to_the_same_numbers(one_after_another, tmp_path):
