@@ -22,7 +22,8 @@ coin per completion, as for `bench.py --synthetic-0.5b`); the prompts are the la
      sampler's numbers were pi_old, and the sampler correction's weights
   e  step time and peak memory beside TRL's GRPOTrainer on (a)'s settings (bench.py --vs-trl's
      machinery), when trl is installed. Not like for like in one respect, said in its rows: TRL 1.16
-     casts a quantised model's trainable LoRA parameters to bf16, ours stay float32
+     casts a quantised model's trainable LoRA parameters to bf16, ours stay float32. Also our step
+     and update time with each group's prompt once (a's run) against --shared_prefix false
 
 Each run is a fresh Python process (its own peak memory). Parts that would start after
 --deadline_s are skipped and say so. Without CUDA it stops with one line and exit code 2.
@@ -297,6 +298,20 @@ def summarize_trl(part, ours_rows, trl):
     return out
 
 
+def summarize_shared_prefix(part, shared_rows, plain_rows):
+    """Step and update time with each group's prompt once (--shared_prefix, the default) against
+    every row its own prompt, medians after the first step (docs/benchmarks.md has the CPU's)."""
+    def median(rows, key):
+        timed = sorted(r[key] for r in rows[1:] or rows if key in r)
+        return timed[len(timed) // 2] if timed else None
+    out = []
+    for key, what in (("time/step_s", "step"), ("time/update_s", "updates")):
+        a, b = median(shared_rows, key), median(plain_rows, key)
+        out.append(row(part, f"{what} time (s): each prompt once / every row its own",
+                       f"{a:.2f} / {b:.2f}" if a and b else None, f"ratio {a / b:.2f}" if a and b else ""))
+    return out
+
+
 def format_table(rows):
     """One markdown table of the parts' rows."""
     cell = lambda v: "" if v is None else ("yes" if v is True else "NO" if v is False else str(v))   # noqa: E731
@@ -385,6 +400,10 @@ def main(argv=None):
             if not a_rows:                                   # part a gives ours; otherwise one short run
                 in_own_process("train_worker", {"args": e_args + ["--max_steps", "2"]}, out("e/ours"), left())
             ours = a_rows[:3] or metrics(out("e/ours"))
+            plain_args = train_args(folders["1.5b"], out("e/plain"), "--rollout_model", "dense", "--shared_prefix",
+                                    "false", "--max_steps", "2")
+            in_own_process("train_worker", {"args": plain_args}, out("e/plain"), left())
+            rows += summarize_shared_prefix("e", ours, metrics(out("e/plain")))
             try:
                 trl_res = bench.run_trl(e_args, 1, out("e/trl"), coin=True)
                 rows += summarize_trl("e", ours, trl_res)
