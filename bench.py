@@ -205,7 +205,10 @@ def trl_worker(spec_path):
         steps_per_generation=n // cfg.micro_batch_size, num_iterations=cfg.num_iterations,
         num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, repetition_penalty=1.0, beta=0.0,
-        epsilon=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, loss_type="dapo", max_grad_norm=cfg.max_grad_norm,
+        # our CISPO is TRL's cispo, whose epsilon_high is the cap itself (ours: 1 + epsilon_high)
+        **(dict(epsilon=0.2, epsilon_high=1 + cfg.epsilon_high, loss_type="cispo") if cfg.algo == "cispo" else
+           dict(epsilon=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, loss_type="dapo")),
+        max_grad_norm=cfg.max_grad_norm,
         weight_decay=cfg.weight_decay, warmup_steps=0, lr_scheduler_type="constant", seed=cfg.seed,
         gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=not torch.cuda.is_available(),
         bf16=gpu_dtype == torch.bfloat16, fp16=gpu_dtype == torch.float16, report_to="none",

@@ -183,7 +183,8 @@ def cispo_loss(logp, old_logp, advantages, mask, *, epsilon_high, num_tokens=Non
 
     logp, old_logp, mask: [B, T]; advantages: [B] or [B, T]; num_tokens, token_weights as in cegppo_loss.
     clip_ratio/high_mean counts the tokens whose weight the cap binds with A > 0 (TRL's
-    cispo_clip_ratio); CISPO has no low clip region and no dual clip (their shares are 0).
+    cispo_clip_ratio); CISPO has no low clip region and no dual clip (their shares are 0). With
+    tokens=True, region 2 marks every token whose weight the cap binds, either sign of A.
     """
     mask = mask.to(logp.dtype)                                   # [B, T]
     adv = advantages if advantages.dim() == 2 else advantages[:, None]
@@ -196,9 +197,9 @@ def cispo_loss(logp, old_logp, advantages, mask, *, epsilon_high, num_tokens=Non
     per_token = -weight * adv * logp                             # [B, T]
     denom = mask.sum().clamp(min=1.0) if num_tokens is None else float(max(num_tokens, 1))
     loss = (per_token * mask).sum() / denom
-    capped = (ratio > 1.0 + epsilon_high) & (adv > 0)            # [B, T]
+    capped = ratio > 1.0 + epsilon_high                          # [B, T] the cap binds, either sign of A
     none = torch.zeros_like(capped)
-    stats = _loss_stats(ratio, log_ratio, mask, none, capped, none)
+    stats = _loss_stats(ratio, log_ratio, mask, none, capped & (adv > 0), none)
     return (loss, stats, token_details(ratio, none, capped, none, weight)) if tokens else (loss, stats)
 
 
@@ -477,9 +478,11 @@ def prompt_cache(model, prompt_ids, prompt_mask):
     over the prompts [P, L] without their last token (the one generate() runs itself, which starts
     the decoding), positions as generate() counts them. Returns [(K, V) per layer], [P, heads, L - 1, d]."""
     position_ids = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model.get_decoder()(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],      # no LM head:
-                              position_ids=position_ids[:, :-1], use_cache=True)                     # no [P, L, V] logits
-    return [(layer.keys, layer.values) for layer in out.cache.layers]
+    device = prompt_ids.device.type
+    cache = CastKVCache(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else DynamicCache()
+    model.get_decoder()(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],      # no LM head:
+                        position_ids=position_ids[:, :-1], cache=cache, use_cache=True)        # no [P, L, V] logits
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def _generate(model, input_ids, attention_mask, gen_kwargs, batch_size, temperature=None, shrink_on_oom=True,

@@ -43,7 +43,7 @@ def evaluate(model, tokenizer, rows, max_new_tokens, batch_size=64, k=1, tempera
                                     generation_progress)
         with loading.model_autocast(model):         # half precision on a GPU, as in training; none on a CPU
             ro = cegppo.rollout(model, tokenizer, [cegppo.format_prompt(tokenizer, q) for q, _ in chunk], k,
-                                max_new_tokens, temperature, top_p, batch_size, processors=[ticker])
+                                max_new_tokens, temperature, top_p, batch_size, processors=ticker.processors())
         ticker.close()
         lengths = ro["completion_mask"].sum(1).tolist()
         for j, text in enumerate(ro["texts"]):

@@ -23,7 +23,8 @@ coin per completion, as for `bench.py --synthetic-0.5b`); the prompts are the la
   e  step time and peak memory beside TRL's GRPOTrainer on (a)'s settings (bench.py --vs-trl's
      machinery), when trl is installed. Not like for like in one respect, said in its rows: TRL 1.16
      casts a quantised model's trainable LoRA parameters to bf16, ours stay float32. Also our step
-     and update time with each group's prompt once (a's run) against --shared_prefix false
+     and update time with each group's prompt once against --shared_prefix false, on prompts of
+     GSM8K's length with 128-token completions, and the share of micro-batches packed
 
 Each run is a fresh Python process (its own peak memory). Parts that would start after
 --deadline_s are skipped and say so. Without CUDA it stops with one line and exit code 2.
@@ -307,8 +308,10 @@ def summarize_shared_prefix(part, shared_rows, plain_rows):
     out = []
     for key, what in (("time/step_s", "step"), ("time/update_s", "updates")):
         a, b = median(shared_rows, key), median(plain_rows, key)
-        out.append(row(part, f"{what} time (s): each prompt once / every row its own",
+        out.append(row(part, f"{what} time (s), GSM8K-length prompts: each prompt once / every row its own",
                        f"{a:.2f} / {b:.2f}" if a and b else None, f"ratio {a / b:.2f}" if a and b else ""))
+    share = median(shared_rows, "shared_prefix/packed_share")
+    out.append(row(part, "micro-batches packed (shared_prefix/packed_share)", share, "1", bool(share)))
     return out
 
 
@@ -400,10 +403,15 @@ def main(argv=None):
             if not a_rows:                                   # part a gives ours; otherwise one short run
                 in_own_process("train_worker", {"args": e_args + ["--max_steps", "2"]}, out("e/ours"), left())
             ours = a_rows[:3] or metrics(out("e/ours"))
-            plain_args = train_args(folders["1.5b"], out("e/plain"), "--rollout_model", "dense", "--shared_prefix",
-                                    "false", "--max_steps", "2")
-            in_own_process("train_worker", {"args": plain_args}, out("e/plain"), left())
-            rows += summarize_shared_prefix("e", ours, metrics(out("e/plain")))
+            # each prompt once against every row its own, on prompts of GSM8K's length and 128-token
+            # completions (lab prompts beside 512 tokens are too short for packing to pay: the plain layout)
+            os.makedirs(out("e"), exist_ok=True)
+            long = ["--dataset", bench.gsm8k_length_rows(os.path.join(out("e"), "gsm8k_length.jsonl")),
+                    "--max_completion_length", "128", "--rollout_model", "dense", "--max_steps", "3"]
+            for name, flag in (("shared", "true"), ("plain", "false")):
+                in_own_process("train_worker", {"args": train_args(folders["1.5b"], out(f"e/{name}"), *long,
+                                                                   "--shared_prefix", flag)}, out(f"e/{name}"), left())
+            rows += summarize_shared_prefix("e", metrics(out("e/shared")), metrics(out("e/plain")))
             try:
                 trl_res = bench.run_trl(e_args, 1, out("e/trl"), coin=True)
                 rows += summarize_trl("e", ours, trl_res)

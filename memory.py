@@ -36,9 +36,10 @@ Where the bytes are, for the default path (4-bit NF4 base + LoRA, train.py's loa
     the peak is persistent + max(rollout, update).
 
 Not counted: the CUDA context (0.3-0.5 GB outside torch's allocator), the allocator's
-fragmentation, the half-precision copy of the float32 LM head that autocast makes for each
-log-prob chunk and decode step on a GPU (vocab x hidden x 2 bytes, 0.47 GB at 1.5B, transient),
-the prompt-side activations of the old-log-prob pass (smaller than the update's), evaluation
+fragmentation, the half-precision copy of the float32 LM head that autocast makes at each decode
+step when sampling through the policy (vocab x hidden x 2 bytes, 0.47 GB at 1.5B, transient; the
+dense copy holds its head in the compute dtype), the old-log-prob pass (no gradient: smaller than
+the update's), evaluation
 (greedy generation of eval batches, same KV-cache formula). The flag suggestions keep 1 GB of
 headroom for those. One layer's recompute is a per-token count of the tensors a Qwen2
 block saves for its backward (listed in layer_activation_elems); tests/test_memory.py checks it
@@ -51,6 +52,7 @@ import dataclasses
 import math
 import sys
 
+import shared_prefix
 import train
 from sizes import (BYTES, ModelShape, kv_cache_bytes, logprob_chunk_bytes, prefill_bytes,  # noqa: F401
                    sampling_bytes, sampling_logits_bytes)
@@ -155,7 +157,10 @@ def estimate(m, cfg):
     gen_batch = min(cfg.generation_batch_size, cfg.prompts_per_step * cfg.num_generations)
     mb = cfg.micro_batch_size
     resid, comp = layer_activation_elems(m, cfg.lora_r, four_bit)
-    positions, packed_rows, packed_len = update_positions(cfg)
+    positions, packed_rows, packed_len = update_positions(m, cfg)
+    # cegppo.head_operands: the head multiplies in float32, or in fp16 under fp16 autocast, cast once a
+    # pass and kept for its backward; a float32 head (4-bit: k-bit preparation made it so) needs no copy
+    head_dtype = "fp16" if dtype == "fp16" else ("fp32" if not four_bit and dtype == "bf16" else None)
     per_layer = positions * (resid * rb + comp * 4)
     boundaries = (m.layers + 2) * positions * m.hidden * rb        # each block's input, final norm in/out
     prompts = train.shared_prompts(cfg)
@@ -163,14 +168,15 @@ def estimate(m, cfg):
     # stream is in the compute dtype (auto is counted as the policy: it takes the copy only where it fits)
     dense = getattr(cfg, "rollout_model", "auto") == "dense"
     sb = BYTES[dtype] if dense else rb
+    kvb = BYTES[dtype]                    # the cache: the compute dtype (cegppo.CastKVCache under autocast)
     lines = {
         "4-bit weights (NF4 + double-quant absmax)": q4,
         "embeddings / head, norms, biases (fp32)" if four_bit else f"base weights ({dtype})": rest,
         "LoRA weights (fp32)": 4 * lora,
         "LoRA grads + AdamW moments (fp32)": 3 * 4 * lora,
         **({f"rollout: dense copy (merged weights, {dtype})": dense_copy_bytes(m, dtype, four_bit)} if dense else {}),
-        "rollout: KV cache": kv_cache_bytes(m, gen_batch, seq, sb),
-        **({"rollout: the prompts' shared cache": kv_cache_bytes(m, prompts, cfg.max_prompt_length, sb)}
+        "rollout: KV cache": kv_cache_bytes(m, gen_batch, seq, kvb),
+        **({"rollout: the prompts' shared cache": kv_cache_bytes(m, prompts, cfg.max_prompt_length, kvb)}
            if prompts else {}),
         "rollout: prefill activations (one layer)": prefill_bytes(m, prompts or gen_batch, cfg.max_prompt_length, sb,
                                                                   lora=not dense or dtype != "fp32"),
@@ -180,7 +186,12 @@ def estimate(m, cfg):
          else "update: all layers' activations"): boundaries if cfg.gradient_checkpointing else
         (m.layers * per_layer + 2 * positions * m.hidden * rb),
         "update: one layer's recompute": per_layer if cfg.gradient_checkpointing else 0,
-        **({"update: packed attention mask (bool)": packed_rows * packed_len ** 2} if packed_rows else {}),
+        # the boolean mask, and the additive bias SDPA makes of it in the compute dtype and keeps for the
+        # backward: one layer's with checkpointing, every layer's without
+        **({"update: packed attention mask (bool + bias)": packed_rows * packed_len ** 2 * (
+            1 + BYTES[dtype] * (1 if cfg.gradient_checkpointing else m.layers))} if packed_rows else {}),
+        **({f"update: the LM head cast for the log-prob chunks ({head_dtype})": m.vocab * m.hidden * BYTES[head_dtype]}
+           if head_dtype else {}),
         "update: log-prob chunk (2 x chunk x V fp32)": logprob_chunk_bytes(m, mb * cfg.max_completion_length),
     }
     persistent = sum(v for k, v in lines.items() if not k.startswith(("rollout", "update")))
@@ -192,20 +203,22 @@ def estimate(m, cfg):
     return lines
 
 
-def update_positions(cfg):
+def update_positions(m, cfg):
     """(positions, packed rows, packed row length) of one update micro-batch's forward, at the worst
-    case: micro_batch_size rows of prompt + completion; with --shared_prefix (shared_prefix.pack) the
-    distinct prompts of the groups it touches once (a micro-batch can cut a group at either end) and
-    every completion token, in rows of one prompt and its completions (0 rows: the plain layout)."""
+    case: micro_batch_size rows of prompt + completion; with --shared_prefix (shared_prefix.pack) one
+    row per group it touches (it can cut a group at either end), each a prompt and up to G
+    completions, padded to the longest: rows x length positions (0 rows: the plain layout, where
+    packing would not pay by shared_prefix.worth_it's rule)."""
     mb, G, L, T = cfg.micro_batch_size, cfg.num_generations, cfg.max_prompt_length, cfg.max_completion_length
     plain = mb * (L + T)
     if not cfg.shared_prefix or G == 1:
         return plain, 0, 0
-    groups = min(mb, math.ceil(mb / G) + (1 if mb % G else 0))
-    packed = groups * L + mb * T
-    if packed > 0.9 * plain:                  # train.micro_batch_logprobs falls back (shared_prefix.worth_it)
+    rows, length = min(mb, math.ceil(mb / G) + (1 if mb % G else 0)), L + min(mb, G) * T
+    kv = m.kv_heads * m.head_dim
+    if shared_prefix.cost(rows, length, m.hidden, m.intermediate, kv) > \
+            shared_prefix.SHARE * shared_prefix.cost(mb, L + T, m.hidden, m.intermediate, kv):
         return plain, 0, 0
-    return packed, groups, L + min(mb, G) * T
+    return rows * length, rows, length
 
 
 def rollout_phase_bytes(m, cfg):
@@ -217,7 +230,7 @@ def rollout_phase_bytes(m, cfg):
     gen_batch = min(cfg.generation_batch_size, cfg.prompts_per_step * cfg.num_generations)
     held = sampling_bytes(m, gen_batch, cfg.max_prompt_length, cfg.max_prompt_length + cfg.max_completion_length,
                           sb, lora=not dense or dtype != "fp32", micro_batch=cfg.micro_batch_size if dense else 0,
-                          top_p=cfg.top_p, prompts=train.shared_prompts(cfg))
+                          top_p=cfg.top_p, prompts=train.shared_prompts(cfg), kv_bytes=BYTES[dtype])
     return held + (dense_copy_bytes(m, dtype, cfg.load_in_4bit) if dense else 0)
 
 

@@ -32,7 +32,9 @@ PANELS = [
     ("quadrants/na_hp_drive", "NA&HP entropy drive (raises H)"),
     ("quadrants/na_lp_drive", "NA&LP entropy drive (lowers H)"),
 ]
-NOT_A_SETTING = {"seed", "seeds", "jobs", "progress", "output_dir", "resume", "max_steps", "save_steps", "eval_steps", "logging_steps", "wandb",
+# flags that change how a run is computed or shown, not what it learns (shared_prefix: the same numbers,
+# to rounding): runs that differ only in these are seeds of one setting
+NOT_A_SETTING = {"seed", "seeds", "jobs", "progress", "token_groups", "shared_prefix", "output_dir", "resume", "max_steps", "save_steps", "eval_steps", "logging_steps", "wandb",
                  "generation_batch_size", "threads", "preset", "rollout_model"}
 
 

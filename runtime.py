@@ -243,9 +243,9 @@ class GenerationProgress(LogitsProcessor):
     the first decode step of the next sub-batch."""
 
     def __init__(self, desc, sequences, eos_token_ids, mode="auto", delay_s=2.0, file=None):
-        shown = mode == "on" or (mode == "auto" and sys.stderr.isatty())
+        self.shown = mode == "on" or (mode == "auto" and sys.stderr.isatty())
         self.bar = tqdm(total=sequences, desc=desc, unit="seq", delay=0 if mode == "on" else delay_s,
-                        disable=not shown, leave=False, dynamic_ncols=True, file=file or sys.stderr)
+                        disable=not self.shown, leave=False, dynamic_ncols=True, file=file or sys.stderr)
         self.eos = torch.tensor(list(eos_token_ids))
         self.tokens, self.done_before, self.prompt_len, self.last_len = 0, 0, None, 0
         self.finished = 0
@@ -263,6 +263,10 @@ class GenerationProgress(LogitsProcessor):
         self.bar.update(self.done_before + self.finished - self.bar.n)
         self.bar.set_postfix_str(f"{self.tokens} tokens", refresh=False)
         return scores
+
+    def processors(self):
+        """What to hand cegppo.rollout: this bar, or nothing where it would not show (no cost per token)."""
+        return [self] if self.shown else []
 
     def close(self):
         self.bar.close()
@@ -348,7 +352,8 @@ def run_seed_processes(runs, jobs, max_steps, poll_s=1.0):
             codes[seed] = proc.wait()
             log.close()
         progress.close()
-        left = [str(seed) for seed, _, _ in pending] + [str(s) for s, c in codes.items() if c == 130]
+        # a seed stopped in its step says 130; one still in its setup dies of the signal: both resume
+        left = [str(seed) for seed, _, _ in pending] + [str(s) for s, c in codes.items() if c not in (0, *NO_SIGNAL_EXIT)]
         print(f"stopped; seeds {', '.join(left)} not finished: continue them with --resume", file=sys.stderr)
         return 130
     progress.close()

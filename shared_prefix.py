@@ -12,14 +12,16 @@ that reaches the prompt's tokens is the sum of what the G completions send it (P
 et al. 2025, arXiv 2506.05433), while the prompt's share of the linear layers' work is divided by
 G. The tokens after a completion's EOS, padding in the plain layout, are left out altogether.
 
-The mask is a custom [rows, 1, S, S] boolean one, which transformers passes to attention as it is
-(True: may attend). On a GPU, SDPA's memory-efficient kernel takes it without materialising the
-[S, S] scores; the CPU's math kernel materialises them, as it does for the plain layout's.
+The mask is a custom [rows, 1, S, S] boolean one, which transformers passes to SDPA attention as it
+is (True: may attend). The price is attention over S x S positions of which most are masked: no
+kernel skips them, and one packed row's S^2 is far more than the plain layout's G (L + T)^2 when the
+completions are long. Whether packing pays is therefore a cost of both, the linear layers' work per
+position and attention's per pair of positions (cost), counted on the padded packed block.
 
     pack(input_ids, attention_mask, completion_mask, prompt_len)   the packed rows of a micro-batch
-    completion_logprobs(model, input_ids, attention_mask, completion_mask, prompt_len, ...)
-                  the same numbers as cegppo.completion_logprobs, through the packed rows
-    worth_it(...)  whether packing removes enough tokens to pay (train.py falls back otherwise)
+    completion_logprobs(model, packed, completion_mask, ...)   the same numbers as
+                  cegppo.completion_logprobs, through the packed rows
+    worth_it(packed, input_ids, config)   whether packing is cheaper by a tenth (train.py falls back otherwise)
 """
 
 import torch
@@ -72,6 +74,7 @@ def pack(input_ids, attention_mask, completion_mask, prompt_len, pad_id=0):
             cols_out.append(torch.arange(n))
             start += n
     q, k = seg[:, :, None], seg[:, None, :]                                 # [R, S, 1], [R, 1, S]
+    # (built even where worth_it then picks the plain layout: [R, S, S] booleans, small beside a forward)
     causal = torch.ones(S, S, dtype=torch.bool).tril()                      # [S, S] k <= q
     mask = causal & (q >= 0) & (k >= 0) & ((k == 0) | (k == q))             # [R, S, S]
     mask |= torch.eye(S, dtype=torch.bool) & (q < 0)                        # padding attends itself: no empty row
@@ -81,11 +84,9 @@ def pack(input_ids, attention_mask, completion_mask, prompt_len, pad_id=0):
             "states": cat(states), "targets": cat(targets), "rows": cat(rows_out), "cols": cat(cols_out)}
 
 
-def completion_logprobs(model, input_ids, attention_mask, completion_mask, prompt_len, temperature=1.0,
-                        chunk_tokens=1024, with_entropy=True):
-    """cegppo.completion_logprobs's (logp [B, T], entropy [B, T]) through the packed rows: the body runs
-    once over each group's prompt and its completions' tokens; 0 after each completion's EOS."""
-    packed = pack(input_ids, attention_mask, completion_mask, prompt_len)
+def completion_logprobs(model, packed, completion_mask, temperature=1.0, chunk_tokens=1024, with_entropy=True):
+    """cegppo.completion_logprobs's (logp [B, T], entropy [B, T]) through the packed rows (pack): the
+    body runs once over each group's prompt and its completions' tokens; 0 after each completion's EOS."""
     body, head = model.get_decoder(), model.get_output_embeddings()
     hidden = body(input_ids=packed["input_ids"], attention_mask=packed["mask"], position_ids=packed["position_ids"],
                   use_cache=False).last_hidden_state                                   # [R, S, d]
@@ -98,8 +99,31 @@ def completion_logprobs(model, input_ids, attention_mask, completion_mask, promp
             entropy.new_zeros(completion_mask.shape).index_put(where, entropy))
 
 
-def worth_it(input_ids, attention_mask, completion_mask, prompt_len, share=0.9):
-    """Does packing leave at most `share` of the plain layout's tokens? (Not for very short prompts, or
-    groups of one.) The plain layout holds every column of the micro-batch, padding included."""
-    packed = sum(len(p) for p in segments(input_ids, attention_mask, prompt_len)) + int(completion_mask.sum())
-    return packed <= share * input_ids.numel()
+SHARE = 0.9          # packing is used where it costs at most this share of the plain layout
+
+
+def cost(rows, width, hidden, intermediate, kv):
+    """The forward's work over `rows` rows of `width` positions, in multiply-adds per layer: the linear
+    layers' per position (q, k, v, o and the MLP; kv: the width of k and v) and attention's per pair
+    of positions a row holds (q k^T and the weighted sum of v, over every head), masked pairs
+    included: no kernel skips them."""
+    return rows * width * (hidden * (2 * hidden + 2 * kv) + 3 * hidden * intermediate) + rows * width * width * 2 * hidden
+
+
+def dims(config):
+    """(hidden, intermediate, kv) of a transformers config, as cost takes them."""
+    h = config.hidden_size
+    head = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    return h, config.intermediate_size, config.num_key_value_heads * head
+
+
+def worth_it(packed, input_ids, config):
+    """Does the packed block (padding included) cost at most SHARE of the plain layout's, which holds
+    every column of the micro-batch? Only with SDPA attention, the one that takes a boolean mask as
+    the may-attend mask (eager attention adds its mask to the scores). Not for prompts short beside
+    long completions, nor for groups of one."""
+    if getattr(config, "_attn_implementation", "sdpa") != "sdpa":
+        return False
+    R, S = packed["input_ids"].shape
+    B, W = input_ids.shape
+    return cost(R, S, *dims(config)) <= SHARE * cost(B, W, *dims(config))

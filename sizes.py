@@ -100,28 +100,32 @@ def logprob_pass_bytes(m, sequences, tokens, completion_tokens, elem_bytes, lora
             + logprob_chunk_bytes(m, sequences * completion_tokens))
 
 
-def generate_bytes(m, sequences, prompt_tokens, tokens, elem_bytes, lora=True, top_p=1.0, prompts=None):
+def generate_bytes(m, sequences, prompt_tokens, tokens, elem_bytes, lora=True, top_p=1.0, prompts=None, kv_bytes=None):
     """generate() at its peak: during the prefill, its activations and the prompts' part of the KV
     cache; later the whole cache of `tokens` positions (the prefill's tensors are gone by then);
     the sampling logits throughout. prompts: with a shared prefill (cegppo.prompt_cache) the prefill
-    runs over these distinct prompts only, and their cache is held beside the sequences' own."""
+    runs over these distinct prompts only, and their cache is held beside the sequences' own.
+    kv_bytes: the cache's element size where it differs from the residual stream's (under autocast
+    cegppo.CastKVCache keeps the 4-bit policy's float32 keys and values in the compute dtype)."""
+    kv = kv_bytes or elem_bytes
     if prompts:
-        shared = kv_cache_bytes(m, prompts, prompt_tokens, elem_bytes)
+        shared = kv_cache_bytes(m, prompts, prompt_tokens, kv)
         prefill = prefill_bytes(m, prompts, prompt_tokens, elem_bytes, lora) + shared
-        later = kv_cache_bytes(m, sequences, tokens, elem_bytes) + shared
+        later = kv_cache_bytes(m, sequences, tokens, kv) + shared
     else:
         prefill = prefill_bytes(m, sequences, prompt_tokens, elem_bytes, lora) + kv_cache_bytes(
-            m, sequences, prompt_tokens, elem_bytes)
-        later = kv_cache_bytes(m, sequences, tokens, elem_bytes)
+            m, sequences, prompt_tokens, kv)
+        later = kv_cache_bytes(m, sequences, tokens, kv)
     return max(prefill, later) + sampling_logits_bytes(m, sequences, elem_bytes, top_p)
 
 
-def sampling_bytes(m, sequences, prompt_tokens, tokens, elem_bytes, lora=True, micro_batch=0, top_p=1.0, prompts=None):
+def sampling_bytes(m, sequences, prompt_tokens, tokens, elem_bytes, lora=True, micro_batch=0, top_p=1.0, prompts=None,
+                   kv_bytes=None):
     """What sampling holds besides the weights, at its peak: generate() over `sequences` sequences of
     `prompt_tokens` prompt and `tokens` positions in all (generate_bytes); or, when larger, a no-grad
     log-prob pass over `micro_batch` sequences (the dense copy's mismatch metric, computed while the
     copy is held; 0: none). elem_bytes: the residual stream's (float32 in the 4-bit policy, the
     compute dtype in the dense copy); lora: through unmerged LoRA layers (the policy) or not (the copy);
-    prompts: the distinct prompts of a shared prefill (generate_bytes)."""
+    prompts, kv_bytes: the distinct prompts of a shared prefill and the cache's element size (generate_bytes)."""
     logprob = logprob_pass_bytes(m, micro_batch, tokens, tokens - prompt_tokens, elem_bytes, lora) if micro_batch else 0
-    return max(generate_bytes(m, sequences, prompt_tokens, tokens, elem_bytes, lora, top_p, prompts), logprob)
+    return max(generate_bytes(m, sequences, prompt_tokens, tokens, elem_bytes, lora, top_p, prompts, kv_bytes), logprob)

@@ -93,19 +93,25 @@ const sel = document.getElementById("step");
 function fmt(x) { return (Math.abs(x) >= 0.01 || x === 0) ? x.toFixed(3) : x.toExponential(2); }
 function esc(t) { return t.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;"); }
 function shown(t) { return t.replace(/\\n/g, "\\u21b5\\n").replace(/\\t/g, "\\u21e5"); }
+const CISPO = DATA.steps.length > 0 && DATA.steps[0].algo === "cispo";   // no clip regions: a weight cap
 function classes(c, t) {
   const q = c.quadrant[t], r = c.region[t], out = ["tok", q >= 0 ? "q" + q : "none-q"];
   if (r === 1) out.push("low"); if (r === 2) out.push("high"); if (r === 3) out.push("dual");
-  if (r > 0) out.push(c.F[t] > 0 && r < 3 ? "restored" : "dropped");
+  if (r > 0 && !CISPO) out.push(c.F[t] > 0 && r < 3 ? "restored" : "dropped");
   return out.join(" ");
 }
 function legend() {
   let h = "quadrant (colour): ";
   Q.forEach((n, i) => { h += `<span class="key" style="background:${C[i]}">${n}</span>`; });
-  h += ` &nbsp; clip region (shape): <span class="key tok low">low: line under</span>` +
-       `<span class="key tok high">high: line over</span><span class="key tok dual">dual clip</span>` +
-       ` &nbsp; <span class="key tok low dropped">gradient dropped (F = 0)</span>` +
-       `<span class="key tok low restored">gradient restored (F &gt; 0)</span>`;
+  if (CISPO) {
+    h += ` &nbsp; CISPO has no clip region: every token keeps F = min(r, cap); ` +
+         `<span class="key tok high">line over: the cap binds</span>`;
+  } else {
+    h += ` &nbsp; clip region (shape): <span class="key tok low">low: line under</span>` +
+         `<span class="key tok high">high: line over</span><span class="key tok dual">dual clip</span>` +
+         ` &nbsp; <span class="key tok low dropped">gradient dropped (F = 0)</span>` +
+         `<span class="key tok low restored">gradient restored (F &gt; 0)</span>`;
+  }
   document.getElementById("legend").innerHTML = h;
 }
 function counts(step) {
@@ -157,11 +163,14 @@ function detail(e) {
     `pi      ${fmt(Math.exp(c.logp[t]))}   (log ${fmt(c.logp[t])})\\n` +
     `r       ${fmt(c.ratio[t])}\\nA       ${fmt(c.advantage)}\\nH       ${fmt(c.entropy[t])}\\n` +
     `F       ${fmt(c.F[t])}   (gradient weight)\\n` +
-    `${q >= 0 ? Q[q] : "no quadrant (A = 0)"}, ${R[c.region[t]]}`;
+    `${q >= 0 ? Q[q] : "no quadrant (A = 0)"}, ${CISPO ? (c.region[t] ? "the cap binds" : "under the cap") : R[c.region[t]]}`;
+}
+function knobs(s) {
+  if (s.algo === "cispo") return `weight cap 1 + ${s.epsilon_high}`;
+  return `beta1 ${s.beta1}, beta2 ${s.beta2}, eps ${s.epsilon_low} / ${s.epsilon_high}`;
 }
 document.getElementById("about").textContent = DATA.steps.length ?
-  `${DATA.run}: --algo ${DATA.steps[0].algo} (beta1 ${DATA.steps[0].beta1}, beta2 ${DATA.steps[0].beta2}, ` +
-  `eps ${DATA.steps[0].epsilon_low} / ${DATA.steps[0].epsilon_high}); ${DATA.steps.length} logged steps` :
+  `${DATA.run}: --algo ${DATA.steps[0].algo} (${knobs(DATA.steps[0])}); ${DATA.steps.length} logged steps` :
   `${DATA.run}: no logged step yet`;
 DATA.steps.forEach((s, i) => { const o = document.createElement("option"); o.value = String(i);
                                o.textContent = String(s.step); sel.appendChild(o); });

@@ -289,23 +289,9 @@ def collect_groups(model, tok, prompts, sampler_kind, gen_batch, state, cfg, tim
         t0 = time.time()
         # 1. rollout: n prompts, G completions each (a dense copy that fails is given up for the policy)
         round_prompts = sample_prompts(prompts, state, cfg, n)
-        rollout, failure = None, None
-        try:
-            rollout = rollout_step(model, sampler, tok, round_prompts, gen_batch, cfg, times)
-        except (torch.OutOfMemoryError, cegppo.NonFiniteLogits) as e:
-            if sampler is model and isinstance(e, torch.OutOfMemoryError):
-                raise
-            failure = e
-        if failure is not None and sampler is model:    # non-finite through the policy: nothing to fall back to
-            sampled["rounds"] += 1
-            sampled["non_finite_rounds"] += 1
-            tqdm.write(f"warning: step {state.step}: the policy's sampling logits are not finite (an fp16 overflow?); "
-                       "this round's prompts are skipped")
+        rollout, sampler = sample_round(model, sampler, tok, round_prompts, gen_batch, cfg, times, sampled, state.step)
+        if rollout is None:            # non-finite through the policy: these prompts skipped, the round not used up
             continue
-        if failure is not None:        # outside the except: the failed generate()'s frames are gone
-            give_up_dense_copy(failure, sampler, state.step)
-            sampler, sampled["dense_fallback"], failure = model, 1, None
-            rollout = rollout_step(model, sampler, tok, round_prompts, gen_batch, cfg, times)
         gen_batch = rollout["gen_batch_size"]
         # 2. reward
         answers = [a for _, a in round_prompts for _ in range(G)]
@@ -321,10 +307,6 @@ def collect_groups(model, tok, prompts, sampler_kind, gen_batch, state, cfg, tim
     if sampler is not model:
         rollout_copy.release(sampler)                   # its memory goes back before the updates
     del sampler
-    if not sampled["rewards"]:                          # every round non-finite: nothing to train on
-        raise UserError(f"step {state.step}: the policy's sampling logits were not finite in all "
-                        f"{sampled['rounds']} generation rounds (an fp16 overflow?); resume with --dtype bf16 "
-                        "on a GPU that has it, or --dtype fp32")
     sampled.update({k: torch.cat(sampled[k]) for k in ("rewards", "entropy", "lengths", "truncated")},
                    gen_batch_size=gen_batch, sampler_kind="policy" if sampled["dense_fallback"] else sampler_kind)
     kept = {"rollout": merge_groups([(r, g) for r, g, *_ in groups], G, tok.pad_token_id),
@@ -332,6 +314,37 @@ def collect_groups(model, tok, prompts, sampler_kind, gen_batch, state, cfg, tim
             "rewards": torch.cat([r for *_, r, _ in groups]) if groups else torch.zeros(0),
             "advantages": torch.cat([a for *_, a in groups]) if groups else torch.zeros(0)}
     return kept, sampled
+
+
+NON_FINITE_ROUNDS = 3   # non-finite rounds through the policy in one step before the run stops
+
+
+def sample_round(model, sampler, tok, round_prompts, gen_batch, cfg, times, sampled, step):
+    """1. One round's rollout, and the sampler for the next: a dense copy that runs out of memory or
+    gives non-finite probabilities is given up for the policy (said once, sampling/dense_fallback);
+    through the policy non-finite logits (an fp16 overflow) skip the round's prompts (None, counted
+    in sampling/non_finite_rounds; the round is not used up), and NON_FINITE_ROUNDS in one step stop
+    the run with one line, since the overflow is then the model's, not a sample's."""
+    for attempt in range(2):                            # the sampler, then the policy if that was a copy
+        failure = None
+        try:
+            return rollout_step(model, sampler, tok, round_prompts, gen_batch, cfg, times), sampler
+        except (torch.OutOfMemoryError, cegppo.NonFiniteLogits) as e:
+            if sampler is model and isinstance(e, torch.OutOfMemoryError):
+                raise
+            failure = e
+        if sampler is not model:       # outside the except: the failed generate()'s frames are gone
+            give_up_dense_copy(failure, sampler, step)
+            sampler, sampled["dense_fallback"] = model, 1
+            continue
+        break
+    sampled["non_finite_rounds"] += 1
+    if sampled["non_finite_rounds"] >= NON_FINITE_ROUNDS:
+        raise UserError(f"step {step}: the policy's sampling logits were not finite in {NON_FINITE_ROUNDS} rounds "
+                        "(an fp16 overflow); resume with --dtype bf16 on a GPU that has it, or --dtype fp32")
+    tqdm.write(f"warning: step {step}: the policy's sampling logits are not finite (an fp16 overflow?); "
+               "this round's prompts are skipped")
+    return None, sampler
 
 
 def sample_prompts(prompts, state, cfg, n):
@@ -357,7 +370,7 @@ def rollout_step(model, sampler, tok, round_prompts, gen_batch, cfg, times):
     with loading.model_autocast(model):        # the policy's compute dtype on a GPU, also for the copy
         rollout = timed(times, "rollout", cegppo.rollout, sampler, tok, [p for p, _ in round_prompts],
                         cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p, gen_batch,
-                        sampler is model, [ticker], cfg.shared_prefix)
+                        sampler is model, ticker.processors(), cfg.shared_prefix)
     ticker.close()
     return rollout
 
@@ -449,30 +462,33 @@ def old_logprobs(model, rollout, cfg, with_entropy=True):
     old_logp, entropy = torch.zeros(B, T), torch.zeros(B, T)
     for idx in (idx for mini_batch in update_partition(rollout, cfg) for idx in mini_batch):
         with loading.model_autocast(model):            # the same precision path as the updates': ratio 1
-            logp, ent = micro_batch_logprobs(model, micro_batch(rollout, idx), cfg, with_entropy)
+            logp, ent, _ = micro_batch_logprobs(model, micro_batch(rollout, idx), cfg, with_entropy)
         old_logp[idx, :logp.shape[1]] = logp.float().cpu()
         entropy[idx, :logp.shape[1]] = ent.float().cpu()
     return old_logp, entropy
 
 
 def micro_batch_logprobs(model, batch, cfg, with_entropy):
-    """log pi and the entropy of a micro-batch's completion tokens, [b, T] each: with --shared_prefix
-    each group's prompt once (shared_prefix.py: the same numbers, to rounding, for less work) where
-    that removes at least a tenth of the tokens, else the plain definition (cegppo.completion_logprobs).
-    The old log-probs and the updates score the same micro-batches, so they take the same path."""
+    """(log pi, entropy, packed): a micro-batch's completion tokens, [b, T] each, and whether they were
+    packed. With --shared_prefix each group's prompt once (shared_prefix.py: the same numbers, to
+    rounding, for less work) where that costs at most 0.9 of the plain layout, else the plain
+    definition (cegppo.completion_logprobs). The old log-probs and the updates score the same
+    micro-batches, so they take the same path."""
     input_ids, attention_mask, completion_mask, prompt_len = batch
-    if cfg.shared_prefix and shared_prefix.worth_it(input_ids, attention_mask, completion_mask, prompt_len):
-        return shared_prefix.completion_logprobs(model, input_ids, attention_mask, completion_mask, prompt_len,
-                                                 cfg.temperature, with_entropy=with_entropy)
-    if cfg.shared_prefix and not _PLAIN_SAID:
-        _PLAIN_SAID.append(True)
-        tqdm.write("shared prefix: these prompts are too short beside their completions for packing to pay; "
-                   "scored in the plain layout where so")
-    return cegppo.completion_logprobs(model, input_ids, attention_mask, prompt_len, cfg.temperature,
-                                      with_entropy=with_entropy)
+    if cfg.shared_prefix:
+        packed = shared_prefix.pack(input_ids, attention_mask, completion_mask, prompt_len)
+        if shared_prefix.worth_it(packed, input_ids, model.config):
+            return (*shared_prefix.completion_logprobs(model, packed, completion_mask, cfg.temperature,
+                                                       with_entropy=with_entropy), True)
+        if not _PLAIN_SAID.get(cfg.output_dir):
+            _PLAIN_SAID[cfg.output_dir] = True
+            tqdm.write("shared prefix: packing does not pay for some micro-batches (prompts short beside long "
+                       "completions); those are scored in the plain layout (shared_prefix/packed_share)")
+    return (*cegppo.completion_logprobs(model, input_ids, attention_mask, prompt_len, cfg.temperature,
+                                        with_entropy=with_entropy), False)
 
 
-_PLAIN_SAID = []
+_PLAIN_SAID = {}          # said once per run (output folder)
 
 
 def update_partition(rollout, cfg):
@@ -519,7 +535,8 @@ def update_policy(model, optimizer, scaler, params, rollout, old_logp, weights, 
     Returns the per-update losses and grad norms and the token-weighted loss statistics.
     """
     log = {"loss": [], "sft_loss": [], "grad_norm": [], "ratio/max": [], "stat_sums": {}, "stat_tokens": 0,
-           "first_update": {"tokens": 0, "clipped": 0.0, "diff_sum": 0.0, "diff_max": 0.0}, "tokens": {}}
+           "first_update": {"tokens": 0, "clipped": 0.0, "diff_sum": 0.0, "diff_max": 0.0}, "tokens": {},
+           "micro_batches": 0, "packed": 0}
     for it in range(cfg.num_iterations):
         for micro_batches in update_partition(rollout, cfg):      # a mini-batch: whole groups
             # tokens.jsonl: what the last pass's update did to each token of the first token_groups groups
@@ -548,7 +565,8 @@ def accumulate_gradients(model, scaler, rollout, micro_batches, old_logp, weight
         completion_mask = batch[2]
         T = completion_mask.shape[1]
         with loading.model_autocast(model):            # the forward in half precision on a GPU; the loss in fp32
-            logp, _ = micro_batch_logprobs(model, batch, cfg, with_entropy=False)
+            logp, _, packed = micro_batch_logprobs(model, batch, cfg, with_entropy=False)
+        log["micro_batches"], log["packed"] = log["micro_batches"] + 1, log["packed"] + packed
         record = [j for j, row in enumerate(idx.tolist()) if row < record_below]
         loss, stats, *details = cegppo.policy_loss(cfg.algo, logp, old_logp[idx, :T].to(device), advantages[idx].to(device),
                                                    completion_mask, num_tokens=mini_batch_tokens, tokens=bool(record),
@@ -627,6 +645,7 @@ def metrics_row(state, cfg, kept, sampled, old_logp, entropy, update_log, times,
         "sampling/old_logprobs_from_sampler": int(source == "sampler"),
         "sampling/dense_fallback": sampled["dense_fallback"],
         "sampling/non_finite_rounds": sampled["non_finite_rounds"],
+        "shared_prefix/packed_share": upd["packed"] / max(1, upd["micro_batches"]),
         "completions/mean_length": sampled["lengths"].mean().item(),
         "completions/max_length": sampled["lengths"].max().item(),
         "completions/clipped_ratio": sampled["truncated"].float().mean().item(),
@@ -661,7 +680,17 @@ def _mean(xs):
 def evaluate_policy(model, tok, eval_rows, gen_batch, sampler_kind, cfg):
     """6. Greedy accuracy on the fixed held-out subset, generated by what the rollout samples from: the
     dense copy where it is used (built for the evaluation and freed after it), else the policy."""
-    sampler = rollout_copy.dense_copy(model) if sampler_kind == "dense" else model
+    sampler, failure = model, None
+    if sampler_kind == "dense":
+        try:
+            sampler = rollout_copy.dense_copy(model)
+        except torch.OutOfMemoryError as e:
+            failure = e
+    if failure is not None:                             # outside the except: its frames are gone
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()                    # what a half-built copy had allocated
+        tqdm.write("warning: no room for the dense copy to evaluate with: this evaluation generates through "
+                   "the 4-bit policy")
     try:
         res = evaluate(sampler, tok, eval_rows, max_new_tokens=cfg.max_completion_length, batch_size=gen_batch,
                        generation_progress=cfg.progress)

@@ -86,9 +86,12 @@ def test_summaries_table_and_json(tmp_path):
                                                       "trl_peak_mem_reserved_gb": 10.0})
     assert trl[0]["measured"] == "3.00 / 4.00" and trl[0]["reference"] == "ratio 0.75"   # median of steps 2, 3
     assert trl[1]["measured"] == "8.00 / 9.00"
-    shared = gpu_check.summarize_shared_prefix("e", fake_rows(3), [dict(r, **{"time/step_s": 2 * r["time/step_s"]})
-                                                                     for r in fake_rows(3)])
+    shared = gpu_check.summarize_shared_prefix("e", fake_rows(3, **{"shared_prefix/packed_share": 1.0}),
+                                               [dict(r, **{"time/step_s": 2 * r["time/step_s"]}) for r in fake_rows(3)])
     assert shared[0]["measured"] == "3.00 / 6.00" and shared[0]["reference"] == "ratio 0.50"
+    assert shared[-1]["measured"] == 1.0 and shared[-1]["ok"] is True
+    unpacked = gpu_check.summarize_shared_prefix("e", fake_rows(3, **{"shared_prefix/packed_share": 0.0}), fake_rows(3))
+    assert unpacked[-1]["ok"] is False                  # both runs in the plain layout: the check says so
     table = gpu_check.write_results(str(tmp_path), rows + mem + roll, {"a": {"rc": 0}}, {"device": "test"})
     lines = table.splitlines()
     assert lines[0] == "| part | check | measured | reference | ok |" and len(lines) == 2 + len(rows + mem + roll)

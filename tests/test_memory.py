@@ -198,7 +198,12 @@ def test_qwen_shapes_and_total():
     # the updates: a micro-batch of 8 rows is one group of 8 (mini-batches are whole groups), packed
     # as its prompt once and 8 completions instead of 8 x (prompt + completion) positions
     assert est["update: one layer's recompute"] * 8 * 1024 == plain["update: one layer's recompute"] * (512 + 8 * 512)
-    assert memory.update_positions(train.Config(micro_batch_size=6)) == (2 * 512 + 6 * 512, 2, 512 + 6 * 512)   # 2 groups
+    # 6 rows can touch 2 groups: 2 packed rows, each padded to a prompt and 6 completions, hold more
+    # positions than the 6 plain rows: the plain layout (shared_prefix.worth_it's rule, on the padded block)
+    assert memory.update_positions(m, train.Config(micro_batch_size=6)) == (6 * 1024, 0, 0)
+    # 16 completions of 512 behind a prompt of 64: attention over the packed row costs more than it saves
+    assert memory.update_positions(m, train.Config(micro_batch_size=16, num_generations=16, max_prompt_length=64)) == \
+        (16 * (64 + 512), 0, 0)
     assert est["peak = persistent + max(rollout, update)"] == persistent + max(rollout, update) < sum(parts)
     # tied head: the 0.5B's float32 embedding table is vocab x hidden x 4 bytes, counted once
     assert est["embeddings / head, norms, biases (fp32)"] > 151936 * 896 * 4
@@ -329,7 +334,8 @@ def test_estimate_and_choose_use_one_formula(monkeypatch):
     dense = memory.rollout_phase_bytes(m, train.Config(dtype="bf16", rollout_model="dense"))
     policy = memory.rollout_phase_bytes(m, train.Config(dtype="bf16"))
     # the copy: bf16, LoRA kept apart; the policy: float32 stream; both with the prefill shared by 8 prompts
-    assert seen == [((m, 64, 512, 1024, 2), {"lora": True, "micro_batch": 8, "top_p": 1.0, "prompts": 8}),
-                    ((m, 64, 512, 1024, 4), {"lora": True, "micro_batch": 0, "top_p": 1.0, "prompts": 8})]
+    # (the cache in the compute dtype on either: cegppo.CastKVCache under autocast)
+    assert seen == [((m, 64, 512, 1024, 2), {"lora": True, "micro_batch": 8, "top_p": 1.0, "prompts": 8, "kv_bytes": 2}),
+                    ((m, 64, 512, 1024, 4), {"lora": True, "micro_batch": 0, "top_p": 1.0, "prompts": 8, "kv_bytes": 2})]
     assert dense == real(*seen[0][0], **seen[0][1]) + memory.dense_copy_bytes(m, "bf16")
     assert policy == real(*seen[1][0], **seen[1][1])

@@ -229,6 +229,14 @@ def test_evaluation_generates_from_the_dense_copy_where_the_rollout_does(policy,
     on_policy = train.evaluate_policy(model, tok, rows, 8, "policy", cfg)
     assert seen == ["Qwen2ForCausalLM", "PeftModelForCausalLM"]
     assert on_copy == on_policy                        # greedy, float32: the same answers
+    # no room to build the copy for an evaluation: said, and that evaluation generates through the policy
+    def no_room(model, into=None):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    seen.clear()
+    with monkeypatch.context() as m:
+        m.setattr(rollout_copy, "dense_copy", no_room)
+        assert train.evaluate_policy(model, tok, rows, 8, "dense", cfg) == on_policy
+    assert seen == ["PeftModelForCausalLM"]
     # eval.py: the copy where rollout_copy.choose picks it (a GPU with room), the model itself otherwise
     ecfg = eval_script.EvalConfig(max_completion_length=12)
     assert eval_script.generation_model(model, tok, rows, ecfg) is model          # a CPU: the policy

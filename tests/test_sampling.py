@@ -344,12 +344,28 @@ def test_non_finite_logits_through_the_policy_skip_the_round(monkeypatch, tmp_pa
                      "--output_dir", out]) == 0
     r = rows(out)
     assert [x["sampling/non_finite_rounds"] for x in r] == [1, 0]
-    assert r[0]["generation/rounds"] >= 2 and r[0]["updates"] >= 1
+    assert r[0]["generation/rounds"] >= 1 and r[0]["updates"] >= 1            # the skipped round not counted
     said = capsys.readouterr()
     assert "the policy's sampling logits are not finite" in said.out + said.err     # tqdm.write: stdout
-    # every round non-finite: one clear line, not a traceback
+    # one generation round per step (dynamic sampling off): a skipped round is not used up
+    calls.clear()
+    out1 = str(tmp_path / "one-round")
+    assert run_main(["--preset", "tiny", "--max_steps", "1", "--eval_limit", "0", "--rollout_model", "policy",
+                     "--max_generation_rounds", "1", "--output_dir", out1]) == 0
+    r = rows(out1)[0]
+    assert (r["sampling/non_finite_rounds"], r["generation/rounds"]) == (1, 1) and r["updates"] >= 1
+    # the dense copy fails, and so does its retry through the policy: the copy is given up, the round skipped
+    calls.clear()
+    monkeypatch.setattr(cegppo, "rollout", lambda *a, **k: calls.append(1) or (
+        real(*a, **k) if len(calls) > 2 else (_ for _ in ()).throw(cegppo.NonFiniteLogits("x"))))
+    out2 = str(tmp_path / "both")
+    assert run_main(["--preset", "tiny", "--max_steps", "1", "--eval_limit", "0", "--rollout_model", "dense",
+                     "--output_dir", out2]) == 0
+    r = rows(out2)[0]
+    assert (r["sampling/dense_fallback"], r["sampling/non_finite_rounds"]) == (1, 1) and r["updates"] >= 1
+    # every round non-finite: the overflow is the model's; one clear line after three, not a traceback
     monkeypatch.setattr(cegppo, "rollout", lambda *a, **k: (_ for _ in ()).throw(cegppo.NonFiniteLogits("x")))
-    with pytest.raises(loading.UserError, match=r"step 1: the policy's sampling logits were not finite in all 4"):
+    with pytest.raises(loading.UserError, match=r"step 1: the policy's sampling logits were not finite in 3 rounds"):
         run_main(["--preset", "tiny", "--max_steps", "2", "--eval_limit", "0", "--rollout_model", "policy",
                   "--output_dir", str(tmp_path / "always")])
 

@@ -73,8 +73,10 @@ def test_packed_rows_give_the_plain_numbers(size, checkpointing, autocast):
     adv = torch.linspace(-1.5, 1.5, len(idx))
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
     results = {}
+    packed = shared_prefix.pack(ids, amask, cmask, L)
+    assert shared_prefix.worth_it(packed, ids, model.config)              # what train.py would take
     for name, fn in (("plain", lambda **k: cegppo.completion_logprobs(model, ids, amask, L, **k)),
-                     ("packed", lambda **k: shared_prefix.completion_logprobs(model, ids, amask, cmask, L, **k))):
+                     ("packed", lambda **k: shared_prefix.completion_logprobs(model, packed, cmask, **k))):
         with ctx:
             results[name] = numbers(fn, model, cmask, adv)
     (lp, ent, loss, grads), (lp2, ent2, loss2, grads2) = results["plain"], results["packed"]
@@ -102,10 +104,19 @@ def test_packing_layout():
     # the state before each kept token (the prompt's last for the first), its target, its plain place
     assert p["states"].tolist() == [1, 2, 1, 5, 6, 7] and p["targets"].tolist() == [10, 11, 12, 13, 14, 15]
     assert p["rows"].tolist() == [0, 0, 1, 2, 2, 2] and p["cols"].tolist() == [0, 1, 0, 0, 1, 2]
-    # what it saves: 4 + 4 real tokens (padding left out) against 3 x 6 columns
-    assert shared_prefix.worth_it(ids, amask, cmask, 3)
-    one_each = ids[[0, 2]], amask[[0, 2]], cmask[[0, 2]]                    # a group of one: nothing shared
-    assert not shared_prefix.worth_it(*one_each, 3, share=0.5)
+    # what it costs (shared_prefix.cost): per layer, h (2h + 2kv) + 3 h I multiply-adds per position
+    # and 2h per pair of positions; with h 4, I 8, kv 2 (48 + 96 = 144 and 8): the packed block, 2 rows
+    # of 5, 2 * 5 * 144 + 2 * 25 * 8 = 1840, against the plain 3 x 6: 3 * 6 * 144 + 3 * 36 * 8 = 3456
+    config = type("Config", (), dict(hidden_size=4, intermediate_size=8, num_key_value_heads=1, head_dim=2,
+                                     num_attention_heads=2, _attn_implementation="sdpa"))
+    assert shared_prefix.cost(2, 5, *shared_prefix.dims(config)) == 1840
+    assert shared_prefix.cost(3, 6, *shared_prefix.dims(config)) == 3456
+    assert shared_prefix.worth_it(p, ids, config)                           # 1840 <= 0.9 x 3456
+    one = torch.tensor([[5, 6, 10, 11]])                                     # a group of one, no padding:
+    alone = shared_prefix.pack(one, torch.ones_like(one), torch.tensor([[1, 1]]), 2)
+    assert not shared_prefix.worth_it(alone, one, config)                    # the same block: nothing saved
+    config._attn_implementation = "eager"                                    # adds its mask: never packed
+    assert not shared_prefix.worth_it(p, ids, config)
 
 
 @pytest.mark.parametrize("sampler", ["policy", "dense"])
@@ -144,6 +155,8 @@ def test_a_run_gives_the_same_metrics_either_way(tmp_path):
         assert run_main(["--model", "tiny", "--max_steps", "2", "--eval_limit", "0", "--shared_prefix", share,
                          "--output_dir", out]) == 0
         rows[share] = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert all(r["shared_prefix/packed_share"] == 1.0 for r in rows["true"])        # packed, every micro-batch
+    assert all(r["shared_prefix/packed_share"] == 0.0 for r in rows["false"])
     for a, b in zip(rows["true"], rows["false"]):
         assert a["reward"] == b["reward"] and a["num_tokens"] == b["num_tokens"]       # the same samples
         for k in ("loss", "entropy", "approx_kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "grad_norm"):
@@ -158,9 +171,9 @@ def test_too_short_prompts_fall_back_to_the_plain_layout_and_say_so(capsys, monk
     used = []
     monkeypatch.setattr(shared_prefix, "completion_logprobs", lambda *a, **k: used.append("packed"))
     monkeypatch.setattr(shared_prefix, "worth_it", lambda *a, **k: False)
-    monkeypatch.setattr(train, "_PLAIN_SAID", [])
+    monkeypatch.setattr(train, "_PLAIN_SAID", {})
     for _ in range(2):
-        logp, _ = train.micro_batch_logprobs(model, b, cfg, False)
-        assert logp.shape == b[2].shape
+        logp, _, packed = train.micro_batch_logprobs(model, b, cfg, False)
+        assert logp.shape == b[2].shape and not packed
     said = capsys.readouterr()
-    assert not used and (said.out + said.err).count("shared prefix: these prompts are too short") == 1
+    assert not used and (said.out + said.err).count("shared prefix: packing does not pay") == 1
