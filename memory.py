@@ -110,7 +110,8 @@ def lora_numel(m, rank):
 
 def dense_copy_bytes(m, dtype, four_bit=True):
     """The dense rollout copy (rollout_copy.dense_copy; rollout_copy.copy_bytes counts the same from a
-    loaded policy's tensors): every decoder Linear weight merged, in the compute dtype, plus in 4-bit
+    loaded policy's tensors): every decoder Linear weight dequantised, in the compute dtype (LoRA's A
+    and B are the policy's own where the copy keeps them apart), plus in 4-bit
     the embeddings, head, norms and biases, which k-bit preparation made float32 and the copy
     converts (in float32 compute, and without 4-bit, it shares them with the policy)."""
     rest = unquantised_numel(m, True) if four_bit and dtype != "fp32" else 0
@@ -174,7 +175,7 @@ def estimate(m, cfg):
         "embeddings / head, norms, biases (fp32)" if four_bit else f"base weights ({dtype})": rest,
         "LoRA weights (fp32)": 4 * lora,
         "LoRA grads + AdamW moments (fp32)": 3 * 4 * lora,
-        **({f"rollout: dense copy (merged weights, {dtype})": dense_copy_bytes(m, dtype, four_bit)} if dense else {}),
+        **({f"rollout: dense copy (dequantised weights, {dtype})": dense_copy_bytes(m, dtype, four_bit)} if dense else {}),
         "rollout: KV cache": kv_cache_bytes(m, gen_batch, seq, kvb),
         **({"rollout: the prompts' shared cache": kv_cache_bytes(m, prompts, cfg.max_prompt_length, kvb)}
            if prompts else {}),

@@ -87,6 +87,21 @@ def read_rows(run):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def complete_rows(path):
+    """The rows of a .jsonl that may be being written (a run's metrics, its tokens): a last line not yet
+    complete is left out; no file, no rows."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break
+    return rows
+
+
 def pyplot():
     """matplotlib's pyplot, drawing to files only (no window: also on machines with no display).
     Imported here, not at the top: train.py runs without matplotlib (a bare GPU image, docs/gpu.md)."""

@@ -14,9 +14,10 @@ peft computes it), so the copy samples from the policy it copies.
 
 Only the sampling moves to the copy. The old log-probs (train.py step 4) are still computed by
 the 4-bit + LoRA policy, so the first update's ratio is still exactly 1 and the loss unchanged;
-the copy samples from a distribution whose rounding differs slightly (merged weights, another
-summation order), which train.py logs every step as TRL logs its vLLM mismatch:
-sampling/sampling_logp_difference/mean and /max = |log pi_sample - log pi_old| per response token.
+the copy samples from a distribution whose rounding differs slightly (other kernels, another
+summation order; in float32 the merged weights), which train.py logs every step as TRL logs its
+vLLM mismatch, sampling/sampling_logp_difference/mean and /max = |log pi_sample - log pi_old| per
+response token, and corrects for in the loss (cegppo.sampler_correction).
 
     dense_copy(policy, into=None, merge=None)  the copy (or refresh `into`, a copy built before, in place)
     merged_weight(layer)           one Linear's dense weight: dequantised base (+ scaling * B @ A)

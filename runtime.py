@@ -30,6 +30,7 @@ from tqdm import tqdm
 from transformers import LogitsProcessor
 
 from loading import UserError
+from plot import complete_rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,7 +384,7 @@ class SeedProgress:
                      for i, (s, _) in enumerate(runs)} if self.tty else {}
         self.said, self.sizes = {s: -1 for s, _ in runs}, {}
         # where each seed stands (a resumed one partway), for the pace and what is left
-        self.step = {s: len(_tail_rows(os.path.join(out, "metrics.jsonl"))) for s, out in runs}
+        self.step = {s: len(complete_rows(os.path.join(out, "metrics.jsonl"))) for s, out in runs}
         self.begun = dict(self.step)
 
     def left(self):
@@ -401,7 +402,7 @@ class SeedProgress:
         if done is None and self.sizes.get(seed) == size:
             return                                  # nothing new since the last look
         self.sizes[seed] = size
-        rows = _tail_rows(path)
+        rows = complete_rows(path)
         step = self.step[seed] = rows[-1]["step"] if rows else 0
         evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
         text = (f"reward {rows[-1]['reward']:.3f}" if rows else "starting") + \
@@ -421,20 +422,6 @@ class SeedProgress:
     def close(self):
         for bar in self.bars.values():
             bar.close()
-
-
-def _tail_rows(path):
-    """The rows of a metrics.jsonl that is being written: a last line not yet complete is left out."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                break
-    return rows
 
 
 def start_wandb(cfg):

@@ -20,6 +20,8 @@ shown tokens by quadrant and region.
 import json
 import os
 
+from plot import complete_rows
+
 QUADRANT_NAMES = ("PA&HP", "PA&LP", "NA&HP", "NA&LP")   # cegppo.QUADRANTS, as the README names them
 QUADRANT_COLOURS = ("#cfe2f3", "#6fa8dc", "#fde2c4", "#f6a04d")   # blue: A > 0, orange: A < 0; dark: LP
 REGION_NAMES = ("none", "low clip region", "high clip region", "dual clip")   # cegppo.REGIONS
@@ -27,14 +29,7 @@ REGION_NAMES = ("none", "low clip region", "high clip region", "dual clip")   # 
 
 def read_steps(run):
     """The rows of a run's tokens.jsonl, one per logging step (a last line still being written is left out)."""
-    rows = []
-    with open(os.path.join(run, "tokens.jsonl")) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                break
-    return rows
+    return complete_rows(os.path.join(run, "tokens.jsonl"))
 
 
 def write_page(run, output=None):

@@ -91,7 +91,7 @@ class Config:
     temperature: float = _f(1.0, "sampling temperature (the log-probs use the same one)")
     top_p: float = _f(1.0, "nucleus sampling for the rollout (1.0 = the plain softmax, as in the paper)")
     generation_batch_size: int = _f(64, "sequences per generate() call; halves itself on out-of-memory")
-    rollout_model: Literal["auto", "dense", "policy"] = _f("auto", "sample from a dense copy of the policy (4-bit dequantised, LoRA merged; held while sampling) or through its 4-bit + LoRA layers; auto: dense on a GPU where it fits, else policy")
+    rollout_model: Literal["auto", "dense", "policy"] = _f("auto", "sample from a dense copy of the policy (4-bit dequantised; LoRA merged in float32, kept apart in half precision; held while sampling) or through its 4-bit + LoRA layers; auto: dense on a GPU where it fits, else policy")
     old_logprobs: Literal["auto", "sampler", "policy"] = _f("auto", "pi_old of the sampled tokens: the sampler's own log-probs (no extra pass) or a pass through the policy; auto: the sampler's on a CPU in float32, else (any GPU) the policy's")
     sampler_correction: Literal["off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = _f("sequence_mask", "where pi_old is recomputed (--old_logprobs policy, a GPU's default), weight each token's loss by pi_old / pi_sample from the sampler's own log-probs, per token or per response, truncated at the cap or set to 0 above it (TRL's default for its vLLM sampler); exactly 1 where the sampler's numbers are pi_old")
     sampler_correction_cap: float = _f(3.0, "the cap of --sampler_correction (TRL: vllm_importance_sampling_clip_max 3.0)")
@@ -133,8 +133,8 @@ PRESETS = {
                  output_dir="runs/tiny"),
     "lab": dict(model="lab", dataset="lab", lora_r=32, lora_alpha=64, gradient_checkpointing=False,
                 prompts_per_step=8, num_generations=8, max_completion_length=28, max_prompt_length=256,
-                steps_per_generation=8, num_iterations=2, micro_batch_size=32, learning_rate=2e-4, warmup_steps=10,
-                epsilon_low=0.1, epsilon_high=0.1, weight_decay=0.0, max_steps=100, eval_steps=25, eval_limit=140,
+                steps_per_generation=8, num_iterations=2, micro_batch_size=32, learning_rate=5e-5, warmup_steps=10,
+                epsilon_low=0.1, epsilon_high=0.1, weight_decay=0.0, max_steps=200, eval_steps=25, eval_limit=140,
                 save_steps=50, logging_steps=10, output_dir="runs/lab"),
 }
 

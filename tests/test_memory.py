@@ -315,7 +315,7 @@ def test_dense_copy_bytes_are_the_copys(tiny_path, tiny_policy):
     assert rollout_copy.copy_bytes(model) == memory.dense_copy_bytes(shape, "fp16")
     assert rollout_copy.copy_bytes(tiny_policy[0]) == memory.dense_copy_bytes(shape, "fp32")
     est = memory.estimate(memory.QWEN["Qwen2.5-1.5B"], train.Config(dtype="bf16", rollout_model="dense"))
-    assert est["rollout: dense copy (merged weights, bf16)"] / 1e9 == pytest.approx(3.1, abs=0.05)   # the README's
+    assert est["rollout: dense copy (dequantised weights, bf16)"] / 1e9 == pytest.approx(3.1, abs=0.05)   # the README's
 
 
 def test_estimate_and_choose_use_one_formula(monkeypatch):

@@ -10,7 +10,6 @@ log-prob, 3e-2 relative on the gradient.
 """
 import json
 import os
-import signal
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ import loading
 import rollout_copy
 import shared_prefix
 import train
+from test_sampling import run_main
 
 
 def policy(size, gradient_checkpointing, seed=1):
@@ -138,14 +138,6 @@ def test_a_shared_prefill_samples_the_same_completions(sampler):
     with torch.no_grad():
         kv = cegppo.prompt_cache(gen, enc["input_ids"], enc["attention_mask"])
     assert len(kv) == 2 and kv[0][0].shape[0] == 3 and kv[0][0].shape[2] == enc["input_ids"].shape[1] - 1
-
-
-def run_main(args):
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        return train.main(args)
-    finally:
-        signal.signal(signal.SIGINT, handler)
 
 
 def test_a_run_gives_the_same_metrics_either_way(tmp_path):
