@@ -245,16 +245,16 @@ def test_train_and_eval_forwards_run_under_autocast(tmp_path, monkeypatch):
     import signal
     import eval as eval_script
     seen = {"grad": [], "no_grad": [], "rollout": []}
-    real_lp, real_rollout = cegppo.completion_logprobs, cegppo.rollout
+    real_lp, real_rollout = train.micro_batch_logprobs, cegppo.rollout
 
-    def spy_lp(*a, **k):
+    def spy_lp(*a, **k):     # every log-prob pass of the loop, packed (shared prefix) or plain
         seen["grad" if torch.is_grad_enabled() else "no_grad"].append(torch.is_autocast_enabled("cpu"))
         return real_lp(*a, **k)
 
     def spy_rollout(*a, **k):
         seen["rollout"].append(torch.is_autocast_enabled("cpu"))
         return real_rollout(*a, **k)
-    monkeypatch.setattr(cegppo, "completion_logprobs", spy_lp)
+    monkeypatch.setattr(train, "micro_batch_logprobs", spy_lp)
     monkeypatch.setattr(loading, "autocast", lambda device_type, dtype: torch.autocast("cpu", dtype=torch.bfloat16))
     handler = signal.getsignal(signal.SIGINT)
     try:
@@ -295,7 +295,8 @@ def test_first_ratio_is_one_for_the_lab_presets_batch_shapes_under_bf16(monkeypa
     assert [len(idx) for mb in partition for idx in mb] == [8] * 8
     for mini_batch in partition:
         for idx in mini_batch:
-            ids, amask, c, p = train.micro_batch(ro, idx)
-            with loading.model_autocast(model):
-                lp, _ = cegppo.completion_logprobs(model, ids, amask, p, cfg.temperature, with_entropy=False)
+            batch = train.micro_batch(ro, idx)
+            c = batch[2]
+            with loading.model_autocast(model):     # the updates' own pass (packed or plain, as they take it)
+                lp, _, _ = train.micro_batch_logprobs(model, batch, cfg, with_entropy=False)
             assert torch.equal(lp.detach() * c, old[idx, :c.shape[1]] * c)     # ratio 1, bit for bit

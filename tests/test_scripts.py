@@ -332,16 +332,15 @@ def test_zero_advantage_groups_get_no_forward_or_backward_with_grad(tmp_path, mo
     # Spy on the log-prob pass (the real one runs): every pass with grad on is a training pass,
     # and it must see exactly the responses of the groups whose rewards differ.
     import torch
-    import cegppo
     import train
-    real, trained = cegppo.completion_logprobs, []
+    real, trained = train.micro_batch_logprobs, []
 
-    def spy(model, input_ids, *a, **k):
+    def spy(model, batch, *a, **k):          # every log-prob pass, packed (shared prefix) or plain
         if torch.is_grad_enabled():
-            trained.append(input_ids.shape[0])
-        return real(model, input_ids, *a, **k)
+            trained.append(batch[0].shape[0])
+        return real(model, batch, *a, **k)
 
-    monkeypatch.setattr(cegppo, "completion_logprobs", spy)
+    monkeypatch.setattr(train, "micro_batch_logprobs", spy)
     handler = signal.getsignal(signal.SIGINT)
     try:
         out = str(tmp_path / "z")
