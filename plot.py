@@ -54,15 +54,17 @@ def group_by_setting(run_dirs, ignore=NOT_A_SETTING):
     for r, c in configs.items():
         key = json.dumps({k: v for k, v in c.items() if k not in ignore}, sort_keys=True) if c else r
         groups.setdefault(key, []).append(r)
-    # label each group by the flags whose values differ between groups (all of the loss knobs if none do)
+    # label each group by the flags whose values differ between groups (all of the loss knobs if none
+    # do); a knob a setting does not have (None: CISPO's betas) neither makes a flag differ nor is shown
     firsts = [configs[g[0]] for g in groups.values()]
-    varying = [k for k in firsts[0] if k not in ignore and len({json.dumps(c.get(k)) for c in firsts}) > 1]
+    varying = [k for k in firsts[0] if k not in ignore
+               and len({json.dumps(c.get(k)) for c in firsts if c.get(k) is not None}) > 1]
     shown = varying or ["algo", "beta1", "beta2"]
     out = []
     for runs in groups.values():
         c = configs[runs[0]]
-        label = " ".join(f"{k}={c[k]:g}" if isinstance(c.get(k), float) else f"{k}={c.get(k)}" for k in shown) \
-            if c else os.path.basename(os.path.normpath(runs[0]))
+        label = " ".join(f"{k}={c[k]:g}" if isinstance(c.get(k), float) else f"{k}={c.get(k)}" for k in shown
+                         if c.get(k) is not None) if c else os.path.basename(os.path.normpath(runs[0]))
         out.append((label + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""), runs))
     return out
 
@@ -362,16 +364,20 @@ def step_size_map(run_dirs, output, baseline="algo=grpo"):
         for i, label in enumerate(labels):
             mine = [(median([b["kl_median"] for b in base]), lr, paired_difference(runs, base, key))
                     for lb, lr, runs, base in points if lb == label]
+            shift = 1.05 ** (i - (len(labels) - 1) / 2)      # settings side by side at one step size, not on top
+            mine = [(x * shift, lr, d) for x, lr, d in mine]
             xs, ms, ses = [x for x, _, _ in mine], [d[0] for _, _, d in mine], [d[1] for _, _, d in mine]
             ax.errorbar(xs, ms, yerr=[2 * e if e == e else 0 for e in ses], fmt="o-" if len(xs) > 1 else "o",
                         color=f"C{i}", lw=2, capsize=4, label=label)
             for x, lr, d in mine:
                 ax.plot([x], [d[0]], "o", ms=9, color=f"C{i}", mfc=f"C{i}" if beyond(d[0], d[1]) else "white")
                 if i == 0:
-                    ax.annotate(f"lr {lr:g}", (x, 0), textcoords="offset points", xytext=(0, 6), ha="center",
+                    ax.annotate(f"lr {lr:g}", (x / shift, 0.02), xycoords=("data", "axes fraction"), ha="center",
                                 fontsize=9, color="gray")
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xscale("log")
+        ax.margins(x=0.12)
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set(title=f"{title}: minus {baseline}", xlabel=f"step size: {baseline}'s median KL(pi_old || pi) per step")
         ax.grid(alpha=0.3)
     handles, names = axes[0].get_legend_handles_labels()

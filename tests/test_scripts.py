@@ -296,6 +296,14 @@ def test_seeds_of_one_setting_become_one_band(tmp_path):
     groups = plot.group_by_setting(runs)
     # runs that differ only by seed are one setting, labelled by what differs between settings
     assert groups == [("beta1=0 (2 seeds)", runs[:2]), ("beta1=1 (2 seeds)", runs[2:])]
+    # a knob a setting does not have (None, as CISPO's betas) neither makes a flag differ nor is shown:
+    # beside settings that differ in beta1 only, a CISPO run is labelled by what it has that differs
+    cispo = str(tmp_path / "cispo")
+    fake_run(cispo, 1, None, [1.0, 0.9, 0.8])
+    config = json.load(open(os.path.join(cispo, "config.json")))
+    json.dump({**config, "algo": "cispo", "beta2": None}, open(os.path.join(cispo, "config.json"), "w"))
+    assert [label for label, _ in plot.group_by_setting(runs + [cispo])] == [
+        "algo=cegppo beta1=0 (2 seeds)", "algo=cegppo beta1=1 (2 seeds)", "algo=cispo"]
     curves = [{r["step"]: r["entropy"] for r in plot.read_rows(run)} for run in runs[:2]]
     steps, mean, low, high = plot.seed_band(curves)
     assert steps == [1, 2, 3] and mean == pytest.approx([1.0, 0.7, 0.4])
