@@ -104,6 +104,11 @@ def complete_rows(path):
     return rows
 
 
+def token_steps(run):
+    """The rows of a run's tokens.jsonl, one per logging step (a last line still being written is left out)."""
+    return complete_rows(os.path.join(run, "tokens.jsonl"))
+
+
 def pyplot():
     """matplotlib's pyplot, drawing to files only (no window: also on machines with no display).
     Imported here, not at the top: train.py runs without matplotlib (a bare GPU image, docs/gpu.md)."""
@@ -439,7 +444,7 @@ def main(argv=None):
                   file=sys.stderr)
             return 2
         import token_page
-        print(f"wrote {token_page.write_page(args.tokens)}")
+        print(f"wrote {token_page.write_page(args.tokens, token_steps(args.tokens))}")
         return 0
     if not args.runs:
         print("error: give at least one train.py output folder (or --gradient_weight PNG)", file=sys.stderr)

@@ -20,22 +20,16 @@ shown tokens by quadrant and region.
 import json
 import os
 
-from plot import complete_rows
-
 QUADRANT_NAMES = ("PA&HP", "PA&LP", "NA&HP", "NA&LP")   # cegppo.QUADRANTS, as the README names them
 QUADRANT_COLOURS = ("#cfe2f3", "#6fa8dc", "#fde2c4", "#f6a04d")   # blue: A > 0, orange: A < 0; dark: LP
 REGION_NAMES = ("none", "low clip region", "high clip region", "dual clip")   # cegppo.REGIONS
 
 
-def read_steps(run):
-    """The rows of a run's tokens.jsonl, one per logging step (a last line still being written is left out)."""
-    return complete_rows(os.path.join(run, "tokens.jsonl"))
-
-
-def write_page(run, output=None):
-    """run/tokens.html (or `output`) from run/tokens.jsonl; written through a temp file and a rename."""
+def write_page(run, steps, output=None):
+    """run/tokens.html (or `output`) from `steps`, the rows of run/tokens.jsonl (plot.token_steps);
+    written through a temp file and a rename."""
     output = output or os.path.join(run, "tokens.html")
-    data = json.dumps({"run": os.path.basename(os.path.normpath(run)), "steps": read_steps(run),
+    data = json.dumps({"run": os.path.basename(os.path.normpath(run)), "steps": steps,
                        "quadrants": QUADRANT_NAMES, "colours": QUADRANT_COLOURS, "regions": REGION_NAMES})
     page = PAGE.replace("/*DATA*/null", data.replace("</", "<\\/"))       # no "</script>" inside the data
     tmp = output + ".tmp"

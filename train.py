@@ -753,7 +753,7 @@ def log_step(out, row, sampled, cfg, wandb_run, bar, tokens=None):
     if tokens:
         with open(os.path.join(out, "tokens.jsonl"), "a") as f:
             f.write(json.dumps({"step": row["step"], **tokens}) + "\n")
-        token_page.write_page(out)
+        token_page.write_page(out, plot.token_steps(out))
 
 
 def logged(step, cfg):

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+import plot
 import token_page
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +30,7 @@ def run(tmp_path_factory):
 
 
 def steps(run):
-    return token_page.read_steps(run)
+    return plot.token_steps(run)
 
 
 def metrics(run):
