@@ -27,8 +27,12 @@ from typing import Literal, get_args, get_origin
 # Before bitsandbytes is imported (peft and transformers import it): on CPUs with AVX512-BF16 it
 # looks for an optional inference kernel package ("kernels") and logs a warning that reads like a
 # broken install when it is absent. That kernel serves only the inference layout that
-# cpu_safe_4bit switches off, so the message gives the user nothing to act on.
+# cpu_safe_4bit switches off, so the message gives the user nothing to act on. Since transformers
+# 5.25 installs "kernels", the lookup goes to the Hub instead, and offline (the tests, a classroom
+# without network) that package logs a skipped "publisher trust check" for the same kernel: as
+# little to act on, and the lookup then fails back to bitsandbytes' own CPU code, as without it.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+logging.getLogger("kernels").setLevel(logging.ERROR)
 # peft 0.21 asks transformers 5 for `is_gradient_checkpointing`, a deprecated alias of
 # `is_activation_checkpointing` with the same value: the warning is about peft's spelling, not ours.
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
