@@ -28,6 +28,16 @@ def run_main(args):
         signal.signal(signal.SIGINT, handler)
 
 
+def runs_differing_in(tmp_path, flag, values, *args):
+    """Two-step runs alike but for one flag: {value: that run's metrics rows}."""
+    got = {}
+    for value in values:
+        out = str(tmp_path / value)
+        assert run_main([*args, "--max_steps", "2", "--eval_limit", "0", flag, value, "--output_dir", out]) == 0
+        got[value] = rows(out)
+    return got
+
+
 # ----------------------------------------------------------------------------------------------
 # The sampler's own log-probs
 # ----------------------------------------------------------------------------------------------
@@ -122,12 +132,7 @@ def test_auto_picks_the_sampler_where_it_computes_in_float32(monkeypatch):
 
 
 def test_sampler_and_policy_old_logprobs_give_the_same_step(tmp_path):
-    got = {}
-    for source in ("sampler", "policy"):
-        out = str(tmp_path / source)
-        assert run_main(["--preset", "tiny", "--max_steps", "2", "--eval_limit", "0", "--old_logprobs", source,
-                         "--output_dir", out]) == 0
-        got[source] = rows(out)
+    got = runs_differing_in(tmp_path, "--old_logprobs", ("sampler", "policy"), "--preset", "tiny")
     for a, b in zip(got["sampler"], got["policy"]):
         assert a["reward"] == b["reward"] and a["num_tokens"] == b["num_tokens"]     # the same rollouts
         assert a["sampling/old_logprobs_from_sampler"] == 1 and b["sampling/old_logprobs_from_sampler"] == 0

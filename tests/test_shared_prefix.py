@@ -8,8 +8,6 @@ times that. Under bf16 autocast each matmul rounds to bf16 (2^-9 relative) in wh
 runs, so the layouts differ by bf16 rounding, the bound of tests/test_precision.py: 2e-2 on a
 log-prob, 3e-2 relative on the gradient.
 """
-import json
-import os
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ import loading
 import rollout_copy
 import shared_prefix
 import train
-from test_sampling import run_main
+from test_sampling import runs_differing_in
 
 
 def policy(size, gradient_checkpointing, seed=1):
@@ -141,12 +139,7 @@ def test_a_shared_prefill_samples_the_same_completions(sampler):
 
 
 def test_a_run_gives_the_same_metrics_either_way(tmp_path):
-    rows = {}
-    for share in ("true", "false"):
-        out = str(tmp_path / share)
-        assert run_main(["--model", "tiny", "--max_steps", "2", "--eval_limit", "0", "--shared_prefix", share,
-                         "--output_dir", out]) == 0
-        rows[share] = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    rows = runs_differing_in(tmp_path, "--shared_prefix", ("true", "false"), "--model", "tiny")
     assert all(r["shared_prefix/packed_share"] == 1.0 for r in rows["true"])        # packed, every micro-batch
     assert all(r["shared_prefix/packed_share"] == 0.0 for r in rows["false"])
     for a, b in zip(rows["true"], rows["false"]):
