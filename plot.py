@@ -392,9 +392,17 @@ def step_size_map(run_dirs, output, baseline="algo=grpo"):
     save(fig, output)
 
 
+def verdict_of(diffs):
+    """ahead / behind / level from paired differences [(mean, se, ...)]: ahead where one is beyond two
+    standard errors above 0 and none below, behind the other way, mixed where both, else level."""
+    signs = {m > 0 for m, se, *_ in diffs if beyond(m, se)}
+    return {frozenset(): "level", frozenset({True}): "ahead", frozenset({False}): "behind"}.get(frozenset(signs), "mixed")
+
+
 def map_table(run_dirs, baseline="algo=grpo"):
     """Markdown: one row per setting and learning rate, with its difference from the baseline at the
-    same learning rate (paired by seed) and the verdict on held-out accuracy at the end."""
+    same learning rate (paired by seed) and the verdict on held-out accuracy (at the end and its area
+    under the curve, verdict_of)."""
     stats = (("heldout_end", ".3f"), ("heldout_auc", ".3f"), ("entropy_last20", ".4f"), ("clip_low", ".4f"),
              ("clip_high", ".4f"), ("kl_median", ".1e"), ("kl_max", ".1e"))
     out = ["| setting | lr | steps | seeds | collapsed | held-out, end | held-out, AUC | entropy, last 20% | clip low "
@@ -409,7 +417,7 @@ def map_table(run_dirs, baseline="algo=grpo"):
         else:
             ds = [paired_difference(runs, base, k, d) for k, _, d in MAP_STATS]
             diffs = [x[3] for x in ds]
-            verdict = "level" if not beyond(ds[0][0], ds[0][1]) else "ahead" if ds[0][0] > 0 else "behind"
+            verdict = verdict_of(ds[:2])
         down = sum(r["collapse_step"] is not None for r in runs)
         out.append(f"| {label} | {lr:g} | {max(r['steps'] for r in runs)} | {len(runs)} | {down} of {len(runs)} | "
                    + " | ".join(cells + diffs) + f" | {verdict} |")

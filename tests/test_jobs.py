@@ -136,7 +136,18 @@ def test_step_size_map_from_run_folders(one_after_another, two_at_a_time, tmp_pa
         base = [plot.run_summary(runs[("grpo", lr)].format(s))["heldout_end"] for s in (1, 2)]
         m, se = plot.mean_se([a - b for a, b in zip(mine, base)])
         assert cells[12] == f"{m:+.3f} ± {se:.3f}" + (" *" if abs(m) > 2 * se else "")
-        assert cells[-1] == ("level" if not abs(m) > 2 * se else "ahead" if m > 0 else "behind")
+        mine = [plot.run_summary(runs[(algo, lr)].format(s))["heldout_auc"] for s in (1, 2)]
+        base = [plot.run_summary(runs[("grpo", lr)].format(s))["heldout_auc"] for s in (1, 2)]
+        m_auc, se_auc = plot.mean_se([a - b for a, b in zip(mine, base)])
+        # the verdict: held-out at the end or its area beyond two standard errors, by sign
+        signs = {d > 0 for d, e in ((m, se), (m_auc, se_auc)) if abs(d) > 2 * e}
+        assert cells[-1] == {0: "level", 2: "mixed"}.get(len(signs)) or ("ahead" if True in signs else "behind")
+    # the verdict's rule on hand-made differences (mean, standard error)
+    assert plot.verdict_of([(0.01, 0.02), (-0.001, 0.004)]) == "level"
+    assert plot.verdict_of([(-0.066, 0.036), (-0.058, 0.013)]) == "behind"     # the AUC alone is beyond
+    assert plot.verdict_of([(0.05, 0.01), (0.001, 0.01)]) == "ahead"
+    assert plot.verdict_of([(0.05, 0.01), (-0.05, 0.01)]) == "mixed"
+    assert plot.verdict_of([(0.05, float("nan"))]) == "level"                  # one seed: never beyond
     p = subprocess.run([sys.executable, "plot.py", *dirs, "--map", png, "--baseline", "algo=nope"], cwd=ROOT,
                        capture_output=True, text=True)
     assert p.returncode == 2 and "no setting's label starts with it" in p.stderr
