@@ -396,7 +396,9 @@ def verdict_of(diffs):
     """ahead / behind / level from paired differences [(mean, se, ...)]: ahead where one is beyond two
     standard errors above 0 and none below, behind the other way, mixed where both, else level."""
     signs = {m > 0 for m, se, *_ in diffs if beyond(m, se)}
-    return {frozenset(): "level", frozenset({True}): "ahead", frozenset({False}): "behind"}.get(frozenset(signs), "mixed")
+    if len(signs) == 2:
+        return "mixed"
+    return "ahead" if True in signs else "behind" if False in signs else "level"
 
 
 def map_table(run_dirs, baseline="algo=grpo"):

@@ -131,17 +131,18 @@ def test_step_size_map_from_run_folders(one_after_another, two_at_a_time, tmp_pa
         if algo == "grpo":
             assert cells[-1] == "(baseline)"
             continue
-        # the difference column is the per-seed difference of the two settings' held-out accuracy, by hand
-        mine = [plot.run_summary(runs[(algo, lr)].format(s))["heldout_end"] for s in (1, 2)]
-        base = [plot.run_summary(runs[("grpo", lr)].format(s))["heldout_end"] for s in (1, 2)]
-        m, se = plot.mean_se([a - b for a, b in zip(mine, base)])
+        # the difference columns are the per-seed differences of the two settings' held-out accuracy, by hand
+        diffs = {}
+        for key in ("heldout_end", "heldout_auc"):
+            mine = [plot.run_summary(runs[(algo, lr)].format(s))[key] for s in (1, 2)]
+            base = [plot.run_summary(runs[("grpo", lr)].format(s))[key] for s in (1, 2)]
+            diffs[key] = plot.mean_se([a - b for a, b in zip(mine, base)])
+        m, se = diffs["heldout_end"]
         assert cells[12] == f"{m:+.3f} ± {se:.3f}" + (" *" if abs(m) > 2 * se else "")
-        mine = [plot.run_summary(runs[(algo, lr)].format(s))["heldout_auc"] for s in (1, 2)]
-        base = [plot.run_summary(runs[("grpo", lr)].format(s))["heldout_auc"] for s in (1, 2)]
-        m_auc, se_auc = plot.mean_se([a - b for a, b in zip(mine, base)])
         # the verdict: held-out at the end or its area beyond two standard errors, by sign
-        signs = {d > 0 for d, e in ((m, se), (m_auc, se_auc)) if abs(d) > 2 * e}
-        assert cells[-1] == {0: "level", 2: "mixed"}.get(len(signs)) or ("ahead" if True in signs else "behind")
+        signs = {d > 0 for d, e in diffs.values() if abs(d) > 2 * e}
+        assert cells[-1] == ("mixed" if len(signs) == 2 else "ahead" if True in signs
+                             else "behind" if False in signs else "level")
     # the verdict's rule on hand-made differences (mean, standard error)
     assert plot.verdict_of([(0.01, 0.02), (-0.001, 0.004)]) == "level"
     assert plot.verdict_of([(-0.066, 0.036), (-0.058, 0.013)]) == "behind"     # the AUC alone is beyond
