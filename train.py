@@ -276,13 +276,15 @@ def collect_groups(model, tok, prompts, sampler_kind, gen_batch, state, cfg, tim
     sampled = {"rewards": [], "entropy": [], "lengths": [], "truncated": [], "prompts": [], "texts": [],
                "rounds": 0, "all_wrong": 0, "all_right": 0, "surplus": 0, "thrown_away_s": 0.0, "dense_fallback": 0,
                "non_finite_rounds": 0}
-    sampler = model
+    sampler, failure = model, None
     if sampler_kind == "dense":
         try:
             sampler = timed(times, "rollout_copy", rollout_copy.dense_copy, model)
         except torch.OutOfMemoryError as e:
-            give_up_dense_copy(e, None, state.step)
-            sampled["dense_fallback"] = 1
+            failure = without_frames(e)
+    if failure is not None:                              # outside the except: the half-built copy is gone
+        give_up_dense_copy(failure, None, state.step)
+        sampled["dense_fallback"] = 1
     while len(groups) < P and sampled["rounds"] < cfg.max_generation_rounds:
         signal_rate = len(groups) / max(1, len(sampled["prompts"]))
         n = P if not sampled["rounds"] else min(P, math.ceil((P - len(groups)) / max(signal_rate, 1 / P)))
@@ -332,7 +334,7 @@ def sample_round(model, sampler, tok, round_prompts, gen_batch, cfg, times, samp
         except (torch.OutOfMemoryError, cegppo.NonFiniteLogits) as e:
             if sampler is model and isinstance(e, torch.OutOfMemoryError):
                 raise
-            failure = e
+            failure = without_frames(e)
         if sampler is not model:       # outside the except: the failed generate()'s frames are gone
             give_up_dense_copy(failure, sampler, step)
             sampler, sampled["dense_fallback"] = model, 1
@@ -373,6 +375,13 @@ def rollout_step(model, sampler, tok, round_prompts, gen_batch, cfg, times):
                         sampler is model, ticker.processors(), cfg.shared_prefix)
     ticker.close()
     return rollout
+
+
+def without_frames(error):
+    """The exception without its traceback. A traceback holds the frames of the call that failed, and
+    with them every tensor that call had allocated (a half-built copy, a generate()'s cache): kept
+    beside the fallback, they would stay allocated while it runs, and empty_cache() could not return them."""
+    return error.with_traceback(None)
 
 
 def give_up_dense_copy(error, copy, step):
@@ -685,7 +694,7 @@ def evaluate_policy(model, tok, eval_rows, gen_batch, sampler_kind, cfg):
         try:
             sampler = rollout_copy.dense_copy(model)
         except torch.OutOfMemoryError as e:
-            failure = e
+            failure = without_frames(e)
     if failure is not None:                             # outside the except: its frames are gone
         if torch.cuda.is_available():
             torch.cuda.empty_cache()                    # what a half-built copy had allocated

@@ -1,7 +1,9 @@
 """rollout_copy.py: the dense (dequantised, LoRA-merged) copy of the policy that train.py samples from."""
+import gc
 import hashlib
 import json
 import os
+import weakref
 
 import bitsandbytes as bnb
 import pytest
@@ -182,6 +184,7 @@ def test_the_bf16_copy_keeps_a_small_adapter_that_merging_rounds_away():
     """In bf16, W + s B A rounds back to W wherever the adapter's change is below half a bf16 step of
     W: a merged copy samples from (almost) the base model early in a run. The half-precision copy keeps
     the adapters apart (LoRALinear, as peft computes them) and so computes what the policy computes."""
+    torch.manual_seed(0)                           # LoRA A's init: the same layers whatever ran before
     model, _ = loading.load_model(lab.warm_start_path("tiny"), four_bit=True, lora_rank=8, trainable=True,
                                   dtype="bf16")
     assert loading.model_compute_dtype(model) == torch.bfloat16
@@ -190,7 +193,7 @@ def test_the_bf16_copy_keeps_a_small_adapter_that_merging_rounds_away():
         if "lora_B" in n:
             q.data = torch.randn(q.shape, generator=g) * 1e-5
     kept, merged = rollout_copy.dense_copy(model), rollout_copy.dense_copy(model, merge=True)
-    errors = []
+    errors, changes = [], []
     for name, dmod, pmod in rollout_copy._pairs(kept, rollout_copy.base_model(model)):
         if not rollout_copy._lora_adapters(pmod):
             continue
@@ -202,14 +205,16 @@ def test_the_bf16_copy_keeps_a_small_adapter_that_merging_rounds_away():
             got = dmod(x).float()
             rounded = merged.get_submodule(name)(x).float()
         assert torch.equal(got, want), name                  # bit for bit: the same operations
-        change = (want - base).abs().sum()
-        assert change > 0
-        errors.append((rounded - want).abs().sum().item() / change.item())     # the merged copy's error
+        changes.append((want - base).abs().sum().item())         # what the adapter changes
+        errors.append((rounded - want).abs().sum().item())       # the merged copy's error
     assert len(errors) == 2 * 7                                # 2 layers x q, k, v, o, gate, up, down
-    # merged in bf16, every layer's error (rounding W + s B A to bf16: changes below half a step errors,
-    # others moved by up to half a step) is larger than the whole of the adapter's change (measured:
-    # 2.6 to 35 times it)
-    assert min(errors) > 1, errors
+    # merged in bf16 (W + s B A rounded to bf16: changes below half a step lost, others moved by up to
+    # half a step), the copy's error is several times the whole of the adapter's change: in total and
+    # in the median layer (measured with LoRA inits of seeds 0-4: 5.1 to 7.7 times in total, the median
+    # layer 4.2 to 9.5 times; a single layer can come out exact by chance)
+    assert sum(changes) > 0
+    assert sum(errors) > 3 * sum(changes), (errors, changes)
+    assert sorted(e / max(c, 1e-30) for e, c in zip(errors, changes))[len(errors) // 2] > 2
     # in float32 the copy merges (exact to float32 rounding, and one matmul per layer)
     fp32, _ = loading.load_model(lab.warm_start_path("tiny"), four_bit=True, lora_rank=8, trainable=True)
     assert not any(isinstance(m, rollout_copy.LoRALinear) for m in rollout_copy.dense_copy(fp32).modules())
@@ -230,13 +235,24 @@ def test_evaluation_generates_from_the_dense_copy_where_the_rollout_does(policy,
     assert seen == ["Qwen2ForCausalLM", "PeftModelForCausalLM"]
     assert on_copy == on_policy                        # greedy, float32: the same answers
     # no room to build the copy for an evaluation: said, and that evaluation generates through the policy
+    # (and what the half-built copy had allocated is freed before the evaluation runs, not held by the
+    # exception's traceback)
+    held = []
+
     def no_room(model, into=None):
+        half_built = torch.empty(1000)
+        held.append(weakref.ref(half_built))
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    def evaluate(m, *a, **k):
+        gc.collect()
+        seen.append((type(m).__name__, held[0]() is None))
+        return real(m, *a, **k)
     seen.clear()
     with monkeypatch.context() as m:
         m.setattr(rollout_copy, "dense_copy", no_room)
+        m.setattr(train, "evaluate", evaluate)
         assert train.evaluate_policy(model, tok, rows, 8, "dense", cfg) == on_policy
-    assert seen == ["PeftModelForCausalLM"]
+    assert seen == [("PeftModelForCausalLM", True)]
     # eval.py: the copy where rollout_copy.choose picks it (a GPU with room), the model itself otherwise
     ecfg = eval_script.EvalConfig(max_completion_length=12)
     assert eval_script.generation_model(model, tok, rows, ecfg) is model          # a CPU: the policy

@@ -1,9 +1,11 @@
 """The step's sampling: the sampler's own log-probs (--old_logprobs), dynamic sampling
 (--max_generation_rounds), the dense copy's fallback, and a collapsed run's stop."""
+import gc
 import json
 import os
 import random
 import signal
+import weakref
 import zlib
 
 import pytest
@@ -252,22 +254,35 @@ def test_resume_is_exact_after_a_kill_inside_a_filled_step(monkeypatch, tmp_path
 # ----------------------------------------------------------------------------------------------
 # The dense copy's fallback, and a collapsed run
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("failure", ["oom", "non-finite"])
+@pytest.mark.parametrize("failure", ["oom", "non-finite", "oom-building"])
 def test_dense_copy_failure_falls_back_to_the_policy(monkeypatch, tmp_path, failure):
-    real_copy = rollout_copy.dense_copy
+    real_copy, real_give_up = rollout_copy.dense_copy, train.give_up_dense_copy
+    held, alive_when_given_up = [], []        # a tensor the failed call allocated; alive when the copy is given up?
 
     def failing_copy(model, into=None):
+        if failure == "oom-building":
+            half_built = torch.empty(1000)                   # what a half-built copy had allocated
+            held.append(weakref.ref(half_built))
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         dense = real_copy(model, into)
         if failure == "non-finite":
             with torch.no_grad():       # a merged weight: the copy's own tensor (the head is shared)
                 dense.model.layers[0].self_attn.q_proj.weight[0].fill_(float("inf"))
         else:
             def oom(**kw):
+                cache = torch.empty(1000)                    # what the failed generate() had allocated
+                held.append(weakref.ref(cache))
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
             dense.generate = oom
         return dense
 
+    def giving_up(error, copy, step):
+        gc.collect()
+        alive_when_given_up.append(any(ref() is not None for ref in held))
+        return real_give_up(error, copy, step)
+
     monkeypatch.setattr(rollout_copy, "dense_copy", failing_copy)
+    monkeypatch.setattr(train, "give_up_dense_copy", giving_up)
     out = str(tmp_path / failure)
     assert run_main(["--preset", "tiny", "--max_steps", "2", "--eval_limit", "0", "--rollout_model", "dense",
                      "--output_dir", out]) == 0
@@ -275,6 +290,9 @@ def test_dense_copy_failure_falls_back_to_the_policy(monkeypatch, tmp_path, fail
     assert [x["sampling/dense_fallback"] for x in r] == [1, 0]       # once; step 2 samples through the policy
     assert "time/rollout_copy_s" not in r[1]
     assert all(x["updates"] >= 1 for x in r)
+    # what the failed call had allocated is freed before the copy is given up (and the GPU's cache
+    # emptied), not held by the exception's traceback through the fallback
+    assert alive_when_given_up == [False]
 
 
 def test_a_collapsed_run_says_so_saves_and_stops(monkeypatch, tmp_path, capsys):
