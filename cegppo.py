@@ -486,28 +486,34 @@ def prompt_cache(model, prompt_ids, prompt_mask):
 
 
 def _generate(model, input_ids, attention_mask, gen_kwargs, batch_size, temperature=None, shrink_on_oom=True,
-              processors=(), prompt_kv=None, group_size=1):
+              processors=(), prompts=None, group_size=1):
     """model.generate over sub-batches; on CUDA out-of-memory halve the sub-batch and retry
     (or, with shrink_on_oom False, raise at once: the caller has memory of its own to give back).
     `processors` run after the recorder and must leave the logits as they are (a progress bar).
 
-    prompt_kv: prompt_cache of the distinct prompts, each the prompt of `group_size` consecutive rows:
-    every sub-batch starts from it, expanded to its rows, instead of encoding its prompts again.
+    prompts: (prompt_ids [P, L], prompt_mask [P, L]) of the distinct prompts, each the prompt of
+    `group_size` consecutive rows: each sub-batch encodes its own prompts once (prompt_cache) and
+    starts from their cache expanded to its rows, instead of encoding every row's prompt. Per
+    sub-batch, inside the halving, so that the prefill never holds more than the plain one would.
     Returns ([completion [b, t]], [(logp, entropy) [b, t] each, or None], the sub-batch that fit):
     with a temperature, the sampler's own log-probs of its tokens (SampledTokenLogProbs)."""
     outs, scored, i = [], [], 0
     device = input_ids.device.type
     half = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None   # (a GPU's)
     while i < input_ids.shape[0]:
+        rows = torch.arange(i, min(i + batch_size, input_ids.shape[0]), device=input_ids.device)
         recorder = SampledTokenLogProbs(temperature) if temperature else None
-        cache = CastKVCache(half) if half else DynamicCache() if prompt_kv else None
-        for layer, (k, v) in enumerate(prompt_kv or []):         # the sub-batch's rows of the prompts' cache
-            prompts = torch.arange(i, min(i + batch_size, input_ids.shape[0]), device=k.device) // group_size
-            cache.update(k[prompts], v[prompts], layer)
-        out = None
+        cache = out = None
         try:
-            out = model.generate(input_ids=input_ids[i:i + batch_size],
-                                 attention_mask=attention_mask[i:i + batch_size],
+            if prompts is not None:      # the sub-batch's prompts once, then their cache expanded to its rows
+                first = i // group_size
+                kv = prompt_cache(model, *(t[first:int(rows[-1]) // group_size + 1] for t in prompts))
+                cache = CastKVCache(half) if half else DynamicCache()
+                for layer in range(len(kv)):         # each layer's prompt cache freed once expanded
+                    (k, v), kv[layer] = kv[layer], None
+                    cache.update(k[rows // group_size - first], v[rows // group_size - first], layer)
+                del kv, k, v
+            out = model.generate(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
                                  logits_processor=LogitsProcessorList([recorder] if recorder else []) + list(processors),
                                  **({"cache": cache} if cache is not None else {}), **gen_kwargs)
         except torch.OutOfMemoryError:
@@ -565,9 +571,9 @@ def rollout(model, tokenizer, prompts, num_generations, max_new_tokens, temperat
     was_training = model.training
     model.eval()
     share = share_prompts and num_generations > 1 and enc["input_ids"].shape[1] > 1
-    prompt_kv = prompt_cache(model, enc["input_ids"].to(device), enc["attention_mask"].to(device)) if share else None
+    prompt_rows = (enc["input_ids"].to(device), enc["attention_mask"].to(device)) if share else None
     chunks, scored, batch_size = _generate(model, ids, amask, gen_kwargs, batch_size, temperature, shrink_on_oom,
-                                           processors, prompt_kv, num_generations)
+                                           processors, prompt_rows, num_generations)
     model.train(was_training)
     T = max(c.shape[1] for c in chunks)
     completion = torch.cat([F.pad(c, (0, T - c.shape[1]), value=pad) for c in chunks])       # [B, T]

@@ -12,6 +12,7 @@ fit the GPU. Both use the functions below, which import no module of the project
     logprob_chunk_bytes the LM-head chunk of cegppo._TokenLogProb
 """
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -103,15 +104,18 @@ def logprob_pass_bytes(m, sequences, tokens, completion_tokens, elem_bytes, lora
 def generate_bytes(m, sequences, prompt_tokens, tokens, elem_bytes, lora=True, top_p=1.0, prompts=None, kv_bytes=None):
     """generate() at its peak: during the prefill, its activations and the prompts' part of the KV
     cache; later the whole cache of `tokens` positions (the prefill's tensors are gone by then);
-    the sampling logits throughout. prompts: with a shared prefill (cegppo.prompt_cache) the prefill
-    runs over these distinct prompts only, and their cache is held beside the sequences' own.
+    the sampling logits throughout. prompts: with a shared prefill (cegppo._generate) the prefill
+    runs over the sub-batch's distinct prompts only (sub_batch_prompts), whose cache is then expanded
+    to the sequences.
     kv_bytes: the cache's element size where it differs from the residual stream's (under autocast
     cegppo.CastKVCache keeps the 4-bit policy's float32 keys and values in the compute dtype)."""
     kv = kv_bytes or elem_bytes
     if prompts:
-        shared = kv_cache_bytes(m, prompts, prompt_tokens, kv)
+        shared, expanded = kv_cache_bytes(m, prompts, prompt_tokens, kv), kv_cache_bytes(m, sequences, prompt_tokens, kv)
         prefill = prefill_bytes(m, prompts, prompt_tokens, elem_bytes, lora) + shared
-        later = kv_cache_bytes(m, sequences, tokens, kv) + shared
+        # expanding to the sequences layer by layer, each layer's prompt cache freed once expanded
+        prefill = max(prefill, shared + expanded / m.layers, expanded + shared / m.layers)
+        later = kv_cache_bytes(m, sequences, tokens, kv)
     else:
         prefill = prefill_bytes(m, sequences, prompt_tokens, elem_bytes, lora) + kv_cache_bytes(
             m, sequences, prompt_tokens, kv)
@@ -129,3 +133,12 @@ def sampling_bytes(m, sequences, prompt_tokens, tokens, elem_bytes, lora=True, m
     prompts, kv_bytes: the distinct prompts of a shared prefill and the cache's element size (generate_bytes)."""
     logprob = logprob_pass_bytes(m, micro_batch, tokens, tokens - prompt_tokens, elem_bytes, lora) if micro_batch else 0
     return max(generate_bytes(m, sequences, prompt_tokens, tokens, elem_bytes, lora, top_p, prompts, kv_bytes), logprob)
+
+
+def sub_batch_prompts(sequences, group_size):
+    """The distinct prompts among `sequences` consecutive rows of a rollout (G = group_size rows per
+    prompt) that start at a multiple of `sequences`, as cegppo._generate's sub-batches do (halving keeps
+    that): sequences / G where groups fit whole, 1 inside one group, else one more than whole groups."""
+    if sequences % group_size == 0 or group_size % sequences == 0:
+        return max(1, sequences // group_size)
+    return math.ceil(sequences / group_size) + 1

@@ -50,6 +50,7 @@ import loading
 import plot
 import rollout_copy
 import shared_prefix
+import sizes
 import token_page
 from eval import evaluate
 from loading import UserError
@@ -1002,9 +1003,12 @@ def choose_sampler(model, cfg, source):
 
 
 def shared_prompts(cfg):
-    """The distinct prompts a rollout's shared prefill encodes (cegppo.prompt_cache), or None: without
-    --shared_prefix, or with one completion per prompt. memory.py counts the same."""
-    return cfg.prompts_per_step if cfg.shared_prefix and cfg.num_generations > 1 else None
+    """The distinct prompts one generate() sub-batch's shared prefill encodes (cegppo._generate), or
+    None: without --shared_prefix, or with one completion per prompt. memory.py counts the same."""
+    if not cfg.shared_prefix or cfg.num_generations == 1:
+        return None
+    gen_batch = min(cfg.generation_batch_size, cfg.prompts_per_step * cfg.num_generations)
+    return min(cfg.prompts_per_step, sizes.sub_batch_prompts(gen_batch, cfg.num_generations))
 
 
 def lr_at(step, cfg):

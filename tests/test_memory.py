@@ -13,6 +13,7 @@ import torch
 import cegppo
 import loading
 import memory
+import sizes
 import train
 
 
@@ -182,12 +183,15 @@ def test_qwen_shapes_and_total():
     persistent = sum(v for k, v in est.items() if not k.startswith(("rollout", "update", "peak")))
     update = sum(v for k, v in est.items() if k.startswith("update"))
     # the rollout at its peak, with the prefill shared (--shared_prefix, the default): the prefill's
-    # activations over the 8 distinct prompts with their cache, or later the full cache beside it
+    # activations over the 8 distinct prompts of a 64-sequence sub-batch with their cache; that cache
+    # expanded to the 64 sequences layer by layer (each layer's prompt cache freed once expanded); or
+    # later the full cache
     kv, shared, prefill, logits = (est[k] for k in (
         "rollout: KV cache", "rollout: the prompts' shared cache", "rollout: prefill activations (one layer)",
         "rollout: sampling logits (5 x [batch, V] fp32 + the step's)"))
     assert shared == kv * 8 * 512 // (64 * 1024)          # 8 of the 64 sequences, 512 of the 1024 positions
-    rollout = max(prefill + shared, kv + shared) + logits
+    expanded, layers = kv * 512 // 1024, m.layers
+    rollout = max(prefill + shared, shared + expanded / layers, expanded + shared / layers, kv) + logits
     assert rollout == memory.rollout_phase_bytes(m, train.Config(dtype="fp16"))
     # without it, every sequence's prefill: the prompts' half of the cache and 8 times the activations
     plain = memory.estimate(m, train.Config(dtype="fp16", shared_prefix=False))
@@ -208,6 +212,27 @@ def test_qwen_shapes_and_total():
     # tied head: the 0.5B's float32 embedding table is vocab x hidden x 4 bytes, counted once
     assert est["embeddings / head, norms, biases (fp32)"] > 151936 * 896 * 4
     assert est["embeddings / head, norms, biases (fp32)"] < 151936 * 896 * 4 * 1.01
+
+
+@pytest.mark.parametrize("name", ["Qwen2.5-0.5B", "Qwen2.5-1.5B"])
+def test_the_shared_prefill_never_holds_more_than_the_plain_one(name):
+    # each generate() sub-batch encodes its own prompts (cegppo._generate): many prompts per step and a
+    # small generation batch (the fits' ladder lowers it) must not make the shared prefill the larger
+    m = memory.QWEN[name]
+    for P, G, batch in [(8, 8, 64), (64, 8, 16), (64, 8, 4), (32, 4, 6), (16, 16, 8), (8, 2, 3), (4, 8, 1)]:
+        kw = dict(dtype="fp16", prompts_per_step=P, num_generations=G, generation_batch_size=batch)
+        shared = train.Config(**kw)
+        assert memory.rollout_phase_bytes(m, shared) <= memory.rollout_phase_bytes(
+            m, train.Config(**kw, shared_prefix=False)), (P, G, batch)
+
+
+def test_sub_batch_prompts_counts_the_distinct_prompts():
+    for rows, G in [(64, 8), (16, 8), (4, 8), (12, 8), (7, 5), (6, 4), (1, 8), (3, 2)]:
+        worst = 0
+        for start in range(0, 20 * G * rows, rows):        # every sub-batch of a long rollout
+            worst = max(worst, len({r // G for r in range(start, start + rows)}))
+        assert sizes.sub_batch_prompts(rows, G) >= worst
+        assert sizes.sub_batch_prompts(rows, G) <= worst + (0 if rows % G == 0 or G % rows == 0 else 1)
 
 
 def test_fit_suggestions_fit():
