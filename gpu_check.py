@@ -306,10 +306,12 @@ def summarize_shared_prefix(part, shared_rows, plain_rows):
         timed = sorted(r[key] for r in rows[1:] or rows if key in r)
         return timed[len(timed) // 2] if timed else None
     out = []
-    for key, what in (("time/step_s", "step"), ("time/update_s", "updates")):
+    for key, what in (("time/step_s", "step"), ("time/old_logprob_s", "old log-probs"), ("time/update_s", "updates")):
         a, b = median(shared_rows, key), median(plain_rows, key)
+        # ok: sharing the prompt is not slower (None where the phase did not run, e.g. pi_old from the sampler)
         out.append(row(part, f"{what} time (s), GSM8K-length prompts: each prompt once / every row its own",
-                       f"{a:.2f} / {b:.2f}" if a and b else None, f"ratio {a / b:.2f}" if a and b else ""))
+                       f"{a:.2f} / {b:.2f}" if a and b else None, f"ratio {a / b:.2f}" if a and b else "",
+                       a <= b if a and b else None))
     share = median(shared_rows, "shared_prefix/packed_share")
     out.append(row(part, "micro-batches packed (shared_prefix/packed_share)", share, "1", bool(share)))
     return out

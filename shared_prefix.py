@@ -22,6 +22,7 @@ position and attention's per pair of positions (cost), counted on the padded pac
     completion_logprobs(model, packed, completion_mask, ...)   the same numbers as
                   cegppo.completion_logprobs, through the packed rows
     worth_it(packed, input_ids, config)   whether packing is cheaper by a tenth (train.py falls back otherwise)
+    unsupported(config)   why a model cannot take the packed rows at all (not SDPA attention), or None
 """
 
 import torch
@@ -117,12 +118,18 @@ def dims(config):
     return h, config.intermediate_size, config.num_key_value_heads * head
 
 
+def unsupported(config):
+    """Why this model cannot take the packed rows, or None: only SDPA attention takes a boolean mask as
+    the may-attend mask (eager attention adds its mask to the scores; FlashAttention takes none)."""
+    attention = getattr(config, "_attn_implementation", "sdpa")
+    return None if attention == "sdpa" else f"attention is {attention!r}, and the packed mask needs 'sdpa'"
+
+
 def worth_it(packed, input_ids, config):
     """Does the packed block (padding included) cost at most SHARE of the plain layout's, which holds
-    every column of the micro-batch? Only with SDPA attention, the one that takes a boolean mask as
-    the may-attend mask (eager attention adds its mask to the scores). Not for prompts short beside
-    long completions, nor for groups of one."""
-    if getattr(config, "_attn_implementation", "sdpa") != "sdpa":
+    every column of the micro-batch? Never where the model cannot take it (unsupported). Not for
+    prompts short beside long completions, nor for groups of one."""
+    if unsupported(config):
         return False
     R, S = packed["input_ids"].shape
     B, W = input_ids.shape

@@ -486,19 +486,22 @@ def micro_batch_logprobs(model, batch, cfg, with_entropy):
     micro-batches, so they take the same path."""
     input_ids, attention_mask, completion_mask, prompt_len = batch
     if cfg.shared_prefix:
-        packed = shared_prefix.pack(input_ids, attention_mask, completion_mask, prompt_len)
-        if shared_prefix.worth_it(packed, input_ids, model.config):
-            return (*shared_prefix.completion_logprobs(model, packed, completion_mask, cfg.temperature,
-                                                       with_entropy=with_entropy), True)
-        if not _PLAIN_SAID.get(cfg.output_dir):
-            _PLAIN_SAID[cfg.output_dir] = True
-            tqdm.write("shared prefix: packing does not pay for some micro-batches (prompts short beside long "
-                       "completions); those are scored in the plain layout (shared_prefix/packed_share)")
+        why = shared_prefix.unsupported(model.config)
+        if why is None:
+            packed = shared_prefix.pack(input_ids, attention_mask, completion_mask, prompt_len)
+            if shared_prefix.worth_it(packed, input_ids, model.config):
+                return (*shared_prefix.completion_logprobs(model, packed, completion_mask, cfg.temperature,
+                                                           with_entropy=with_entropy), True)
+            why = "packing does not pay for some micro-batches (prompts short beside long completions)"
+        if (cfg.output_dir, why) not in _PLAIN_SAID:
+            _PLAIN_SAID.add((cfg.output_dir, why))
+            tqdm.write(f"shared prefix: {why}; those micro-batches are scored in the plain layout "
+                       "(shared_prefix/packed_share)")
     return (*cegppo.completion_logprobs(model, input_ids, attention_mask, prompt_len, cfg.temperature,
                                         with_entropy=with_entropy), False)
 
 
-_PLAIN_SAID = {}          # said once per run (output folder)
+_PLAIN_SAID = set()      # (output folder, why): said once per run
 
 
 def update_partition(rollout, cfg):

@@ -144,3 +144,28 @@ def test_mismatch_rows_per_dtype_and_sampler(tmp_path):
     assert all(r["logp_diff_mean"] > 10 * fp32[0]["logp_diff_mean"] for r in bf16)       # bf16's rounding shows
     with pytest.raises(bench.UserError, match="--mismatch bf32: each one of"):
         bench.main(["--mismatch", "bf32", "--model", "tiny", "--dataset", "tiny", "--output_dir", out])
+
+
+def test_gsm8k_length_prompts_and_the_plain_layout_beside(tmp_path):
+    # --gsm8k-length-prompts: both sides read word problems as long as GSM8K's in the chat template
+    # (100-150 tokens with the character-level tokenizer of the synthetic 0.5B model); --plain-too: our
+    # side again with every row its own prompt, its numbers prefixed plain_ and the ratios beside
+    import bench
+    import cegppo
+    import lab
+    import loading
+    _, tok = loading.load_model(lab.tiny_model_path("lab"), four_bit=False)
+    path = bench.gsm8k_length_rows(str(tmp_path / "rows.jsonl"))
+    lengths = [len(tok(cegppo.format_prompt(tok, json.loads(line)["question"]))["input_ids"]) for line in open(path)]
+    assert 100 <= min(lengths) and max(lengths) <= 150
+    out = str(tmp_path / "p")
+    p = subprocess.run([sys.executable, "bench.py", "--model", "tiny", "--dataset", "tiny", "--steps", "1",
+                        "--gsm8k-length-prompts", "--plain-too", "--output_dir", out], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    b = json.load(open(os.path.join(out, "bench.json")))
+    assert b["plain_step_s"] > 0 and len(b["plain_step_s_repeats"]) == 1
+    assert b["shared_vs_plain_step_s"] == pytest.approx(b["step_s"] / b["plain_step_s"])
+    configs = {side: json.load(open(os.path.join(out, side, "config.json"))) for side in ("ours", "ours_plain")}
+    assert configs["ours"]["shared_prefix"] is True and configs["ours_plain"]["shared_prefix"] is False
+    assert all(c["dataset"] == os.path.join(out, "gsm8k_length.jsonl") for c in configs.values())

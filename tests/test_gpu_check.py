@@ -88,7 +88,10 @@ def test_summaries_table_and_json(tmp_path):
     assert trl[1]["measured"] == "8.00 / 9.00"
     shared = gpu_check.summarize_shared_prefix("e", fake_rows(3, **{"shared_prefix/packed_share": 1.0}),
                                                [dict(r, **{"time/step_s": 2 * r["time/step_s"]}) for r in fake_rows(3)])
-    assert shared[0]["measured"] == "3.00 / 6.00" and shared[0]["reference"] == "ratio 0.50"
+    assert shared[0]["measured"] == "3.00 / 6.00" and shared[0]["reference"] == "ratio 0.50" and shared[0]["ok"]
+    slower = gpu_check.summarize_shared_prefix("e", [dict(r, **{"time/update_s": 2.0}) for r in fake_rows(3)],
+                                               [dict(r, **{"time/update_s": 1.0}) for r in fake_rows(3)])
+    assert [r["ok"] for r in slower if r["check"].startswith("updates")] == [False]   # shared slower: NO
     assert shared[-1]["measured"] == 1.0 and shared[-1]["ok"] is True
     unpacked = gpu_check.summarize_shared_prefix("e", fake_rows(3, **{"shared_prefix/packed_share": 0.0}), fake_rows(3))
     assert unpacked[-1]["ok"] is False                  # both runs in the plain layout: the check says so

@@ -178,17 +178,22 @@ def test_a_run_gives_the_same_metrics_either_way(tmp_path):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
 
 
-def test_too_short_prompts_fall_back_to_the_plain_layout_and_say_so(capsys, monkeypatch):
+def test_where_packing_does_not_pay_the_plain_layout_is_used_and_said_once(capsys, monkeypatch):
     model, tok = policy("tiny", False)
     ro = batch(model, tok, G=2)
     cfg = train.parse_config(["--model", "tiny"])
-    b = train.micro_batch(ro, torch.arange(6))
-    used = []
-    monkeypatch.setattr(shared_prefix, "completion_logprobs", lambda *a, **k: used.append("packed"))
-    monkeypatch.setattr(shared_prefix, "worth_it", lambda *a, **k: False)
-    monkeypatch.setattr(train, "_PLAIN_SAID", {})
+    monkeypatch.setattr(train, "_PLAIN_SAID", set())
+    plain = train.micro_batch(ro, torch.tensor([1, 2]))       # one completion of each of 2 groups: nothing shared
+    packs = train.micro_batch(ro, torch.arange(4))            # 2 whole groups: packed
     for _ in range(2):
-        logp, _, packed = train.micro_batch_logprobs(model, b, cfg, False)
-        assert logp.shape == b[2].shape and not packed
+        for b, expected in ((plain, False), (packs, True)):
+            logp, _, packed = train.micro_batch_logprobs(model, b, cfg, False)
+            assert logp.shape == b[2].shape and packed == expected
     said = capsys.readouterr()
-    assert not used and (said.out + said.err).count("shared prefix: packing does not pay") == 1
+    assert (said.out + said.err).count("shared prefix: packing does not pay for some micro-batches") == 1
+    # an attention that cannot take the packed mask: never packed, and the reason said (once)
+    monkeypatch.setattr(model.config, "_attn_implementation", "eager")
+    for _ in range(2):
+        assert not train.micro_batch_logprobs(model, packs, cfg, False)[2]
+    said = capsys.readouterr()
+    assert (said.out + said.err).count("shared prefix: attention is 'eager', and the packed mask needs 'sdpa'") == 1
