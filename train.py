@@ -1002,6 +1002,11 @@ def choose_sampler(model, cfg, source):
                                top_p=cfg.top_p, prompts=shared_prompts(cfg))
     print(f"sampling through the {'dense copy' if kind == 'dense' else '4-bit policy'}; pi_old from the "
           f"{'sampler' if source == 'sampler' else 'policy (one no-grad pass)'}", file=sys.stderr)
+    dtype = loading.model_compute_dtype(model)
+    if source == "sampler" and dtype != torch.float32:
+        print(f"warning: --old_logprobs sampler with {str(dtype).split('.')[-1]} compute: the sampler's rounded "
+              "numbers stand in for pi_old, so the first update's ratio is not 1 and --sampler_correction has "
+              "nothing to correct (its weights are 1); --old_logprobs auto recomputes pi_old", file=sys.stderr)
     return kind
 
 

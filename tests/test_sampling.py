@@ -427,3 +427,34 @@ def test_the_kv_cache_is_kept_in_the_autocast_dtype(moved_policy, monkeypatch):
     monkeypatch.setattr(cegppo, "CastKVCache", Plain)
     plain = run()
     assert cast["texts"] == plain["texts"] and torch.equal(cast["sample_logp"], plain["sample_logp"])
+
+
+def test_the_sampler_correction_reaches_the_loss_and_the_metrics(tmp_path, monkeypatch):
+    # --old_logprobs policy (a GPU's default) under bf16 autocast, simulated on the CPU: the sampler's
+    # log-probs (generate(), one token at a time) and pi_old (the training forward over whole rows)
+    # round differently, so the weights pi_old / pi_sample are not 1 and must reach each token's loss
+    real_autocast = loading.autocast
+    monkeypatch.setattr(loading, "autocast", lambda device, dtype: torch.autocast("cpu", dtype=torch.bfloat16)
+                        if device == "cpu" else real_autocast(device, dtype))
+    runs = runs_differing_in(tmp_path, "--sampler_correction", ("off", "token_truncate"), "--model", "tiny",
+                             "--old_logprobs", "policy", "--sampler_correction_cap", "1.001")
+    for off, on in zip(runs["off"], runs["token_truncate"]):
+        assert on["reward"] == off["reward"] and on["num_tokens"] == off["num_tokens"]    # the same samples
+        assert on["sampling/sampling_logp_difference/mean"] > 0                           # bf16 rounding
+        # off: every weight exactly 1; on: weights on both sides of 1, those above the cap cut to it
+        assert off["sampling/importance_sampling_ratio/min"] == off["sampling/importance_sampling_ratio/max"] == 1
+        assert on["sampling/importance_sampling_ratio/min"] < 1 and on["sampling/importance_sampling_ratio/max"] == \
+            pytest.approx(1.001)
+        assert on["sampling/correction_truncated"] > 0 and off["sampling/correction_truncated"] == 0
+    # the first update of step 1 starts from the same policy and tokens: only the weights differ
+    assert runs["off"][0]["loss"] != runs["token_truncate"][0]["loss"]
+
+
+def test_the_samplers_numbers_as_pi_old_in_half_precision_are_warned_about(tmp_path, capsys):
+    out = str(tmp_path / "w")
+    assert run_main(["--model", "tiny", "--max_steps", "1", "--eval_limit", "0", "--dtype", "bf16",
+                     "--old_logprobs", "sampler", "--output_dir", out]) == 0
+    assert "warning: --old_logprobs sampler with bfloat16 compute" in capsys.readouterr().err
+    assert run_main(["--model", "tiny", "--max_steps", "1", "--eval_limit", "0", "--old_logprobs", "sampler",
+                     "--output_dir", str(tmp_path / "fp32")]) == 0
+    assert "warning: --old_logprobs sampler" not in capsys.readouterr().err       # float32: they are pi_old
