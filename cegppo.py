@@ -34,6 +34,7 @@ Where this implementation deviates from the paper, and why:
     * Rewards are 1 / 0 (the paper uses +1 / -1); after the group z-score the two are identical.
 """
 
+import contextlib
 import logging
 import math
 import re
@@ -473,6 +474,26 @@ class CastKVCache(DynamicCache):
                               *args, **kwargs)
 
 
+@contextlib.contextmanager
+def head_cast_once(model):
+    """generate() through the 4-bit policy under autocast: k-bit preparation keeps its LM head in float32,
+    and autocast would cast the [V, d] weight to the compute dtype again at every decode step (and keep
+    no cache of it: the head is frozen). Cast once for the whole call: the very numbers autocast would
+    have made, one copy. A head already in the autocast dtype (the dense copy's), or no autocast: as is."""
+    head, device = model.get_output_embeddings(), next(model.parameters()).device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    if dtype is None or head.weight.dtype == dtype or type(head) is not torch.nn.Linear:
+        yield
+        return
+    weight = head.weight.detach().to(dtype)                                  # [V, d]
+    bias = None if head.bias is None else head.bias.detach().to(dtype)
+    head.forward = lambda x: F.linear(x, weight, bias)
+    try:
+        yield
+    finally:
+        del head.forward                                                     # the class's forward again
+
+
 def prompt_cache(model, prompt_ids, prompt_mask):
     """Each prompt's keys and values once, for generate() to sample its G completions from: a forward
     over the prompts [P, L] without their last token (the one generate() runs itself, which starts
@@ -572,8 +593,9 @@ def rollout(model, tokenizer, prompts, num_generations, max_new_tokens, temperat
     model.eval()
     share = share_prompts and num_generations > 1 and enc["input_ids"].shape[1] > 1
     prompt_rows = (enc["input_ids"].to(device), enc["attention_mask"].to(device)) if share else None
-    chunks, scored, batch_size = _generate(model, ids, amask, gen_kwargs, batch_size, temperature, shrink_on_oom,
-                                           processors, prompt_rows, num_generations)
+    with head_cast_once(model):
+        chunks, scored, batch_size = _generate(model, ids, amask, gen_kwargs, batch_size, temperature, shrink_on_oom,
+                                               processors, prompt_rows, num_generations)
     model.train(was_training)
     T = max(c.shape[1] for c in chunks)
     completion = torch.cat([F.pad(c, (0, T - c.shape[1]), value=pad) for c in chunks])       # [B, T]

@@ -183,6 +183,8 @@ def estimate(m, cfg):
                                                                   lora=not dense or dtype != "fp32"),
         "rollout: sampling logits (5 x [batch, V] fp32 + the step's)": sampling_logits_bytes(m, gen_batch, sb,
                                                                                              cfg.top_p),
+        **({f"rollout: the LM head in {dtype} (cegppo.head_cast_once)": sampler_head_bytes(m, cfg)}
+           if sampler_head_bytes(m, cfg) else {}),
         ("update: layer-boundary hidden states" if cfg.gradient_checkpointing
          else "update: all layers' activations"): boundaries if cfg.gradient_checkpointing else
         (m.layers * per_layer + 2 * positions * m.hidden * rb),
@@ -232,7 +234,16 @@ def rollout_phase_bytes(m, cfg):
     held = sampling_bytes(m, gen_batch, cfg.max_prompt_length, cfg.max_prompt_length + cfg.max_completion_length,
                           sb, lora=not dense or dtype != "fp32", micro_batch=cfg.micro_batch_size if dense else 0,
                           top_p=cfg.top_p, prompts=train.shared_prompts(cfg), kv_bytes=BYTES[dtype])
-    return held + (dense_copy_bytes(m, dtype, cfg.load_in_4bit) if dense else 0)
+    return held + (dense_copy_bytes(m, dtype, cfg.load_in_4bit) if dense else 0) + sampler_head_bytes(m, cfg)
+
+
+def sampler_head_bytes(m, cfg):
+    """Sampling through the 4-bit policy under half-precision autocast: its float32 LM head cast to the
+    compute dtype once per rollout (cegppo.head_cast_once), held while it samples. The dense copy holds
+    its head in the compute dtype already (dense_copy_bytes)."""
+    dtype = "fp32" if cfg.dtype == "auto" else cfg.dtype
+    dense = getattr(cfg, "rollout_model", "auto") == "dense"
+    return m.vocab * m.hidden * BYTES[dtype] if cfg.load_in_4bit and not dense and dtype in ("bf16", "fp16") else 0
 
 
 def peak_gb(m, cfg):

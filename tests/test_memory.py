@@ -191,14 +191,16 @@ def test_qwen_shapes_and_total():
         "rollout: sampling logits (5 x [batch, V] fp32 + the step's)"))
     assert shared == kv * 8 * 512 // (64 * 1024)          # 8 of the 64 sequences, 512 of the 1024 positions
     expanded, layers = kv * 512 // 1024, m.layers
-    rollout = max(prefill + shared, shared + expanded / layers, expanded + shared / layers, kv) + logits
+    head = est["rollout: the LM head in fp16 (cegppo.head_cast_once)"]          # through the policy
+    assert head == 151936 * 896 * 2
+    rollout = max(prefill + shared, shared + expanded / layers, expanded + shared / layers, kv) + logits + head
     assert rollout == memory.rollout_phase_bytes(m, train.Config(dtype="fp16"))
     # without it, every sequence's prefill: the prompts' half of the cache and 8 times the activations
     plain = memory.estimate(m, train.Config(dtype="fp16", shared_prefix=False))
     assert "rollout: the prompts' shared cache" not in plain
     assert plain["rollout: prefill activations (one layer)"] == 8 * prefill
     assert memory.rollout_phase_bytes(m, train.Config(dtype="fp16", shared_prefix=False)) == \
-        max(8 * prefill + kv * 512 // 1024, kv) + logits
+        max(8 * prefill + kv * 512 // 1024, kv) + logits + head
     # the updates: a micro-batch of 8 rows is one group of 8 (mini-batches are whole groups), packed
     # as its prompt once and 8 completions instead of 8 x (prompt + completion) positions
     assert est["update: one layer's recompute"] * 8 * 1024 == plain["update: one layer's recompute"] * (512 + 8 * 512)
@@ -363,4 +365,7 @@ def test_estimate_and_choose_use_one_formula(monkeypatch):
     assert seen == [((m, 64, 512, 1024, 2), {"lora": True, "micro_batch": 8, "top_p": 1.0, "prompts": 8, "kv_bytes": 2}),
                     ((m, 64, 512, 1024, 4), {"lora": True, "micro_batch": 0, "top_p": 1.0, "prompts": 8, "kv_bytes": 2})]
     assert dense == real(*seen[0][0], **seen[0][1]) + memory.dense_copy_bytes(m, "bf16")
-    assert policy == real(*seen[1][0], **seen[1][1])
+    # sampling through the 4-bit policy under autocast also holds its LM head in bf16 (cast once a rollout)
+    assert policy == real(*seen[1][0], **seen[1][1]) + m.vocab * m.hidden * 2
+    assert memory.rollout_phase_bytes(m, train.Config(dtype="fp32")) == real(m, 64, 512, 1024, 4, lora=True,
+                                                                            top_p=1.0, prompts=8, kv_bytes=4)

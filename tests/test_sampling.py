@@ -1,5 +1,6 @@
 """The step's sampling: the sampler's own log-probs (--old_logprobs), dynamic sampling
 (--max_generation_rounds), the dense copy's fallback, and a collapsed run's stop."""
+import contextlib
 import gc
 import json
 import os
@@ -458,3 +459,34 @@ def test_the_samplers_numbers_as_pi_old_in_half_precision_are_warned_about(tmp_p
     assert run_main(["--model", "tiny", "--max_steps", "1", "--eval_limit", "0", "--old_logprobs", "sampler",
                      "--output_dir", str(tmp_path / "fp32")]) == 0
     assert "warning: --old_logprobs sampler" not in capsys.readouterr().err       # float32: they are pi_old
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sampling_through_the_policy_casts_the_head_once(moved_policy, dtype):
+    # under autocast (a GPU's, here the CPU's) the 4-bit policy's float32 LM head would be cast to the
+    # compute dtype at every decode step; cegppo.head_cast_once casts it once per rollout, and the
+    # samples and their log-probs are bit for bit those of the per-step casts (counted with torch's
+    # profiler: aten::_to_copy on the head's [V, d] shape)
+    model, tok = moved_policy
+    head = model.get_output_embeddings()
+    assert head.weight.dtype == torch.float32
+    prompts = [cegppo.format_prompt(tok, q) for q, _ in lab.toy_rows("train", tiny=True)[:2]]
+
+    def run(once):
+        torch.manual_seed(0)
+        with torch.profiler.profile(record_shapes=True) as prof, torch.autocast("cpu", dtype=dtype):
+            if once:
+                ro = cegppo.rollout(model, tok, prompts, 4, 12, 1.0, 1.0, 64)
+            else:
+                with pytest.MonkeyPatch.context() as m:
+                    m.setattr(cegppo, "head_cast_once", lambda model: contextlib.nullcontext())
+                    ro = cegppo.rollout(model, tok, prompts, 4, 12, 1.0, 1.0, 64)
+        casts = [e for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes and
+                 list(e.input_shapes[0]) == list(head.weight.shape)]
+        return ro, len(casts)
+    once, n_once = run(True)
+    per_step, n_per_step = run(False)
+    steps = once["completion_mask"].shape[1]
+    assert n_once == 1 and n_per_step == steps > 1
+    assert once["texts"] == per_step["texts"] and torch.equal(once["sample_logp"], per_step["sample_logp"])
+    assert "forward" not in vars(head)                        # the head's own forward is back
