@@ -115,7 +115,7 @@ class Config:
     progress: Literal["auto", "on", "off"] = _f("auto", "a progress bar inside each rollout's and evaluation's generate() call (sequences finished, tokens): auto = on a terminal once a call has run 2 s")
     # logging, evaluation, checkpoints
     output_dir: str = _f("runs/cegppo", "metrics.jsonl, samples.jsonl, curves.png, checkpoint/, final adapter (presets: runs/<preset>)")
-    logging_steps: int = _f(1, "write samples.jsonl and tokens.jsonl and redraw curves.png and tokens.html every N steps")
+    logging_steps: int = _f(1, "write samples.jsonl and tokens.jsonl, redraw curves.png and add the step to tokens.html every N steps")
     token_groups: int = _f(2, "kept groups whose every token (what the update did to it) goes to tokens.jsonl / tokens.html at each logging step; 0 = none")
     eval_steps: int = _f(25, "greedy accuracy on the held-out subset every N steps (and at step 1 and the end)")
     eval_limit: int = _f(64, "size of the fixed held-out subset; 0 = no evaluation")
@@ -558,6 +558,8 @@ def update_policy(model, optimizer, scaler, params, rollout, old_logp, weights, 
                                           cfg, log, cfg.token_groups * cfg.num_generations if record else 0)
             if optimizer_step(optimizer, scaler, params, cfg, losses, log):
                 continue
+            for row in torch.cat(micro_batches).tolist():      # what the loss did, for an update not made
+                log["tokens"].pop(row, None)
             state.skipped_updates += 1
             tqdm.write(f"warning: step {state.step}: non-finite loss or gradient, update skipped "
                        f"({state.skipped_updates} so far)")
@@ -723,7 +725,7 @@ def token_record(tok, kept, old_logp, entropy, update_log, cfg):
     adv = kept["advantages"][:, None].expand_as(old_logp)                                # [B, T]
     quadrant = cegppo.quadrant_of(old_logp, entropy, adv)                               # [B, T]
     groups = []
-    for g in range(len(recorded) // G):
+    for g in sorted({b // G for b in recorded}):        # whole groups: mini-batches are (update_policy)
         completions = []
         for b in range(g * G, (g + 1) * G):
             n, r = int(ro["completion_mask"][b].sum()), recorded[b]
@@ -737,7 +739,7 @@ def token_record(tok, kept, old_logp, entropy, update_log, cfg):
         prompt, answer = kept["prompts"][g]
         groups.append({"prompt": prompt, "answer": answer, "completions": completions})
     return {"algo": cfg.algo, "beta1": cfg.beta1, "beta2": cfg.beta2, "epsilon_low": cfg.epsilon_low,
-            "epsilon_high": cfg.epsilon_high, "groups": groups}
+            "epsilon_high": cfg.epsilon_high, "num_iterations": cfg.num_iterations, "groups": groups}
 
 
 def _rounded(t, digits=4):
@@ -747,7 +749,8 @@ def _rounded(t, digits=4):
 
 
 def log_step(out, row, sampled, cfg, wandb_run, bar, tokens=None):
-    """6. Append the row, print one line, write samples and tokens and redraw the pictures every logging_steps."""
+    """6. Append the row, print one line; every logging_steps write samples and tokens, redraw the curves
+    and add the step to the token page (appended: O(the step), however many steps it holds)."""
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
     if wandb_run:
@@ -764,9 +767,10 @@ def log_step(out, row, sampled, cfg, wandb_run, bar, tokens=None):
                                 "answer": answer, "reward": sampled["rewards"][j].item()}) + "\n")
     plot.plot_runs([out], os.path.join(out, "curves.png"))
     if tokens:
+        record = {"step": row["step"], **tokens}
         with open(os.path.join(out, "tokens.jsonl"), "a") as f:
-            f.write(json.dumps({"step": row["step"], **tokens}) + "\n")
-        token_page.write_page(out, plot.token_steps(out))
+            f.write(json.dumps(record) + "\n")
+        token_page.add_step(out, record, lambda: plot.token_steps(out))
 
 
 def logged(step, cfg):
@@ -942,6 +946,8 @@ def setup(cfg):
     with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
     state = restore(ckpt, cfg.output_dir, optimizer, scaler, State) if ckpt else State()
+    if ckpt and os.path.exists(os.path.join(cfg.output_dir, "tokens.jsonl")):      # its steps after the checkpoint
+        token_page.write_page(cfg.output_dir, plot.token_steps(cfg.output_dir))   # are gone: the page follows
     return model, tok, params, optimizer, scaler, prompts, eval_rows, state
 
 

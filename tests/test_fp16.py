@@ -180,8 +180,10 @@ def test_overflow_is_skipped_counted_and_lowers_the_scale(fp16_policy, how):
     assert state.skipped_updates == 1 and log["loss"] == []
     assert scaler.get_scale() == 32768.0                      # GradScaler's backoff factor 0.5
     assert all(torch.equal(a, p) for a, p in zip(before, params))
+    assert log["tokens"] == {}                                # tokens.jsonl: nothing of an update not made
     log = update(fp16_policy, state)                          # the next, normal update goes through
     assert state.skipped_updates == 1 and len(log["loss"]) == 1 and scaler.get_scale() == 32768.0
+    assert sorted(log["tokens"]) == list(range(8))            # both groups recorded (--token_groups 2)
     assert any(not torch.equal(a, p) for a, p in zip(before, params))
 
 

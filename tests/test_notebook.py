@@ -3,11 +3,15 @@
 The kernel runs in a temporary working directory, so runs/ and the figures land there; it inherits
 the session's CEGPPO_CACHE and HF_HUB_OFFLINE from conftest.py through the environment.
 """
+import html
+import json
 import os
+import re
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from test_token_page import CHROMIUM, chromium
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "cegppo.ipynb")
@@ -71,9 +75,44 @@ def test_runs_land_in_the_working_directory(executed):
     assert not os.path.exists(os.path.join(ROOT, "runs", "notebook"))
 
 
+def shown_token_page(nb):
+    cell = next(c for c in nb.cells if c.cell_type == "code" and "tokens.html" in c.source)
+    return "".join(o.get("data", {}).get("text/html", "") for o in cell.outputs)
+
+
 def test_the_token_page_shows_inline(executed):
     nb, work = executed
-    cell = next(c for c in nb.cells if c.cell_type == "code" and "tokens.html" in c.source)
-    shown = "".join(o.get("data", {}).get("text/html", "") for o in cell.outputs)
+    shown = shown_token_page(nb)
     assert shown.startswith("<iframe srcdoc=") and "What the update did to each token" in shown
     assert (work / "runs" / "notebook" / "cegppo" / "tokens.html").is_file()
+
+
+# --dump-dom shows the parent page, not what its iframe drew: this script, once the frame has loaded,
+# writes what the frame shows into the parent
+INSIDE = """<script>
+window.addEventListener("load", () => {
+  const frame = document.querySelector("iframe").contentDocument, out = document.createElement("pre");
+  out.id = "inside";
+  out.textContent = JSON.stringify({ tokens: frame.querySelectorAll("#groups .tok[data-t]").length,
+                                     counts: frame.getElementById("counts").textContent });
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (apt-get install chromium; .ci/run installs it)")
+def test_the_token_page_draws_its_tokens_inside_the_iframe(executed, tmp_path):
+    # the cell's output as the notebook shows it: the page in an about:srcdoc frame, which may not
+    # change its address (history.replaceState throws there, as under Jupyter's http parent)
+    nb, work = executed
+    parent = tmp_path / "notebook.html"
+    parent.write_text(f"<!DOCTYPE html><html><body>{shown_token_page(nb)}{INSIDE}</body></html>", encoding="utf-8")
+    dom = chromium("--virtual-time-budget=5000", "--dump-dom", f"file://{parent}", tmp_path=tmp_path).stdout
+    found = re.search(r'<pre id="inside">(.*?)</pre>', dom, re.S)
+    assert found, dom[-2000:]
+    inside = json.loads(html.unescape(found.group(1)))
+    rows = [json.loads(line) for line in open(work / "runs" / "notebook" / "cegppo" / "tokens.jsonl")]
+    last = rows[-1]                                                   # the page opens at the newest step
+    n = sum(len(c["tokens"]) for g in last["groups"] for c in g["completions"])
+    assert n > 0 and inside["tokens"] == n
+    assert inside["counts"].startswith(f"step {last['step']}: {n} tokens")
