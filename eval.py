@@ -24,7 +24,7 @@ import cegppo
 import loading
 import rollout_copy
 from loading import UserError
-from runtime import PROGRESS, GenerationProgress
+from runtime import PROGRESS, GenerationProgress, progress_shown
 
 
 def evaluate(model, tokenizer, rows, max_new_tokens, batch_size=64, k=1, temperature=0.0, top_p=1.0, progress=False,
@@ -41,10 +41,12 @@ def evaluate(model, tokenizer, rows, max_new_tokens, batch_size=64, k=1, tempera
         chunk = rows[s:s + per_q]
         ticker = GenerationProgress("eval: generating", len(chunk) * k, cegppo.eos_ids(tokenizer, model),
                                     generation_progress)
-        with loading.model_autocast(model):         # half precision on a GPU, as in training; none on a CPU
-            ro = cegppo.rollout(model, tokenizer, [cegppo.format_prompt(tokenizer, q) for q, _ in chunk], k,
-                                max_new_tokens, temperature, top_p, batch_size, processors=ticker.processors())
-        ticker.close()
+        try:
+            with loading.model_autocast(model):     # half precision on a GPU, as in training; none on a CPU
+                ro = cegppo.rollout(model, tokenizer, [cegppo.format_prompt(tokenizer, q) for q, _ in chunk], k,
+                                    max_new_tokens, temperature, top_p, batch_size, processors=ticker.processors())
+        finally:
+            ticker.close()
         lengths = ro["completion_mask"].sum(1).tolist()
         for j, text in enumerate(ro["texts"]):
             q, a = chunk[j // k]
@@ -117,7 +119,7 @@ def main(argv=None):
     model.eval()
     sampler = generation_model(model, tok, rows, cfg)
     res = evaluate(sampler, tok, rows, cfg.max_completion_length, cfg.batch_size, cfg.k, cfg.temperature, cfg.top_p,
-                   progress=True, generation_progress=cfg.progress)
+                   progress=progress_shown(cfg.progress), generation_progress=cfg.progress)
     os.makedirs(cfg.output_dir, exist_ok=True)
     records = res.pop("records")
     with open(os.path.join(cfg.output_dir, "completions.jsonl"), "w") as f:

@@ -85,8 +85,8 @@ def seed_band(curves):
 
 
 def read_rows(run):
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """A run's metrics rows (a line cut off by a crash or power cut, not yet resumed, left out)."""
+    return complete_rows(os.path.join(run, "metrics.jsonl"))
 
 
 def complete_rows(path):
@@ -95,7 +95,7 @@ def complete_rows(path):
     if not os.path.exists(path):
         return []
     rows = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:       # a cut-off line may hold NULs or half a character
         for line in f:
             try:
                 rows.append(json.loads(line))

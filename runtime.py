@@ -2,7 +2,8 @@
 memory, Ctrl-C and wandb. Nothing here changes what the loop computes; it lives apart so that
 train.py reads as the algorithm's steps.
 
-    check_resume, find_checkpoint, save_checkpoint, restore   atomic checkpoints, exact resume
+    check_resume, find_checkpoint, save_checkpoint, restore, start_over   atomic checkpoints, exact resume
+    write_json, keep_rows         files replaced whole and durably (a crash or power cut leaves old or new)
     rng_state, set_rng_state      every generator, restorable on another device count or a CPU
     timed, sync                   wall time of a phase (on a GPU once its queued work has run)
     GenerationProgress            a progress bar inside a long generate() call
@@ -34,77 +35,212 @@ from plot import complete_rows
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: written to a temp folder and renamed; a resume continues exactly
+# Checkpoints: written to a temp folder, flushed to disk, marked complete and renamed; a resume
+# continues exactly. A crash or power cut at any point leaves the newest complete checkpoint in place.
 # ----------------------------------------------------------------------------------------------
+ROWS = ("metrics.jsonl", "samples.jsonl", "tokens.jsonl")     # a run's logs, one row per line, each with its step
+
+
 def check_resume(cfg, may_change):
-    """The checkpoint to resume from (or None); refuses a run folder that would be overwritten, and
-    a resume whose flags differ from the saved config.json in anything but `may_change`."""
+    """The checkpoint to resume from, or None: a fresh start, or (with --resume) a run stopped before
+    its first checkpoint, whose rows are dropped here so that it starts again from step 0 (start_over).
+    Refuses a run folder that would be overwritten, and a resume whose flags differ from the saved
+    config.json in anything but `may_change`."""
     out = cfg.output_dir
+    started = os.path.exists(os.path.join(out, "metrics.jsonl"))
     if not cfg.resume:
-        if os.path.exists(os.path.join(out, "metrics.jsonl")):
+        if started:
             raise UserError(f"--output_dir {out}: holds a run already; pass --resume to continue it or pick a new folder")
         return None
     ckpt = find_checkpoint(out)
-    if ckpt is None:
+    if ckpt is None and not started:
         raise UserError(f"--resume: no checkpoint in {out}")
-    saved = json.load(open(os.path.join(out, "config.json")))
+    saved = saved_config(out)
+    # no checkpoint, but rows past the run's first save: it had one (since lost), and cannot be redone
+    if ckpt is None and last_step(out) > first_save({**dataclasses.asdict(cfg), **(saved or {})}):
+        raise UserError(f"--resume: no checkpoint in {out}")
     for k, v in dataclasses.asdict(cfg).items():
-        if k not in may_change and saved.get(k) != v:
+        if saved is not None and k not in may_change and saved.get(k) != v:
             raise UserError(f"--resume: --{k} is {v!r} here but {saved.get(k)!r} in {out}/config.json")
+    if ckpt is None:
+        start_over(out)
     return ckpt
+
+
+def saved_config(out):
+    """The flags of the run in `out` (its config.json), or None where it has none (deleted, so as to
+    resume unchecked: said in one line). An empty or damaged one is one clear line, not a traceback."""
+    path = os.path.join(out, "config.json")
+    if not os.path.exists(path):
+        print(f"--resume: no {path}: the flags given here are taken as the run's, unchecked", file=sys.stderr)
+        return None
+    try:
+        with open(path, "rb") as f:
+            saved = json.loads(f.read())
+    except (OSError, ValueError):           # JSONDecodeError, or bytes that are not text (NULs are JSON errors)
+        saved = None
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume: {path} is empty or damaged (cut off while written?), so the run's flags cannot "
+                        "be checked; delete it to resume with the flags given here, unchecked")
+    return saved
+
+
+def first_save(flags):
+    """The step of a run's first checkpoint, by its flags: save_steps, or max_steps when sooner (a
+    Ctrl-C or a stop for lack of signal saves sooner still, and so leaves a checkpoint)."""
+    return min(flags["save_steps"], flags["max_steps"])
+
+
+def last_step(out):
+    """The step of the last complete row of metrics.jsonl; 0 without one."""
+    return max((step for step, _ in step_lines(os.path.join(out, "metrics.jsonl"))), default=0)
 
 
 CHECKPOINT_FILES = ("state.pt", os.path.join("adapter", "adapter_config.json"),
                     os.path.join("adapter", "adapter_model.safetensors"))
+# written and flushed after every other file of a checkpoint: its presence vouches for their data
+COMPLETE = "COMPLETE"
+
+
+def checkpoint_folders(out):
+    """(checkpoint, checkpoint.tmp, checkpoint.old) of a run folder."""
+    return tuple(os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+
+
+def is_complete(folder, unmarked=True):
+    """Does `folder` hold a whole checkpoint: every file there, none empty, and the COMPLETE marker
+    (a folder cut off before its data reached the disk has none)? `unmarked`: a folder without the
+    marker counts too (checkpoints written before it existed), which checkpoint.tmp never does."""
+    if not all(os.path.isfile(os.path.join(folder, f)) and os.path.getsize(os.path.join(folder, f)) > 0
+               for f in CHECKPOINT_FILES):
+        return False
+    return unmarked or os.path.isfile(os.path.join(folder, COMPLETE))
 
 
 def find_checkpoint(out):
-    """The newest complete checkpoint folder of a run, or None: `checkpoint`, else `checkpoint.old`
-    (all that is left after a crash or power cut between save_checkpoint's two renames). Complete:
-    every file there and none empty (a folder renamed before its data reached the disk would not be)."""
-    for name in ("checkpoint", "checkpoint.old"):
-        path = os.path.join(out, name)
-        if all(os.path.isfile(os.path.join(path, f)) and os.path.getsize(os.path.join(path, f)) > 0
-               for f in CHECKPOINT_FILES):
-            return path
-    return None
+    """The newest complete checkpoint folder of a run, or None: checkpoint.tmp once marked complete (a
+    cut came before its renames), else `checkpoint`, else `checkpoint.old` (a cut came between the
+    renames, or left `checkpoint` incomplete)."""
+    final, tmp, old = checkpoint_folders(out)
+    if is_complete(tmp, unmarked=False):
+        return tmp
+    return next((path for path in (final, old) if is_complete(path)), None)
 
 
 def save_checkpoint(out, model, optimizer, scaler, state):
-    """7. Adapter + optimizer + loss scale + the loop's State + RNG, written to a temp folder, flushed
-    to disk and renamed: atomic against a crash of the process and against a power cut."""
-    final, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    """7. Adapter + optimizer + loss scale + the loop's State + RNG, written to checkpoint.tmp, flushed to
+    disk with the run's rows, marked complete and renamed into place: atomic against a crash of the
+    process and against a power cut, and the newest complete checkpoint is never removed before the
+    next one has taken its place."""
+    final, tmp, old = checkpoint_folders(out)
+    if is_complete(tmp, unmarked=False):    # a save cut off after it was complete (the one resumed from)
+        put_in_place(out)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(os.path.join(tmp, "adapter"))
     # only tensors, numbers, strings and containers of them: restore loads it with weights_only=True
     torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                 **dataclasses.asdict(state)}, os.path.join(tmp, "state.pt"))
-    flush_to_disk(tmp)                  # the data on disk before a rename can point at it
-    if os.path.isdir(final):
+    flush_to_disk(tmp)                      # the data on disk before the marker vouches for it
+    for name in ROWS:                       # and the rows up to this step: a checkpoint never points past them
+        if os.path.exists(os.path.join(out, name)):
+            fsync_file(os.path.join(out, name))
+    write_synced(os.path.join(tmp, COMPLETE), "every other file of this checkpoint was on disk before this one\n")
+    fsync_folder(tmp)
+    fsync_folder(out)                       # checkpoint.tmp's own entry, before anything else is removed
+    put_in_place(out)
+
+
+def put_in_place(out):
+    """checkpoint.tmp (complete) becomes `checkpoint`. A complete `checkpoint` it replaces stays, as
+    .old, until the renames have reached the disk; an incomplete one (a cut left it so, and .old is
+    then the newest complete one) is deleted instead, and .old kept as long."""
+    final, tmp, old = checkpoint_folders(out)
+    if is_complete(final):
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
+    else:
+        shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
-    flush_to_disk(out, files=False)     # the renames themselves
+    fsync_folder(out)                       # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
 
 
-def flush_to_disk(folder, files=True):
-    """fsync every file under `folder` (with files) and the folders themselves, where the platform
-    lets a folder be opened (POSIX; on Windows the files are flushed and the folder entries are not)."""
-    for root, dirs, names in os.walk(folder) if files else [(folder, [], [])]:
+def flush_to_disk(folder):
+    """fsync every file under `folder` and the folders themselves (where the platform allows: fsync_folder)."""
+    for root, dirs, names in os.walk(folder):
         for name in names:
-            with open(os.path.join(root, name), "rb+") as f:
-                os.fsync(f.fileno())
-        try:
-            fd = os.open(root, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+            fsync_file(os.path.join(root, name))
+        fsync_folder(root)
+
+
+def fsync_file(path):
+    with open(path, "rb+") as f:            # opened for writing: Windows flushes only such a handle
+        os.fsync(f.fileno())
+
+
+def fsync_folder(folder):
+    """fsync a folder's entries (a file created, renamed or removed there), where the platform lets a
+    folder be opened: POSIX. On Windows os.open refuses a folder, and NTFS keeps its entries itself."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:                         # some file systems refuse to fsync a folder: nothing to be done
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_synced(path, data):
+    """`path` with `data` (text or bytes), flushed to disk before this returns."""
+    with open(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_file(path, data):
+    """`path` with `data` (text or bytes), whole or not at all after a crash or power cut: written to a
+    temp file beside it, flushed to disk, renamed over it, and the rename flushed too."""
+    tmp = path + ".tmp"
+    write_synced(tmp, data)
+    os.replace(tmp, path)
+    fsync_folder(os.path.dirname(path) or ".")
+
+
+def write_json(path, obj):
+    """`obj` as indented JSON in `path`, atomically and durably (write_file): a run's config.json."""
+    write_file(path, json.dumps(obj, indent=2))
+
+
+def step_lines(path):
+    """[(step, line)] of a run's .jsonl, each line as written; no file, no rows. A line cut off by a
+    crash or power cut (a partial last line, or the NUL bytes some file systems leave where an append
+    had reached the file's size and not its data) is left out: only lines written after the last
+    save's flush can be, and those are after its step, to be redone."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:              # JSONDecodeError, or bytes that are not UTF-8
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append((row["step"], line if line.endswith(b"\n") else line + b"\n"))
+    return rows
+
+
+def keep_rows(out, step):
+    """Cut metrics.jsonl, samples.jsonl and tokens.jsonl back to the rows of steps up to `step` (those
+    after it are redone), each file replaced whole and durably."""
+    for name in ROWS:
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            write_file(path, b"".join(line for s, line in step_lines(path) if s <= step))
 
 
 def restore(ckpt, out, optimizer, scaler, state_cls):
@@ -116,15 +252,17 @@ def restore(ckpt, out, optimizer, scaler, state_cls):
         scaler.load_state_dict(saved["scaler"])
     set_rng_state(saved["rng"])
     state = state_cls(**{f.name: saved[f.name] for f in dataclasses.fields(state_cls) if f.name in saved})
-    for name in ("metrics.jsonl", "samples.jsonl", "tokens.jsonl"):
-        path = os.path.join(out, name)
-        rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= state.step)
-        os.replace(tmp, path)
+    keep_rows(out, state.step)
     print(f"resumed from {ckpt} at step {state.step}", file=sys.stderr)
     return state
+
+
+def start_over(out):
+    """A --resume of a run stopped before its first checkpoint (check_resume, which then returns None):
+    its rows dropped, it runs again from step 0, the same run as a fresh start. Said in one line."""
+    keep_rows(out, 0)
+    print(f"--resume: no checkpoint in {out} (the run stopped before its first one): starting it again from step 0",
+          file=sys.stderr)
 
 
 def load_state(path):
@@ -234,6 +372,11 @@ def peak_mem_reserved_gb():
 PROGRESS = ("auto", "on", "off")          # train.py's and eval.py's --progress
 
 
+def progress_shown(mode):
+    """Is a progress bar of --progress `mode` shown: on, or auto on a terminal (not in tests or logs)."""
+    return mode == "on" or (mode == "auto" and sys.stderr.isatty())
+
+
 class GenerationProgress(LogitsProcessor):
     """A progress bar that generate() ticks once per decoded token: sequences finished (the bar) and
     tokens generated. For cegppo.rollout's `processors`; it leaves the logits as they are.
@@ -244,24 +387,24 @@ class GenerationProgress(LogitsProcessor):
     the first decode step of the next sub-batch."""
 
     def __init__(self, desc, sequences, eos_token_ids, mode="auto", delay_s=2.0, file=None):
-        self.shown = mode == "on" or (mode == "auto" and sys.stderr.isatty())
+        self.shown = progress_shown(mode)
         self.bar = tqdm(total=sequences, desc=desc, unit="seq", delay=0 if mode == "on" else delay_s,
                         disable=not self.shown, leave=False, dynamic_ncols=True, file=file or sys.stderr)
         self.eos = torch.tensor(list(eos_token_ids))
-        self.tokens, self.done_before, self.prompt_len, self.last_len = 0, 0, None, 0
-        self.finished = 0
+        self.tokens, self.done_before, self.last_len = 0, 0, 0
+        self.ended = None                                    # [b] bool: the sub-batch's rows that wrote an EOS
 
     def __call__(self, input_ids, scores):
-        if input_ids.shape[1] <= self.last_len:            # a new sub-batch: its first decode step
-            self.done_before += self.finished
-            self.prompt_len = None
-        if self.prompt_len is None:
-            self.prompt_len = input_ids.shape[1]
+        if self.ended is None or input_ids.shape[1] <= self.last_len:      # a sub-batch's first decode step
+            self.done_before += 0 if self.ended is None else int(self.ended.sum())
+            self.eos = self.eos.to(input_ids.device)
+            self.ended = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        else:                                                # the last column: the token decoded before
+            self.ended |= torch.isin(input_ids[:, -1], self.eos)
         self.last_len = input_ids.shape[1]
-        ended = torch.isin(input_ids[:, self.prompt_len:], self.eos.to(input_ids.device)).any(1)   # [b]
-        self.finished = int(ended.sum())
-        self.tokens += int((~ended).sum())                   # a token is decoded now for every live row
-        self.bar.update(self.done_before + self.finished - self.bar.n)
+        finished = int(self.ended.sum())
+        self.tokens += input_ids.shape[0] - finished         # a token is decoded now for every live row
+        self.bar.update(self.done_before + finished - self.bar.n)
         self.bar.set_postfix_str(f"{self.tokens} tokens", refresh=False)
         return scores
 

@@ -22,7 +22,8 @@ timing, peak memory and Ctrl-C live in runtime.py. One RL step:
                   up. That is where CE-GPPO and GRPO differ                   (cegppo.cegppo_loss)
   6. log          one metrics row, samples and curves; evaluation every `eval_steps`
   7. checkpoint   atomic; --resume continues exactly. A run in which no group has carried a
-                  signal for --collapse_patience steps saves, says so (collapsed or saturated) and stops
+                  signal for --collapse_patience steps saves, says why (collapsed, saturated or split)
+                  and stops
 
 Deviations from the paper (besides those listed in cegppo.py): LoRA on a 4-bit model instead of
 full fine-tuning (hence a larger learning rate, 1e-5 instead of 1e-6), far smaller batches and
@@ -55,7 +56,7 @@ import token_page
 from eval import evaluate
 from loading import UserError
 from runtime import (COLLAPSED, NO_SIGNAL_EXIT, SPLIT, GenerationProgress, catch_ctrl_c, check_resume, find_checkpoint, peak_mem_gb, peak_mem_reserved_gb, reset_peak_mem,
-                     restore, run_seed_processes, save_checkpoint, start_wandb, sync, timed)
+                     restore, run_seed_processes, save_checkpoint, start_wandb, sync, timed, write_json)
 
 
 def _f(default, help):
@@ -156,7 +157,7 @@ class State:
     pos: int = 0                   # the next prompt of this epoch's shuffle
     skipped_updates: int = 0       # updates dropped for a non-finite gradient (fp16 overflow)
     last_signal_step: int = 0      # the last step in which some group's rewards differed (collapse_patience)
-    last_no_signal: str = ""       # why the last step had no signal: "collapsed", "saturated", "split" (no_signal_kind)
+    last_no_signal: str = ""       # why the steps since last_signal_step had none: "collapsed", "saturated", "split"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ def train(cfg):
         row.update({"time/step_s": time.time() - t0, "peak_mem_gb": peak_mem_gb(),
                     "peak_mem_reserved_gb": peak_mem_reserved_gb()})
         state.last_signal_step = state.step if kept["prompts"] else state.last_signal_step
-        state.last_no_signal = "" if kept["prompts"] else no_signal_kind(sampled)
+        state.last_no_signal = "" if kept["prompts"] else no_signal_kind(sampled, state.last_no_signal)
         stopped = no_signal(state, cfg)                  # a policy with nothing left to learn from stops
         if stopped:
             row["stopped"] = stopped                     # "collapsed", "saturated" or "split" (no_signal_kind)
@@ -370,12 +371,13 @@ def rollout_step(model, sampler, tok, round_prompts, gen_batch, cfg, times):
     (freeing it gives back far more than halving the generation batch would)."""
     ticker = GenerationProgress("rollout", len(round_prompts) * cfg.num_generations, cegppo.eos_ids(tok, sampler),
                                 cfg.progress)
-    with loading.model_autocast(model):        # the policy's compute dtype on a GPU, also for the copy
-        rollout = timed(times, "rollout", cegppo.rollout, sampler, tok, [p for p, _ in round_prompts],
-                        cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p, gen_batch,
-                        sampler is model, ticker.processors(), cfg.shared_prefix)
-    ticker.close()
-    return rollout
+    try:
+        with loading.model_autocast(model):        # the policy's compute dtype on a GPU, also for the copy
+            return timed(times, "rollout", cegppo.rollout, sampler, tok, [p for p, _ in round_prompts],
+                         cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p, gen_batch,
+                         sampler is model, ticker.processors(), cfg.shared_prefix)
+    finally:
+        ticker.close()                             # also when generate() fails (the copy's fallback retries)
 
 
 def without_frames(error):
@@ -799,18 +801,18 @@ def due(step, every, cfg):
     return step % every == 0 or step == cfg.max_steps
 
 
-def no_signal_kind(sampled):
-    """Why a step's groups carried no signal: every group all wrong ("collapsed": nothing is ever
-    rewarded), all right ("saturated": nothing left to learn), or each group one or the other
-    ("split": the prompts it always solves and the ones it never does)."""
-    if not sampled["all_right"]:
-        return "collapsed"
-    return "saturated" if not sampled["all_wrong"] else "split"
+def no_signal_kind(sampled, before=""):
+    """Why the steps without a signal had none, this step's groups added to what the steps `before` it
+    (since the last signal) had: every group all wrong ("collapsed": nothing is ever rewarded), all
+    right ("saturated": nothing left to learn), or each group one or the other ("split": the prompts
+    it always solves and the ones it never does), in one step or across them."""
+    this = "collapsed" if not sampled["all_right"] else "saturated" if not sampled["all_wrong"] else "split"
+    return this if before in ("", this) else "split"
 
 
 def no_signal(state, cfg):
-    """None, or why the run stops: no group has carried a signal for collapse_patience steps (the
-    last one's no_signal_kind)."""
+    """None, or why the run stops: no group has carried a signal for collapse_patience steps (their
+    no_signal_kind)."""
     if not cfg.collapse_patience or state.step - state.last_signal_step < cfg.collapse_patience:
         return None
     return state.last_no_signal or "collapsed"
@@ -943,11 +945,10 @@ def setup(cfg):
     model, tok, params, optimizer, scaler = policy_and_optimizer(cfg, ckpt)
     prompts = usable_prompts(cfg, tok, train_rows)
     os.makedirs(cfg.output_dir, exist_ok=True)           # only now: every input was good
-    with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    write_json(os.path.join(cfg.output_dir, "config.json"), dataclasses.asdict(cfg))   # whole, or the old one
     state = restore(ckpt, cfg.output_dir, optimizer, scaler, State) if ckpt else State()
-    if ckpt and os.path.exists(os.path.join(cfg.output_dir, "tokens.jsonl")):      # its steps after the checkpoint
-        token_page.write_page(cfg.output_dir, plot.token_steps(cfg.output_dir))   # are gone: the page follows
+    if cfg.resume and os.path.exists(os.path.join(cfg.output_dir, "tokens.jsonl")):  # the rows after the checkpoint
+        token_page.write_page(cfg.output_dir, plot.token_steps(cfg.output_dir))     # are gone: the page follows
     return model, tok, params, optimizer, scaler, prompts, eval_rows, state
 
 

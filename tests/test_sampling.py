@@ -343,6 +343,30 @@ def test_a_split_run_is_neither_collapsed_nor_saturated(monkeypatch, tmp_path, c
     assert train.SPLIT in train.NO_SIGNAL_EXIT
 
 
+def test_the_no_signal_label_covers_every_step_since_the_last_signal(monkeypatch, tmp_path, capsys):
+    # the label of a window of steps without signal, step by step: all wrong, then all right, is split
+    kind = train.no_signal_kind
+    wrong, right, both = ({"all_right": r, "all_wrong": w} for r, w in ((0, 4), (4, 0), (2, 2)))
+    assert [kind(wrong), kind(right), kind(both)] == ["collapsed", "saturated", "split"]
+    assert [kind(wrong, "collapsed"), kind(right, "saturated"), kind(right, "collapsed"), kind(wrong, "saturated"),
+            kind(wrong, "split"), kind(both, "collapsed")] == ["collapsed", "saturated", "split", "split", "split",
+                                                               "split"]
+    # a run whose steps score all wrong, all wrong, then all right: not saturated (exit 0, its adapter
+    # saved as if done) on the strength of the last step, but split
+    calls = []
+
+    def scores(texts, answers):
+        calls.append(1)
+        return torch.full((len(texts),), 1.0 if len(calls) == 3 else 0.0)
+    monkeypatch.setattr(train, "score", scores)
+    out = str(tmp_path / "window")
+    assert run_main(["--preset", "tiny", "--max_steps", "10", "--eval_limit", "0", "--collapse_patience", "3",
+                     "--max_generation_rounds", "1", "--output_dir", out]) == train.SPLIT
+    assert rows(out)[-1]["stopped"] == "split" and not os.path.exists(os.path.join(out, "adapter_model.safetensors"))
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("split: every group has scored all right or "
+                                                                         "all wrong since step 0 (3 steps")
+
+
 def test_quadrant_fractions_of_the_trained_tokens_add_up_to_1(tmp_path):
     out = str(tmp_path / "q")
     assert run_main(["--preset", "tiny", "--max_steps", "2", "--eval_limit", "0", "--output_dir", out]) == 0
@@ -490,3 +514,25 @@ def test_sampling_through_the_policy_casts_the_head_once(moved_policy, dtype):
     assert n_once == 1 and n_per_step == steps > 1
     assert once["texts"] == per_step["texts"] and torch.equal(once["sample_logp"], per_step["sample_logp"])
     assert "forward" not in vars(head)                        # the head's own forward is back
+
+
+def test_train_and_eval_show_the_generation_progress_when_asked(tmp_path):
+    # the bars reach the real scripts: --progress on shows them inside each rollout and evaluation call;
+    # auto stays quiet where output is not a terminal (here: captured, as in logs and CI)
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    said = {}
+    for mode in ("on", "auto"):
+        out = str(tmp_path / mode)
+        t = subprocess.run([sys.executable, "train.py", "--model", "tiny", "--max_steps", "1", "--eval_limit", "4",
+                            "--progress", mode, "--output_dir", out], cwd=root, capture_output=True, text=True)
+        e = subprocess.run([sys.executable, "eval.py", "--model", "tiny", "--dataset", "tiny", "--limit", "4",
+                            "--max_completion_length", "12", "--progress", mode, "--output_dir", out + "-eval"],
+                           cwd=root, capture_output=True, text=True)
+        assert t.returncode == 0 and e.returncode == 0, (t.stderr + e.stderr)[-3000:]
+        said[mode] = (t.stderr, e.stderr)
+    (train_on, eval_on), (train_auto, eval_auto) = said["on"], said["auto"]
+    assert "rollout:" in train_on and "eval: generating:" in train_on          # train.py's held-out evaluation too
+    assert "eval: generating:" in eval_on
+    assert not any(s in text for s in ("rollout:", "eval: generating:", "eval:") for text in (train_auto, eval_auto))
