@@ -179,7 +179,8 @@ function counts(step, cispo) {
 }
 function countLine(step, n, cispo) {
   const pct = k => (100 * k / Math.max(1, n.tokens)).toFixed(1) + "%", passes = step.num_iterations || 1;
-  let h = `step ${step.step}: ${n.tokens} tokens in ${step.groups.length} groups (${n.completions} completions) | ` +
+  const groups = step.groups.length === 1 ? "1 group" : `${step.groups.length} groups`;
+  let h = `step ${step.step}: ${n.tokens} tokens in ${groups} (${n.completions} completions) | ` +
     Q.map((q, k) => `${q} ${n.q[k]} (${pct(n.q[k])})`).join(" &middot; ");
   // CISPO marks every token whose weight the cap binds, either sign of A, and never drops a gradient
   // (its metric clip_ratio/high_mean counts only A > 0)
