@@ -26,9 +26,11 @@ with the others; its numbers come back prefixed `plain_`, with the ratios shared
 bytes, and its logits' distance from the 4-bit + LoRA policy's; nothing else.
 --mismatch bf16,fp16,fp32: per compute dtype, how far the sampler's own log-probs are from pi_old
 recomputed by the policy's training forward (the dense copy with LoRA merged and kept apart, and the
-policy itself), what the first update would clip if the sampler's numbers were pi_old, and the
-sampler correction's weights; on a CPU the half precisions run under CPU autocast. --adapter: a
-trained LoRA (a train.py output folder) instead of a fresh one.
+policy itself), how many tokens would lie outside the clip range at the first update if the
+sampler's numbers were pi_old (an upper bound), the sampler correction's weights and each sampler's
+tokens/s; under fp16 also pi_old with the log-prob head in fp16 against float32, and both passes'
+times. On a CPU the half precisions run under CPU autocast. --adapter: a trained LoRA (a train.py
+output folder) instead of a fresh one.
 
 TRL gets the same model object (4-bit + LoRA built by loading.load_model), the same chat-formatted
 prompts and reward, the same P prompts x G generations, completion length, temperature, top_p,
@@ -355,6 +357,34 @@ def rollout_copy_cost(cfg, out_dir, repeats=3):
     print(f"wrote {out_dir}/rollout_copy_cost.json")
 
 
+def timed_call(fn, *args):
+    """(fn(*args), its wall time in seconds, on a GPU once its queued work has run)."""
+    runtime.sync()
+    t = time.time()
+    out = fn(*args)
+    runtime.sync()
+    return out, time.time() - t
+
+
+def head_rounding(model, ro, cfg):
+    """Under fp16 autocast: pi_old of the rollout `ro` with the LM head multiplying in fp16 (the default,
+    cegppo.head_operands) against float32, and each pass's time (on a T4 the float32 head has no tensor
+    cores; on a CPU the times say nothing of a GPU's). A row of --mismatch's table."""
+    real, got = cegppo.head_operands, {}
+    for name, dtype in (("fp16", torch.float16), ("fp32", torch.float32)):
+        cegppo.head_operands = lambda head, device, dtype=dtype: (head.weight.to(dtype),
+                                                                  None if head.bias is None else head.bias.to(dtype))
+        try:
+            (got[name], _), got[f"{name}_s"] = timed_call(train.old_logprobs, model, ro, cfg, False)
+        finally:
+            cegppo.head_operands = real
+    mask = ro["completion_mask"].cpu().bool()
+    d = (got["fp16"] - got["fp32"]).abs()[mask]
+    return {"dtype": "fp16", "sampler": "log-prob head fp16 vs float32", "tokens": int(mask.sum()),
+            "logp_diff_mean": d.mean().item(), "logp_diff_max": d.max().item(),
+            "pass_s_head_fp16": got["fp16_s"], "pass_s_head_fp32": got["fp32_s"]}
+
+
 def sampler_mismatch(cfg, adapter, dtypes, out_dir):
     """bench.py --mismatch: one row per compute dtype and sampler (see the module docstring)."""
     import contextlib
@@ -384,30 +414,40 @@ def sampler_mismatch(cfg, adapter, dtypes, out_dir):
                 torch.manual_seed(cfg.seed + 1)
                 with loading.model_autocast(model) if device == "cuda" else (
                         torch.autocast("cpu", dtype=half) if half else contextlib.nullcontext()):
-                    ro = cegppo.rollout(sampler, tok, prompts, c.num_generations, c.max_completion_length,
-                                        c.temperature, c.top_p, c.generation_batch_size)
+                    ro, seconds = timed_call(cegppo.rollout, sampler, tok, prompts, c.num_generations,
+                                             c.max_completion_length, c.temperature, c.top_p, c.generation_batch_size)
                 old, _ = train.old_logprobs(model, ro, c, with_entropy=False)
                 mask = ro["completion_mask"].cpu()
                 sample = ro["sample_logp"].float().cpu()[:, :old.shape[1]]
                 d = (sample - old).abs()[mask.bool()]
                 eps = max(c.epsilon_low or 0.2, c.epsilon_high or 0.2)
                 _, corr = cegppo.sampler_correction(old, sample, mask, c.sampler_correction, c.sampler_correction_cap)
+                # an upper bound of the tokens outside [1 - eps, 1 + eps] had the sampler's numbers been
+                # taken as pi_old (|log(1 - eps)| > log(1 + eps)); clipped are those of them whose A has the sign
                 rows.append({"dtype": dtype, "sampler": name, "tokens": int(mask.sum()),
+                             "tokens_per_s": int(mask.sum()) / seconds,
                              "logp_diff_mean": d.mean().item(), "logp_diff_max": d.max().item(),
                              "would_clip_at_first_update": (d > torch.log(torch.tensor(1 + eps))).float().mean().item(),
                              "correction": c.sampler_correction, **{k.split("/")[-1] if "ratio" in k else k: v
                                                                    for k, v in corr.items()}})
                 if sampler is not model:
                     rollout_copy.release(sampler)
+            if dtype == "fp16":         # the log-prob head multiplies in fp16 there (cegppo.head_operands)
+                rows.append(head_rounding(model, ro, c))
         finally:
             loading.autocast = real_autocast
         del model
-    print(f"{'dtype':<6} {'sampler':<22} {'tokens':>6} {'|dlogp| mean':>12} {'max':>8} {'clip@1st':>8} "
-          f"{'IS mean':>8} {'IS min':>7} {'IS max':>7} {'masked':>7}")
+    print(f"{'dtype':<6} {'sampler':<22} {'tokens':>6} {'|dlogp| mean':>12} {'max':>8} {'out@1st':>8} "
+          f"{'IS mean':>8} {'IS min':>7} {'IS max':>7} {'masked':>7}  sampling")
     for r in rows:
+        if "pass_s_head_fp16" in r:
+            print(f"{r['dtype']:<6} {r['sampler']:<22} {r['tokens']:>6} {r['logp_diff_mean']:>12.2e} "
+                  f"{r['logp_diff_max']:>8.2e}  pi_old pass: {r['pass_s_head_fp16']:.3f} s with the fp16 head, "
+                  f"{r['pass_s_head_fp32']:.3f} s with float32")
+            continue
         print(f"{r['dtype']:<6} {r['sampler']:<22} {r['tokens']:>6} {r['logp_diff_mean']:>12.2e} {r['logp_diff_max']:>8.2e} "
               f"{r['would_clip_at_first_update']:>8.4f} {r['mean']:>8.4f} {r['min']:>7.3f} {r['max']:>7.3f} "
-              f"{r['sampling/correction_masked']:>7.4f}")
+              f"{r['sampling/correction_masked']:>7.4f}  {r['tokens_per_s']:.0f} tokens/s")
     with open(os.path.join(out_dir, "mismatch.json"), "w") as f:
         json.dump(rows, f, indent=2)
     print(f"wrote {out_dir}/mismatch.json")

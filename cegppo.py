@@ -681,8 +681,9 @@ def head_operands(head, device_type):
     """The LM head's weight and bias in the precision the log-prob chunks multiply in, cast at most
     once per pass (never per chunk): float32 (TF32 on GPUs that have it), even under bf16 autocast,
     whose rounding of the logits (steps of 0.125 at |logit| 16-32) could move a ratio by e^0.125 on
-    its own; under fp16 autocast (a T4: no TF32, 8x slower in float32) fp16, whose steps are 8 times
-    finer (2^-6 there: a ratio moves by 1.6% at most, far inside any clip range)."""
+    its own; under fp16 autocast (a T4: no TF32, its float32 matmuls far slower than fp16's) fp16, whose
+    steps are 8 times finer: 2^-6 at |logit| 16-32 and 2^-5 at 32-64, a ratio moved by at most 1.6% and
+    3.2% by one step, inside any clip range (bench.py --mismatch fp16 measures what it rounds)."""
     half = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
     dtype = torch.float16 if half else torch.float32
     bias = None if head.bias is None else head.bias.to(dtype)

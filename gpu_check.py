@@ -277,7 +277,13 @@ def summarize_rollout(part, res):
         what = f"{r['sampler']}, {r['dtype']}, small random adapter"
         out.append(row(part, f"logp mismatch mean / max, {what}", f"{r['logp_diff_mean']:.2e} / {r['logp_diff_max']:.2e}",
                        "CPU simulation: docs/benchmarks.md"))
-        out.append(row(part, f"would clip at the first update / correction ({r['correction']}) mean, masked, {what}",
+        if "pass_s_head_fp16" in r:      # the fp16 head's rounding of pi_old, and what float32 would cost
+            out.append(row(part, f"pi_old pass (s), {what}: head in fp16 / float32",
+                           f"{r['pass_s_head_fp16']:.3f} / {r['pass_s_head_fp32']:.3f}"))
+            continue
+        out.append(row(part, f"sampling tokens/s, {what}", round(r["tokens_per_s"], 1)))
+        out.append(row(part, f"outside the clip range at the first update (upper bound) / correction "
+                             f"({r['correction']}) mean, masked, {what}",
                        f"{r['would_clip_at_first_update']:.4f} / {r['mean']:.4f}, {r['sampling/correction_masked']:.4f}"))
     if "error" in res:
         out.append(row(part, "error", res["error"], "", False))

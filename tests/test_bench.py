@@ -133,15 +133,20 @@ def test_mismatch_rows_per_dtype_and_sampler(tmp_path):
     # copy both ways (LoRA merged and kept apart), float32's merged only (it is exact there)
     import bench
     out = str(tmp_path / "mm")
-    assert bench.main(["--mismatch", "bf16,fp32", "--model", "tiny", "--dataset", "tiny", "--prompts_per_step", "2",
-                       "--output_dir", out]) == 0
+    assert bench.main(["--mismatch", "bf16,fp16,fp32", "--model", "tiny", "--dataset", "tiny", "--prompts_per_step",
+                       "2", "--output_dir", out]) == 0
     rows = json.load(open(os.path.join(out, "mismatch.json")))
+    samplers = [("copy, LoRA merged"), ("copy, LoRA kept apart"), ("4-bit policy")]
     assert [(r["dtype"], r["sampler"]) for r in rows] == [
-        ("bf16", "copy, LoRA merged"), ("bf16", "copy, LoRA kept apart"), ("bf16", "4-bit policy"),
+        *(("bf16", s) for s in samplers), *(("fp16", s) for s in samplers), ("fp16", "log-prob head fp16 vs float32"),
         ("fp32", "copy, LoRA merged"), ("fp32", "4-bit policy")]
-    bf16, fp32 = rows[:3], rows[3:]
+    bf16, head, fp32 = rows[:3], rows[6], rows[7:]
     assert all(r["logp_diff_max"] < 1e-4 and r["mean"] == pytest.approx(1.0, abs=1e-5) for r in fp32)
     assert all(r["logp_diff_mean"] > 10 * fp32[0]["logp_diff_mean"] for r in bf16)       # bf16's rounding shows
+    assert all(r["tokens_per_s"] > 0 for r in rows if "tokens_per_s" in r) and len([r for r in rows if "tokens_per_s"
+                                                                                  in r]) == 8
+    # the fp16 head's rounding of pi_old, beside float32's: present, far below bf16's whole mismatch
+    assert 0 < head["logp_diff_mean"] < bf16[2]["logp_diff_mean"] and head["pass_s_head_fp32"] > 0
     with pytest.raises(bench.UserError, match="--mismatch bf32: each one of"):
         bench.main(["--mismatch", "bf32", "--model", "tiny", "--dataset", "tiny", "--output_dir", out])
 

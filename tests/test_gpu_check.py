@@ -136,5 +136,14 @@ def test_rollout_worker_measures_both_samplers(tmp_path):
     assert [(r["dtype"], r["sampler"]) for r in res["mismatch"]] == [("fp32", "copy, LoRA merged"),
                                                                        ("fp32", "4-bit policy")]
     assert all(r["would_clip_at_first_update"] == 0 and abs(r["mean"] - 1) < 1e-5 for r in res["mismatch"])
-    assert "would clip at the first update / correction (sequence_mask) mean, masked, 4-bit policy, fp32, " \
-        "small random adapter" in table
+    assert "outside the clip range at the first update (upper bound) / correction (sequence_mask) mean, masked, " \
+        "4-bit policy, fp32, small random adapter" in table
+    assert table["sampling tokens/s, 4-bit policy, fp32, small random adapter"] > 0
+    # fp16's row of the log-prob head's rounding: the pi_old pass's time with the head in fp16 and float32
+    head = {"dtype": "fp16", "sampler": "log-prob head fp16 vs float32", "tokens": 9, "logp_diff_mean": 1e-4,
+            "logp_diff_max": 2e-3, "pass_s_head_fp16": 0.5, "pass_s_head_fp32": 0.75}
+    table = {r["check"]: r["measured"] for r in gpu_check.summarize_rollout("d", {"mismatch": [head]})}
+    assert table == {"logp mismatch mean / max, log-prob head fp16 vs float32, fp16, small random adapter":
+                     "1.00e-04 / 2.00e-03",
+                     "pi_old pass (s), log-prob head fp16 vs float32, fp16, small random adapter: head in fp16 / float32":
+                     "0.500 / 0.750"}
