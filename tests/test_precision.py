@@ -174,6 +174,30 @@ def test_the_head_is_cast_once_per_pass_under_fp16_autocast(monkeypatch):
     assert lp.dtype == torch.float32 and torch.isfinite(h.grad).all()
 
 
+@pytest.mark.parametrize("layout", ["plain", "packed"])
+def test_a_real_log_prob_pass_casts_the_head_once(tiny_policy, layout):
+    """The same count on the passes train.py takes, through the 4-bit + LoRA policy under fp16 autocast:
+    the [V, d] head is cast once per pass, forward and backward together, in the plain layout
+    (cegppo.completion_logprobs) and packed by prompt (shared_prefix.completion_logprobs)."""
+    import shared_prefix
+    model, tok = tiny_policy
+    ro = rollout_batch(tok)
+    ids, amask, cmask, L = train.micro_batch(ro, torch.arange(8))
+    V, d = model.get_output_embeddings().weight.shape
+    with torch.profiler.profile(record_shapes=True) as prof:
+        with torch.autocast("cpu", dtype=torch.float16):
+            if layout == "plain":
+                lp, _ = cegppo.completion_logprobs(model, ids, amask, L, with_entropy=False)
+            else:
+                lp, _ = shared_prefix.completion_logprobs(model, shared_prefix.pack(ids, amask, cmask, L), cmask,
+                                                          with_entropy=False)
+        (lp * cmask).sum().backward()
+    casts = [e for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes and
+             list(e.input_shapes[0]) == [V, d]]
+    assert cegppo.chunk_size(int(cmask.numel())) < cmask.numel()          # several chunks: one cast for all
+    assert len(casts) == 1 and torch.isfinite(lp).all()
+
+
 def rollout_batch(tok, n=8):
     """n responses to n/4 prompts in groups of 4, left-padded as cegppo.rollout returns them."""
     rows = lab.toy_rows("train", tiny=True)[:n]
