@@ -204,7 +204,8 @@ def test_the_page_shows_what_the_loss_did_in_a_real_browser(run, tmp_path):
         counts = re.search(r'<div id="counts"([^>]*)>(.*?)</div>', dom)
         attrs = dict(re.findall(r'data-(\w+)="(\d+)"', counts.group(1)))
         assert {k: int(v) for k, v in attrs.items()} == token_page_counts(step)
-        assert counts.group(2).startswith(f"step {step['step']}: {len(tokens_of(step))} tokens in {len(step['groups'])} groups")
+        groups = "1 group" if len(step["groups"]) == 1 else f"{len(step['groups'])} groups"
+        assert counts.group(2).startswith(f"step {step['step']}: {len(tokens_of(step))} tokens in {groups} (")
         assert "passes" not in counts.group(2)       # one pass over each rollout: the counts are the metrics'
     # the header, computed by the page from its blocks
     assert re.search(r'<div class="sub" id="about">run: --algo cegppo \(beta1 0.5, beta2 1, eps 0.2 / 0.2\); '
