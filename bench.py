@@ -357,32 +357,23 @@ def rollout_copy_cost(cfg, out_dir, repeats=3):
     print(f"wrote {out_dir}/rollout_copy_cost.json")
 
 
-def timed_call(fn, *args):
-    """(fn(*args), its wall time in seconds, on a GPU once its queued work has run)."""
-    runtime.sync()
-    t = time.time()
-    out = fn(*args)
-    runtime.sync()
-    return out, time.time() - t
-
-
 def head_rounding(model, ro, cfg):
     """Under fp16 autocast: pi_old of the rollout `ro` with the LM head multiplying in fp16 (the default,
     cegppo.head_operands) against float32, and each pass's time (on a T4 the float32 head has no tensor
     cores; on a CPU the times say nothing of a GPU's). A row of --mismatch's table."""
-    real, got = cegppo.head_operands, {}
+    real, got, seconds = cegppo.head_operands, {}, {}
     for name, dtype in (("fp16", torch.float16), ("fp32", torch.float32)):
         cegppo.head_operands = lambda head, device, dtype=dtype: (head.weight.to(dtype),
                                                                   None if head.bias is None else head.bias.to(dtype))
         try:
-            (got[name], _), got[f"{name}_s"] = timed_call(train.old_logprobs, model, ro, cfg, False)
+            got[name], _ = runtime.timed(seconds, name, train.old_logprobs, model, ro, cfg, False)
         finally:
             cegppo.head_operands = real
     mask = ro["completion_mask"].cpu().bool()
     d = (got["fp16"] - got["fp32"]).abs()[mask]
     return {"dtype": "fp16", "sampler": "log-prob head fp16 vs float32", "tokens": int(mask.sum()),
             "logp_diff_mean": d.mean().item(), "logp_diff_max": d.max().item(),
-            "pass_s_head_fp16": got["fp16_s"], "pass_s_head_fp32": got["fp32_s"]}
+            "pass_s_head_fp16": seconds["fp16"], "pass_s_head_fp32": seconds["fp32"]}
 
 
 def sampler_mismatch(cfg, adapter, dtypes, out_dir):
@@ -412,10 +403,11 @@ def sampler_mismatch(cfg, adapter, dtypes, out_dir):
             for name, merge in samplers:
                 sampler = model if merge is None else rollout_copy.dense_copy(model, merge=merge)
                 torch.manual_seed(cfg.seed + 1)
+                seconds = {}
                 with loading.model_autocast(model) if device == "cuda" else (
                         torch.autocast("cpu", dtype=half) if half else contextlib.nullcontext()):
-                    ro, seconds = timed_call(cegppo.rollout, sampler, tok, prompts, c.num_generations,
-                                             c.max_completion_length, c.temperature, c.top_p, c.generation_batch_size)
+                    ro = runtime.timed(seconds, "rollout", cegppo.rollout, sampler, tok, prompts, c.num_generations,
+                                       c.max_completion_length, c.temperature, c.top_p, c.generation_batch_size)
                 old, _ = train.old_logprobs(model, ro, c, with_entropy=False)
                 mask = ro["completion_mask"].cpu()
                 sample = ro["sample_logp"].float().cpu()[:, :old.shape[1]]
@@ -425,7 +417,7 @@ def sampler_mismatch(cfg, adapter, dtypes, out_dir):
                 # an upper bound of the tokens outside [1 - eps, 1 + eps] had the sampler's numbers been
                 # taken as pi_old (|log(1 - eps)| > log(1 + eps)); clipped are those of them whose A has the sign
                 rows.append({"dtype": dtype, "sampler": name, "tokens": int(mask.sum()),
-                             "tokens_per_s": int(mask.sum()) / seconds,
+                             "tokens_per_s": int(mask.sum()) / seconds["rollout"],
                              "logp_diff_mean": d.mean().item(), "logp_diff_max": d.max().item(),
                              "would_clip_at_first_update": (d > torch.log(torch.tensor(1 + eps))).float().mean().item(),
                              "correction": c.sampler_correction, **{k.split("/")[-1] if "ratio" in k else k: v

@@ -165,6 +165,7 @@ def estimate(m, cfg):
     per_layer = positions * (resid * rb + comp * 4)
     boundaries = (m.layers + 2) * positions * m.hidden * rb        # each block's input, final norm in/out
     prompts = train.shared_prompts(cfg)
+    head = sampler_head_bytes(m, cfg)
     # the sampler: the 4-bit + LoRA policy, or with --rollout_model dense its dense copy, whose residual
     # stream is in the compute dtype (auto is counted as the policy: it takes the copy only where it fits)
     dense = getattr(cfg, "rollout_model", "auto") == "dense"
@@ -183,8 +184,7 @@ def estimate(m, cfg):
                                                                   lora=not dense or dtype != "fp32"),
         "rollout: sampling logits (5 x [batch, V] fp32 + the step's)": sampling_logits_bytes(m, gen_batch, sb,
                                                                                              cfg.top_p),
-        **({f"rollout: the LM head in {dtype} (cegppo.head_cast_once)": sampler_head_bytes(m, cfg)}
-           if sampler_head_bytes(m, cfg) else {}),
+        **({f"rollout: the LM head in {dtype} (cegppo.head_cast_once)": head} if head else {}),
         ("update: layer-boundary hidden states" if cfg.gradient_checkpointing
          else "update: all layers' activations"): boundaries if cfg.gradient_checkpointing else
         (m.layers * per_layer + 2 * positions * m.hidden * rb),
