@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,17 +214,21 @@ def policy_loss(algo, logp, old_logp, advantages, mask, *, num_tokens=None, toke
                        token_weights=token_weights, **knobs)
 
 
-def positive_sft_loss(logp, mask, positive, num_tokens=None):
+def positive_sft_loss(logp, mask, positive, num_tokens=None, token_weights=None):
     """The authors' positive-sample SFT term: token-mean -log pi over the responses that earned the full reward.
 
     Not in the paper; the authors' scripts add it with coefficient 0.1 (Klear-Reasoner's RL + SFT
     objective), as  loss = cegppo_loss + sft_coef * positive_sft_loss.
     logp, mask: [B, T]; positive: [B] bool. num_tokens: the denominator, by default the number of
     response tokens of positive responses here (pass the mini-batch's count when accumulating).
+    token_weights: [B, T] or None, the policy loss's (sampler_correction): a token the correction
+    weighs down or masks out is learnt from as little here, so that both terms see the same tokens.
     With no positive response the result is a zero that still carries the graph.
     """
     m = mask.to(logp.dtype) * positive.to(logp.dtype)[:, None]  # [B, T]
     denom = m.sum().clamp(min=1.0) if num_tokens is None else float(max(num_tokens, 1))
+    if token_weights is not None:                                # (the denominator counts tokens, as cegppo_loss's)
+        m = m * token_weights.detach().to(logp.dtype)
     return -(logp * m).sum() / denom
 
 
@@ -416,10 +420,27 @@ def completion_mask(completion_ids, eos_token_ids):
 
 
 class NonFiniteLogits(RuntimeError):
-    """The sampler's logits hold inf or nan (e.g. an fp16 overflow): its probabilities mean nothing."""
+    """The sampler's logits hold inf or nan (e.g. an fp16 overflow): its probabilities mean nothing.
+    rows: the rows of the generate() call whose logits were not finite (indices into its batch)."""
+
+    def __init__(self, message, rows=()):
+        super().__init__(message)
+        self.rows = list(rows)
 
 
-class SampledTokenLogProbs(LogitsProcessor):
+class FiniteLogits(LogitsProcessor):
+    """Stops generate() with NonFiniteLogits at the first decode step whose logits hold nan or +inf (an fp16
+    overflow), for greedy decoding as for sampling: argmax over nan is a junk token, not an answer.
+    -inf is a token a processor forbade, and allowed."""
+
+    def __call__(self, input_ids, scores):
+        bad = torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1)          # [b]
+        if bad.any():
+            raise NonFiniteLogits("the sampler's logits are not finite", bad.nonzero()[:, 0].tolist())
+        return scores
+
+
+class SampledTokenLogProbs(FiniteLogits):
     """Records, while generate() samples, log pi(a_t) and the entropy H_t of the sampled tokens.
 
     generate() calls it once per decode step with that step's logits [b, V] (float32) before the
@@ -443,8 +464,7 @@ class SampledTokenLogProbs(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         self._read(input_ids[:, -1])                                                   # previous step's token
-        if torch.isnan(scores).any() or torch.isposinf(scores).any():   # -inf: a token a processor forbade
-            raise NonFiniteLogits("the sampler's logits are not finite")
+        super().__call__(input_ids, scores)                                            # nan / +inf: stop
         logprobs = torch.log_softmax(scores.float() / self.temperature, dim=-1)       # [b, V]
         # H = sum_v entr(p_v) = -sum_v p_v log p_v, with entr(0) = 0 (a forbidden token); one [b, V]
         # temporary beside p, where -(p * log p) with a mask took three
@@ -506,11 +526,25 @@ def prompt_cache(model, prompt_ids, prompt_mask):
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _generate(model, input_ids, attention_mask, gen_kwargs, batch_size, temperature=None, shrink_on_oom=True,
+def expanded_prompt_cache(model, prompts, rows, group_size, half):
+    """generate()'s cache for `rows` of a rollout: their prompts [(ids, mask)] encoded once each (prompt_cache)
+    and expanded to the rows, layer by layer, each layer's prompt cache freed once expanded. In a function of
+    its own so that an out-of-memory error part way through frees what it had built with its frame."""
+    first = int(rows[0]) // group_size
+    kv = prompt_cache(model, *(t[first:int(rows[-1]) // group_size + 1] for t in prompts))
+    cache = CastKVCache(half) if half else DynamicCache()
+    for layer in range(len(kv)):
+        (k, v), kv[layer] = kv[layer], None
+        cache.update(k[rows // group_size - first], v[rows // group_size - first], layer)
+    return cache
+
+
+def _generate(model, input_ids, attention_mask, batch_size, temperature=None, shrink_on_oom=True,
               processors=(), prompts=None, group_size=1):
     """model.generate over sub-batches; on CUDA out-of-memory halve the sub-batch and retry
     (or, with shrink_on_oom False, raise at once: the caller has memory of its own to give back).
     `processors` run after the recorder and must leave the logits as they are (a progress bar).
+    Non-finite logits raise NonFiniteLogits with the rows (of input_ids) where they appeared.
 
     prompts: (prompt_ids [P, L], prompt_mask [P, L]) of the distinct prompts, each the prompt of
     `group_size` consecutive rows: each sub-batch encodes its own prompts once (prompt_cache) and
@@ -523,23 +557,20 @@ def _generate(model, input_ids, attention_mask, gen_kwargs, batch_size, temperat
     half = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None   # (a GPU's)
     while i < input_ids.shape[0]:
         rows = torch.arange(i, min(i + batch_size, input_ids.shape[0]), device=input_ids.device)
-        recorder = SampledTokenLogProbs(temperature) if temperature else None
+        recorder = SampledTokenLogProbs(temperature) if temperature else FiniteLogits()
         cache = out = None
         try:
             if prompts is not None:      # the sub-batch's prompts once, then their cache expanded to its rows
-                first = i // group_size
-                kv = prompt_cache(model, *(t[first:int(rows[-1]) // group_size + 1] for t in prompts))
-                cache = CastKVCache(half) if half else DynamicCache()
-                for layer in range(len(kv)):         # each layer's prompt cache freed once expanded
-                    (k, v), kv[layer] = kv[layer], None
-                    cache.update(k[rows // group_size - first], v[rows // group_size - first], layer)
-                del kv, k, v
+                cache = expanded_prompt_cache(model, prompts, rows, group_size, half)
             out = model.generate(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
-                                 logits_processor=LogitsProcessorList([recorder] if recorder else []) + list(processors),
-                                 **({"cache": cache} if cache is not None else {}), **gen_kwargs)
+                                 logits_processor=LogitsProcessorList([recorder, *processors]),
+                                 **({"cache": cache} if cache is not None else {}))
         except torch.OutOfMemoryError:
             if batch_size == 1 or not shrink_on_oom:
                 raise
+        except NonFiniteLogits as e:
+            e.rows = [i + r for r in e.rows]                                        # rows of the whole call
+            raise
         if out is None:       # out of memory; here, past the except, the failed call's frames are freed
             del recorder, cache
             torch.cuda.empty_cache()
@@ -548,9 +579,25 @@ def _generate(model, input_ids, attention_mask, gen_kwargs, batch_size, temperat
             continue
         completion = out[:, input_ids.shape[1]:]                                      # [b, t]
         outs.append(completion)
-        scored.append(recorder.finish(completion[:, -1]) if recorder else None)
+        scored.append(recorder.finish(completion[:, -1]) if temperature else None)
         i += batch_size
     return outs, scored, batch_size
+
+
+@contextlib.contextmanager
+def sampling_config(model, **knobs):
+    """generate() samples from exactly `knobs` and transformers' neutral defaults for everything else: the
+    model's own generation_config (a checkpoint's top_k, min_p, suppress_tokens, no_repeat_ngram_size or
+    any knob added later) is set aside for the call, since generate() fills every knob its caller leaves
+    unset from it, and the sampler would then draw from a distribution neither the recorder nor pi_old
+    describes. Put back however the call ends."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model    # (peft's wrapper: its model)
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig(**knobs)
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
 
 
 @torch.no_grad()
@@ -571,10 +618,12 @@ def rollout(model, tokenizer, prompts, num_generations, max_new_tokens, temperat
       gen_batch_size  the generation sub-batch that fit in memory (for the next call)
     temperature 0 means greedy (then no sample_logp / sample_entropy). The responses to one
     prompt are next to each other. On CUDA out-of-memory the generation sub-batch halves and
-    generate() runs again, unless shrink_on_oom is False. `processors`: logits processors that only
+    generate() runs again, unless shrink_on_oom is False. Non-finite logits (an fp16 overflow) raise
+    NonFiniteLogits, greedy or not. `processors`: logits processors that only
     watch the decoding (runtime.GenerationProgress, a progress bar), run once per decoded token.
     share_prompts: encode each prompt once (prompt_cache) and sample its G completions from that
     cache, rather than encoding it in each of the G rows: the same numbers, to rounding.
+    The model is in eval mode while it samples and back in its own mode afterwards, however the call ends.
     """
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
@@ -582,21 +631,23 @@ def rollout(model, tokenizer, prompts, num_generations, max_new_tokens, temperat
     amask = enc["attention_mask"].repeat_interleave(num_generations, dim=0).to(device)      # [B, L]
     stop = eos_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    # Every sampling knob is set here: a model's own generation_config (Qwen2.5 ships top_k 20,
-    # top_p 0.8, repetition_penalty 1.05) would otherwise change the sampling distribution, and
-    # the old log-probs would no longer be those of the policy that sampled.
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, repetition_penalty=1.0,
-                      eos_token_id=stop, pad_token_id=pad, use_cache=True)
+    # Every sampling knob is set here, the rest are transformers' neutral defaults (sampling_config): a
+    # model's own generation_config (Qwen2.5 ships top_k 20, top_p 0.8, repetition_penalty 1.05) would
+    # otherwise change the sampling distribution, and the old log-probs would no longer be the sampler's.
+    knobs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, repetition_penalty=1.0,
+                 eos_token_id=stop, pad_token_id=pad, use_cache=True)
     if temperature > 0:   # top_k 0 switches top-k filtering off
-        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-    was_training = model.training
-    model.eval()
+        knobs.update(temperature=temperature, top_p=top_p, top_k=0)
     share = share_prompts and num_generations > 1 and enc["input_ids"].shape[1] > 1
     prompt_rows = (enc["input_ids"].to(device), enc["attention_mask"].to(device)) if share else None
-    with head_cast_once(model):
-        chunks, scored, batch_size = _generate(model, ids, amask, gen_kwargs, batch_size, temperature, shrink_on_oom,
-                                               processors, prompt_rows, num_generations)
-    model.train(was_training)
+    was_training = model.training
+    model.eval()
+    try:
+        with head_cast_once(model), sampling_config(model, **knobs):
+            chunks, scored, batch_size = _generate(model, ids, amask, batch_size, temperature, shrink_on_oom,
+                                                   processors, prompt_rows, num_generations)
+    finally:
+        model.train(was_training)
     T = max(c.shape[1] for c in chunks)
     completion = torch.cat([F.pad(c, (0, T - c.shape[1]), value=pad) for c in chunks])       # [B, T]
     cmask, truncated = completion_mask(completion, stop)

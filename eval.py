@@ -31,7 +31,8 @@ def evaluate(model, tokenizer, rows, max_new_tokens, batch_size=64, k=1, tempera
              generation_progress="off"):
     """Score `rows` [(question, answer)]: k samples each (greedy when temperature is 0).
     progress: a bar over the generate() calls; generation_progress: auto | on | off, a bar inside each
-    call, ticked per decoded token (runtime.GenerationProgress).
+    call, ticked per decoded token (runtime.GenerationProgress). Logits that are not finite (an fp16
+    overflow) are never scored: cegppo.NonFiniteLogits, saying which questions and in which dtype.
 
     Returns accuracy (avg@k), its standard error over questions, counts, and one record per completion.
     """
@@ -41,12 +42,20 @@ def evaluate(model, tokenizer, rows, max_new_tokens, batch_size=64, k=1, tempera
         chunk = rows[s:s + per_q]
         ticker = GenerationProgress("eval: generating", len(chunk) * k, cegppo.eos_ids(tokenizer, model),
                                     generation_progress)
+        failed = None
         try:
             with loading.model_autocast(model):     # half precision on a GPU, as in training; none on a CPU
                 ro = cegppo.rollout(model, tokenizer, [cegppo.format_prompt(tokenizer, q) for q, _ in chunk], k,
                                     max_new_tokens, temperature, top_p, batch_size, processors=ticker.processors())
+        except cegppo.NonFiniteLogits as e:
+            failed = sorted({s + r // k for r in e.rows})
         finally:
             ticker.close()
+        if failed is not None:                      # raised here, past the except: the failed call's frames are gone
+            raise cegppo.NonFiniteLogits(
+                f"the logits were not finite ({loading.dtype_name(loading.model_compute_dtype(model))} compute) while "
+                f"generating for question{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} (of "
+                f"{len(rows)}, counted from 0): nothing was scored", failed)
         lengths = ro["completion_mask"].sum(1).tolist()
         for j, text in enumerate(ro["texts"]):
             q, a = chunk[j // k]
@@ -92,13 +101,12 @@ class EvalConfig:
     progress: str = field(default="auto", metadata={"help": "a progress bar inside each generate() call (sequences finished, tokens): auto = on a terminal once a call has run 2 s, on, off"})
 
 
-def generation_model(model, tok, rows, cfg):
-    """What generates: on a GPU where it fits, the dense copy of the 4-bit (+ LoRA) model (rollout_copy:
-    one dense matmul per layer instead of dequantising every weight at every token), else the model."""
+def use_dense_copy(model, tok, rows, cfg):
+    """Does a dense copy of the 4-bit (+ LoRA) model generate (rollout_copy: one dense matmul per layer
+    instead of dequantising every weight at every token)? On a GPU where it fits."""
     prompt_tokens = max(len(tok(cegppo.format_prompt(tok, q))["input_ids"]) for q, _ in rows)
-    kind = rollout_copy.choose("auto", model, min(cfg.batch_size, len(rows) * cfg.k),
-                               prompt_tokens + cfg.max_completion_length, prompt_tokens=prompt_tokens)
-    return rollout_copy.dense_copy(model) if kind == "dense" else model
+    return rollout_copy.choose("auto", model, min(cfg.batch_size, len(rows) * cfg.k),
+                               prompt_tokens + cfg.max_completion_length, prompt_tokens=prompt_tokens) == "dense"
 
 
 def main(argv=None):
@@ -117,9 +125,14 @@ def main(argv=None):
     model, tok = loading.load_model(loading.resolve_model(cfg.model), four_bit=cfg.load_in_4bit, adapter=cfg.adapter,
                                     dtype=cfg.dtype)
     model.eval()
-    sampler = generation_model(model, tok, rows, cfg)
-    res = evaluate(sampler, tok, rows, cfg.max_completion_length, cfg.batch_size, cfg.k, cfg.temperature, cfg.top_p,
-                   progress=progress_shown(cfg.progress), generation_progress=cfg.progress)
+    try:
+        res = rollout_copy.with_fallback(
+            model, use_dense_copy(model, tok, rows, cfg),
+            lambda m: evaluate(m, tok, rows, cfg.max_completion_length, cfg.batch_size, cfg.k, cfg.temperature,
+                               cfg.top_p, progress=progress_shown(cfg.progress), generation_progress=cfg.progress),
+            lambda line: tqdm.write(f"warning: {line}"))
+    except cegppo.NonFiniteLogits as e:
+        raise UserError(f"{e}; evaluate in float32 (--dtype fp32), or bf16 on a GPU that has it natively") from None
     os.makedirs(cfg.output_dir, exist_ok=True)
     records = res.pop("records")
     with open(os.path.join(cfg.output_dir, "completions.jsonl"), "w") as f:

@@ -154,6 +154,11 @@ def usable_cpus():
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def dtype_name(dtype):
+    """The --dtype spelling of a torch dtype: bf16, fp16, fp32 (or torch's own name)."""
+    return next((name for name, d in DTYPES.items() if d == dtype), str(dtype).split(".")[-1])
+
+
 def native_bf16(device=None):
     """Does this CUDA GPU compute bf16 natively: compute capability 8.0 (Ampere) or newer?
 

@@ -38,6 +38,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
+import cegppo
 import sizes
 
 
@@ -275,6 +276,33 @@ def release(dense):
                 module._buffers[name] = torch.empty_like(b, device="meta")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def with_fallback(policy, use_copy, generate, say):
+    """generate(model) on a dense copy of `policy` where use_copy, else on the policy itself. A copy that
+    cannot be built (out of memory), or whose generate() runs out of memory or gives non-finite logits
+    (an fp16 overflow: cegppo.NonFiniteLogits), is freed, `say`s why in one line, and generate(policy)
+    runs instead; what the failed call held is freed first (its exception kept without the traceback,
+    whose frames would hold it). The copy is released once generate() returns. Returns generate's result."""
+    copy, failure = None, None
+    if use_copy:
+        try:
+            copy = dense_copy(policy)
+        except torch.OutOfMemoryError as e:
+            failure = e.with_traceback(None)
+    if copy is not None:
+        try:
+            return generate(copy)
+        except (torch.OutOfMemoryError, cegppo.NonFiniteLogits) as e:
+            failure = e.with_traceback(None)
+        finally:
+            release(copy)
+    if failure is not None:                 # past the except: the failed call's frames are gone
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        why = "out of memory" if isinstance(failure, torch.OutOfMemoryError) else "non-finite logits"
+        say(f"the dense copy hit {why}: generating through the 4-bit policy instead")
+    return generate(policy)
 
 
 def sampling_mismatch(sample_logp, old_logp, mask):

@@ -3,6 +3,7 @@ memory, Ctrl-C and wandb. Nothing here changes what the loop computes; it lives 
 train.py reads as the algorithm's steps.
 
     check_resume, find_checkpoint, save_checkpoint, restore, start_over   atomic checkpoints, exact resume
+    save_final                    the final adapter, each file whole
     write_json, keep_rows         files replaced whole and durably (a crash or power cut leaves old or new)
     rng_state, set_rng_state      every generator, restorable on another device count or a CPU
     timed, sync                   wall time of a phase (on a GPU once its queued work has run)
@@ -163,6 +164,22 @@ def put_in_place(out):
     os.rename(tmp, final)
     fsync_folder(out)                       # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_final(out, model, tokenizer):
+    """The final adapter and tokenizer in the run folder `out`, every file whole: written to out/final.tmp,
+    flushed to disk, then each file renamed into `out` (atomic), the adapter's config last (eval.py reads
+    it first: an adapter whose config is new has its weights in place). A cut leaves every file whole,
+    old or new; final.tmp is written afresh by the next save."""
+    tmp = os.path.join(out, "final.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    flush_to_disk(tmp)
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "adapter_config.json"):
+        os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    fsync_folder(out)
+    shutil.rmtree(tmp)
 
 
 def flush_to_disk(folder):

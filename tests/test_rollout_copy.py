@@ -255,6 +255,6 @@ def test_evaluation_generates_from_the_dense_copy_where_the_rollout_does(policy,
     assert seen == [("PeftModelForCausalLM", True)]
     # eval.py: the copy where rollout_copy.choose picks it (a GPU with room), the model itself otherwise
     ecfg = eval_script.EvalConfig(max_completion_length=12)
-    assert eval_script.generation_model(model, tok, rows, ecfg) is model          # a CPU: the policy
+    assert not eval_script.use_dense_copy(model, tok, rows, ecfg)          # a CPU: the policy
     monkeypatch.setattr(rollout_copy, "choose", lambda mode, *a, **k: "dense")
-    assert type(eval_script.generation_model(model, tok, rows, ecfg)).__name__ == "Qwen2ForCausalLM"
+    assert eval_script.use_dense_copy(model, tok, rows, ecfg)

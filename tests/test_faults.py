@@ -1,0 +1,315 @@
+"""The GPU path's failures, made to happen inside the real calls on the CPU: an overflow in one sampling
+round, non-finite logits under greedy decoding, a checkpoint's own sampling knobs, an out-of-memory error
+while the prompts' cache is expanded, a cut while the final adapter is written; and the SFT term under
+the sampler correction."""
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import weakref
+
+import pytest
+import safetensors.torch
+import torch
+from transformers import DynamicCache, GenerationConfig
+
+import cegppo
+import eval as eval_script
+import lab
+import loading
+import rollout_copy
+import runtime
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(args):
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        return train.main(args)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
+def rows(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. An overflow in one sampling round costs that round, not the checkpointing of the updates after it
+# ----------------------------------------------------------------------------------------------
+def test_an_overflowing_round_leaves_the_updates_in_train_mode(monkeypatch, tmp_path):
+    seen, planted = [], []                 # (layer in train mode, checkpointing on) of every forward with grad
+    real_policy_model = train.policy_model
+
+    def instrumented(cfg, adapter=None):
+        model, tok = real_policy_model(cfg, adapter)
+
+        def nan_once(module, inputs, logits):          # the first decode step's logits: one nan (an fp16 overflow)
+            if not torch.is_grad_enabled() and not planted:
+                planted.append(True)
+                logits = logits.clone()
+                logits[0, -1, 0] = float("nan")
+                return logits
+        model.get_output_embeddings().register_forward_hook(nan_once)
+        for layer in model.get_decoder().layers:
+            layer.register_forward_pre_hook(
+                lambda m, args: seen.append((m.training, m.gradient_checkpointing)) if torch.is_grad_enabled() else None)
+        return model, tok
+    monkeypatch.setattr(train, "policy_model", instrumented)
+    out = str(tmp_path / "run")
+    assert run_main(["--preset", "tiny", "--max_steps", "2", "--eval_limit", "0", "--rollout_model", "policy",
+                     "--output_dir", out]) == 0
+    assert planted and [r["sampling/non_finite_rounds"] for r in rows(out)] == [1, 0]
+    # every layer forward of every update, in both steps, in train mode with checkpointing (before: eval mode)
+    assert seen and set(seen) == {(True, True)}, f"{sum(not t for t, _ in seen)} of {len(seen)} layer calls in eval mode"
+
+
+def test_rollout_puts_the_mode_back_however_it_ends(tiny_policy):
+    model, tok = tiny_policy
+    prompts = [cegppo.format_prompt(tok, "What is 1+2?")]
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: o * float("nan"))
+    try:
+        for mode in (True, False):
+            model.train(mode)
+            with pytest.raises(cegppo.NonFiniteLogits):
+                cegppo.rollout(model, tok, prompts, 2, 4)
+            assert model.training is mode
+    finally:
+        hook.remove()
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Greedy evaluation never scores non-finite logits
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def overflowing_folder(tmp_path_factory):
+    """The warm tiny model with +inf in the embedding of '*': every question with a product overflows
+    (a row's numbers stay its own), every other one is fine."""
+    folder = str(tmp_path_factory.mktemp("overflowing"))
+    model, tok = loading.load_model(lab.warm_start_path("tiny"), four_bit=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tok.convert_tokens_to_ids("*")] = float("inf")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def product_questions(n):
+    return [i for i, (q, _) in enumerate(loading.load_rows("tiny", "test")[:n]) if "*" in q]
+
+
+def test_eval_says_which_questions_overflowed_and_scores_nothing(overflowing_folder, tmp_path):
+    bad = product_questions(8)
+    assert 0 < len(bad) < 8
+    out = tmp_path / "eval"
+    p = subprocess.run([sys.executable, "eval.py", "--model", overflowing_folder, "--dataset", "tiny", "--limit", "8",
+                        "--max_completion_length", "8", "--output_dir", str(out)], cwd=ROOT, capture_output=True,
+                       text=True)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert last.startswith("error: the logits were not finite (fp32 compute) while generating for question")
+    assert f"{', '.join(map(str, bad))} (of 8, counted from 0): nothing was scored" in last and "--dtype fp32" in last
+    assert not (out / "results.json").exists()
+    # sampled, k per question: the rows map back to their questions
+    with pytest.raises(cegppo.NonFiniteLogits) as e:
+        model, tok = loading.load_model(overflowing_folder, four_bit=True)
+        eval_script.evaluate(model, tok, loading.load_rows("tiny", "test")[:8], 8, batch_size=16, k=2, temperature=1.0)
+    assert e.value.rows == bad
+
+
+def test_trainings_evaluation_of_an_overflowing_policy_is_said_not_scored(overflowing_folder, capsys):
+    model, tok = loading.load_model(overflowing_folder, four_bit=True, lora_rank=8, trainable=True)
+    cfg = train.parse_config(["--preset", "tiny", "--eval_limit", "8"])
+    got = train.evaluate_policy(model, tok, loading.load_rows("tiny", "test")[:8], 64, "policy", cfg)
+    assert got == {"eval/non_finite": len(product_questions(8))}
+    assert "warning: evaluation: the logits were not finite (fp32 compute)" in capsys.readouterr().out
+
+
+def test_trainings_evaluation_falls_back_from_an_overflowing_copy(tiny_policy, monkeypatch, capsys):
+    model, tok = tiny_policy
+    real_copy = rollout_copy.dense_copy
+
+    def overflowing_copy(policy, into=None):
+        dense = real_copy(policy, into)
+        with torch.no_grad():       # a merged weight: the copy's own tensor, not the policy's
+            dense.model.layers[0].self_attn.q_proj.weight[0].fill_(float("inf"))
+        return dense
+    monkeypatch.setattr(rollout_copy, "dense_copy", overflowing_copy)
+    cfg = train.parse_config(["--preset", "tiny"])
+    eval_rows = loading.load_rows("tiny", "test")[:4]
+    got = train.evaluate_policy(model, tok, eval_rows, 64, "dense", cfg)
+    assert "warning: evaluation: the dense copy hit non-finite logits: generating through the 4-bit policy" \
+        in capsys.readouterr().out
+    assert set(got) == {"eval/accuracy", "eval/mean_length"}
+    monkeypatch.setattr(rollout_copy, "dense_copy", real_copy)
+    assert train.evaluate_policy(model, tok, eval_rows, 64, "policy", cfg) == got      # the policy's own numbers
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The SFT term sees the tokens the policy loss sees
+# ----------------------------------------------------------------------------------------------
+def test_the_sft_term_drops_what_the_sampler_correction_masks(tiny_policy):
+    model, tok = tiny_policy
+    cfg = train.parse_config(["--preset", "tiny", "--sft_coef", "1", "--num_generations", "2",
+                              "--steps_per_generation", "1"])
+    torch.manual_seed(0)
+    ro = cegppo.rollout(model, tok, [cegppo.format_prompt(tok, q) for q, _ in loading.load_rows("tiny")[:2]], 2, 12)
+    mask = ro["completion_mask"]
+    old_logp, adv = ro["sample_logp"], torch.tensor([1.0, -1.0, 1.0, -1.0])
+    positive = torch.tensor([True, False, True, False])
+    weights = mask.float()
+    weights[2] = 0.0                               # the sequence_mask correction drops response 2, a positive one
+    micro_batches = train.update_partition(ro, cfg)[0]
+
+    def sft(positive, weights):
+        log = {"stat_sums": {}, "stat_tokens": 0, "ratio/max": [], "loss": [], "tokens": {},
+               "first_update": {"tokens": 0, "clipped": 0.0, "diff_sum": 0.0, "diff_max": 0.0},
+               "micro_batches": 0, "packed": 0}
+        _, sft_sum = train.accumulate_gradients(model, torch.amp.GradScaler("cpu", enabled=False), ro, micro_batches,
+                                                old_logp, weights, adv, positive, cfg, log)
+        model.zero_grad(set_to_none=True)
+        return sft_sum
+    # masked: -sum(log pi over response 0) / (tokens of responses 0 and 2); not positive: the same sum over
+    # the tokens of response 0 alone. So sft_masked * n(0, 2) = sft_not_positive * n(0)
+    n0, n2 = int(mask[0].sum()), int(mask[2].sum())
+    masked = sft(positive, weights)
+    not_positive = sft(torch.tensor([True, False, False, False]), weights)
+    assert masked * (n0 + n2) == pytest.approx(not_positive * n0, rel=1e-5)
+    assert masked != pytest.approx(sft(positive, mask.float()), rel=1e-3)        # the weights did act
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The sampler draws from the distribution the loss assumes, whatever the checkpoint's generation config
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def opinionated_folder(tmp_path_factory):
+    """The warm tiny model with a generation_config.json that sets several sampling knobs: digits suppressed,
+    no repeated token, min_p 0.5, top_k 3 (a fine-tuned checkpoint from the Hub might set any of them)."""
+    folder = str(tmp_path_factory.mktemp("opinionated"))
+    model, tok = loading.load_model(lab.warm_start_path("tiny"), four_bit=False)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=True, top_k=3, min_p=0.5, no_repeat_ngram_size=1,
+        suppress_tokens=tok.convert_tokens_to_ids(list("0123456789")), typical_p=0.5, epsilon_cutoff=0.01)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_sampling_ignores_the_checkpoints_own_knobs(opinionated_folder, tmp_path):
+    model, tok = loading.load_model(opinionated_folder, four_bit=True, lora_rank=8, trainable=True)
+    assert model.generation_config.top_k == 3 and model.generation_config.suppress_tokens
+    prompts = [cegppo.format_prompt(tok, q) for q, _ in loading.load_rows("tiny")[:4]]
+    torch.manual_seed(0)
+    ro = cegppo.rollout(model, tok, prompts, 4, 12)
+    assert any(c.isdigit() for t in ro["texts"] for c in t)                 # digits were not suppressed
+    # the recorded numbers are the policy's plain temperature softmax (token_logprobs), however it sampled
+    logp, _ = cegppo.completion_logprobs(model, ro["input_ids"], ro["attention_mask"], ro["prompt_len"])
+    mask = ro["completion_mask"].bool()
+    assert (logp - ro["sample_logp"])[mask].abs().max() < 1e-4
+    # greedy too: the plain argmax (the digit a suppressing config would forbid)
+    greedy = cegppo.rollout(model, tok, prompts[:1], 1, 12, temperature=0.0)
+    assert any(c.isdigit() for c in greedy["texts"][0])
+    assert model.generation_config.top_k == 3            # the checkpoint's config is back after the calls
+    out = str(tmp_path / "run")                          # and a training run on it (before: a crash at step 1)
+    assert run_main(["--preset", "tiny", "--model", opinionated_folder, "--max_steps", "1", "--eval_limit", "4",
+                     "--output_dir", out]) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. An out-of-memory error while the prompts' cache is expanded holds nothing through the retry
+# ----------------------------------------------------------------------------------------------
+def test_out_of_memory_while_expanding_the_prompt_cache_frees_it(tiny_policy, monkeypatch):
+    model, tok = tiny_policy
+    prompts = [cegppo.format_prompt(tok, q) for q, _ in loading.load_rows("tiny")[:2]]
+    real_cache, real_update, refs, alive, failed = cegppo.prompt_cache, DynamicCache.update, [], [], []
+
+    def recorded_cache(*a):
+        kv = real_cache(*a)
+        refs.extend(weakref.ref(t) for pair in kv for t in pair)
+        return kv
+
+    def update(self, k, v, layer, *a, **kw):         # the expansion's second layer does not fit, once
+        if layer == 1 and k.shape[0] == 8 and not failed:
+            failed.append(True)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_update(self, k, v, layer, *a, **kw)
+
+    def empty_cache():
+        gc.collect()
+        alive.append(sum(r() is not None for r in refs))
+    monkeypatch.setattr(cegppo, "prompt_cache", recorded_cache)
+    monkeypatch.setattr(DynamicCache, "update", update)
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="retrying with generation batch 4"):
+        ro = cegppo.rollout(model, tok, prompts, 4, 8, batch_size=8)
+    assert failed and len(ro["texts"]) == 8
+    assert alive[0] == 0, f"{alive[0]} of the prompt cache's tensors alive when the memory is given back"
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The final adapter is written atomically
+# ----------------------------------------------------------------------------------------------
+def test_a_cut_while_the_final_adapter_is_written_leaves_every_file_whole(tiny_policy, tmp_path, monkeypatch):
+    model, tok = tiny_policy
+    old_dir, new_dir, out = tmp_path / "old", tmp_path / "new", tmp_path / "run"
+    for d in (old_dir, new_dir, out):
+        d.mkdir()
+    runtime.save_final(str(old_dir), model, tok)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    runtime.save_final(str(new_dir), model, tok)
+    files = sorted(os.listdir(old_dir))
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= set(files)
+    old = {f: (old_dir / f).read_bytes() for f in files}
+    new = {f: (new_dir / f).read_bytes() for f in files}
+    assert old["adapter_model.safetensors"] != new["adapter_model.safetensors"]
+
+    def start_from_the_old_adapter():
+        for f in files:
+            (out / f).write_bytes(old[f])
+    # a cut part way through writing the weights: the run folder keeps its files, whole
+    start_from_the_old_adapter()
+    real_save = safetensors.torch.save_file
+
+    def cut_save(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
+        raise KeyboardInterrupt("power cut")
+    with monkeypatch.context() as m:
+        m.setattr("peft.peft_model.safe_save_file", cut_save)
+        with pytest.raises(KeyboardInterrupt):
+            runtime.save_final(str(out), model, tok)
+    assert {f: (out / f).read_bytes() for f in files} == old
+    # a cut before any of the renames: each file whole, old or new, and a new config only beside new weights
+    real_replace = os.replace
+    for cut_after in range(len(files)):
+        start_from_the_old_adapter()
+        done = []
+
+        def replace(src, dst, done=done, cut_after=cut_after):
+            if len(done) == cut_after:
+                raise KeyboardInterrupt("power cut")
+            done.append(dst)
+            real_replace(src, dst)
+        with monkeypatch.context() as m:
+            m.setattr(os, "replace", replace)
+            with pytest.raises(KeyboardInterrupt):
+                runtime.save_final(str(out), model, tok)
+        got = {f: (out / f).read_bytes() for f in files}
+        assert all(got[f] in (old[f], new[f]) for f in files), cut_after
+        assert "adapter_config.json" not in {os.path.basename(d) for d in done}    # eval.py's first look: last
+    # uncut: the new adapter, the config renamed after the weights, and no temp folder left
+    order = []
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", lambda src, dst: order.append(os.path.basename(dst)) or real_replace(src, dst))
+        runtime.save_final(str(out), model, tok)
+    assert order[-1] == "adapter_config.json" and order.index("adapter_model.safetensors") < len(order) - 1
+    assert {f: (out / f).read_bytes() for f in files} == new and sorted(os.listdir(out)) == files
