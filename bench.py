@@ -96,14 +96,19 @@ def synthetic_model(size="qwen2.5-0.5b"):
     folder = os.path.join(lab.cache_dir(), f"{size}-shaped-random")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         for device in (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]:
+            built = None
             try:
                 with torch.random.fork_rng(), torch.device(device):
-                    model, tok = lab.build_model(size)
+                    built = lab.build_model(size)
+            except torch.OutOfMemoryError:          # a small card: draw them on the CPU instead (below, past
+                pass                                # the except, where the half-built model is freed)
+            if built is not None:
                 break
-            except torch.OutOfMemoryError:          # a small card: draw them on the CPU instead
-                torch.cuda.empty_cache()
-        lab.save_atomic(model.to(torch.bfloat16), tok, folder)
-        del model
+            torch.cuda.empty_cache()
+        lab.save_atomic(built[0].to(torch.bfloat16), built[1], folder)
+        del built
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()                # the child processes measure a card with nothing of ours on it
     return folder
 
 
@@ -331,16 +336,16 @@ def rollout_copy_cost(cfg, out_dir, repeats=3):
     rss = current_rss_gb
     rss0, fresh, refresh = rss(), [], []
     for _ in range(repeats):
-        t = time.time()
-        dense = rollout_copy.dense_copy(model)
-        fresh.append(time.time() - t)
+        times = {}
+        dense = runtime.timed(times, "fresh", rollout_copy.dense_copy, model)     # (synced on a GPU)
+        fresh.append(times["fresh"])
         rss1 = rss()
         del dense
     dense = rollout_copy.dense_copy(model)
     for _ in range(repeats):
-        t = time.time()
-        rollout_copy.dense_copy(model, into=dense)
-        refresh.append(time.time() - t)
+        times = {}
+        runtime.timed(times, "refresh", lambda: rollout_copy.dense_copy(model, into=dense))
+        refresh.append(times["refresh"])
     ids = tok([cegppo.format_prompt(tok, "What is 7 * 8?")], return_tensors="pt")["input_ids"]
     ids = ids.to(next(model.parameters()).device)
     model.eval()

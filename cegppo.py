@@ -562,6 +562,8 @@ def _generate(model, input_ids, attention_mask, batch_size, temperature=None, sh
         try:
             if prompts is not None:      # the sub-batch's prompts once, then their cache expanded to its rows
                 cache = expanded_prompt_cache(model, prompts, rows, group_size, half)
+            elif half:                   # under autocast a cache that keeps k and v in the compute dtype
+                cache = CastKVCache(half)
             out = model.generate(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
                                  logits_processor=LogitsProcessorList([recorder, *processors]),
                                  **({"cache": cache} if cache is not None else {}))
@@ -574,6 +576,8 @@ def _generate(model, input_ids, attention_mask, batch_size, temperature=None, sh
         if out is None:       # out of memory; here, past the except, the failed call's frames are freed
             del recorder, cache
             torch.cuda.empty_cache()
+            for p in processors:                      # a watcher (a progress bar) forgets the failed attempt
+                getattr(p, "retry", lambda: None)()
             batch_size = max(1, batch_size // 2)
             warnings.warn(f"out of memory in generation: retrying with generation batch {batch_size}", stacklevel=2)
             continue

@@ -56,6 +56,7 @@ def evaluate(model, tokenizer, rows, max_new_tokens, batch_size=64, k=1, tempera
                 f"the logits were not finite ({loading.dtype_name(loading.model_compute_dtype(model))} compute) while "
                 f"generating for question{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} (of "
                 f"{len(rows)}, counted from 0): nothing was scored", failed)
+        batch_size = ro["gen_batch_size"]           # what fit: the next chunks start there, not out of memory again
         lengths = ro["completion_mask"].sum(1).tolist()
         for j, text in enumerate(ro["texts"]):
             q, a = chunk[j // k]

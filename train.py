@@ -142,7 +142,7 @@ PRESETS = {
 
 # Flags that may change between a run and its --resume (a run folder may move); any other difference is refused.
 RESUME_MAY_CHANGE = {"resume", "seeds", "jobs", "output_dir", "max_steps", "save_steps", "eval_steps", "logging_steps", "wandb",
-                     "generation_batch_size", "threads", "rollout_model",
+                     "generation_batch_size", "threads", "rollout_model", "dtype",
                      "collapse_patience", "progress", "token_groups"}
 AT_LEAST_1 = ("prompts_per_step", "num_generations", "max_completion_length", "steps_per_generation", "num_iterations",
               "micro_batch_size", "max_steps", "logging_steps", "eval_steps", "save_steps", "generation_batch_size",
@@ -345,7 +345,8 @@ def sample_round(model, sampler, tok, round_prompts, gen_batch, cfg, times, samp
     sampled["non_finite_rounds"] += 1
     if sampled["non_finite_rounds"] >= NON_FINITE_ROUNDS:
         raise UserError(f"step {step}: the policy's sampling logits were not finite in {NON_FINITE_ROUNDS} rounds "
-                        "(an fp16 overflow); resume with --dtype bf16 on a GPU that has it, or --dtype fp32")
+                        "(an fp16 overflow); --resume (from the last checkpoint) with --dtype bf16 on a GPU that has "
+                        "it, or --dtype fp32")
     tqdm.write(f"warning: step {step}: the policy's sampling logits are not finite (an fp16 overflow?); "
                "this round's prompts are skipped")
     return None, sampler

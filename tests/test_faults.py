@@ -313,3 +313,88 @@ def test_a_cut_while_the_final_adapter_is_written_leaves_every_file_whole(tiny_p
         runtime.save_final(str(out), model, tok)
     assert order[-1] == "adapter_config.json" and order.index("adapter_model.safetensors") < len(order) - 1
     assert {f: (out / f).read_bytes() for f in files} == new and sorted(os.listdir(out)) == files
+
+
+# ----------------------------------------------------------------------------------------------
+# The second read of the GPU path
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["greedy", "not shared"])
+def test_under_autocast_every_generate_keeps_its_cache_in_the_compute_dtype(tiny_policy, monkeypatch, how):
+    # greedy evaluation (one completion per prompt) and --shared_prefix false have no shared prefill, and had a
+    # default cache: float32 keys and values through the 4-bit policy, cast down again at every decoded token
+    model, tok = tiny_policy
+    prompts = [cegppo.format_prompt(tok, q) for q, _ in loading.load_rows("tiny")[:2]]
+    stored, real = [], cegppo.CastKVCache.update
+
+    def recording(self, k, v, layer, *a, **kw):
+        out = real(self, k, v, layer, *a, **kw)
+        stored.append((out[0].dtype, out[1].dtype))
+        return out
+    monkeypatch.setattr(cegppo.CastKVCache, "update", recording)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if how == "greedy":
+            cegppo.rollout(model, tok, prompts, 1, 6, temperature=0.0)
+        else:
+            cegppo.rollout(model, tok, prompts, 2, 6, share_prompts=False)
+    assert stored and set(stored) == {(torch.bfloat16, torch.bfloat16)}
+
+
+def test_evaluation_keeps_the_generation_batch_that_fit(tiny_policy):
+    model, tok = tiny_policy
+    real, sizes = model.generate, []
+
+    def small_gpu_generate(**kw):           # a device on which more than 4 sequences do not fit
+        sizes.append(kw["input_ids"].shape[0])
+        if kw["input_ids"].shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(**kw)
+    model.generate = small_gpu_generate
+    try:
+        with pytest.warns(UserWarning, match="retrying with generation batch 4"):
+            res = eval_script.evaluate(model, tok, loading.load_rows("tiny", "test")[:16], 6, batch_size=8)
+    finally:
+        del model.generate
+    # two chunks of 8 questions: the first halves once, the second starts at what fit (before: 8 again)
+    assert sizes == [8, 4, 4, 4, 4] and res["n_questions"] == 16
+
+
+def test_the_progress_bar_forgets_an_attempt_that_ran_out_of_memory(tiny_policy):
+    model, tok = tiny_policy
+    prompts = [cegppo.format_prompt(tok, q) for q, _ in loading.load_rows("tiny")[:4]]
+    real, failed = model.generate, []
+
+    def late_oom(**kw):                     # the cache outgrows the card on the third decoded token, once
+        class Boom(torch.nn.Module):
+            steps = 0
+
+            def forward(self, input_ids, scores):
+                Boom.steps += 1
+                if Boom.steps == 3 and not failed:
+                    failed.append(True)
+                    raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+                return scores
+        kw["logits_processor"].append(Boom())
+        return real(**kw)
+    model.generate = late_oom
+    ticker = runtime.GenerationProgress("rollout", 8, cegppo.eos_ids(tok, model), "off")
+    try:
+        torch.manual_seed(0)
+        with pytest.warns(UserWarning, match="retrying with generation batch 4"):
+            ro = cegppo.rollout(model, tok, prompts, 2, 10, batch_size=8, processors=[ticker])
+    finally:
+        del model.generate
+    assert failed
+    # every token of every completion counted once, the failed attempt's not at all (before: 8 more per step)
+    assert ticker.tokens == int(ro["completion_mask"].sum())
+    assert ticker.bar.n <= int((~ro["truncated"]).sum())
+
+
+def test_an_fp16_run_resumes_in_float32(tmp_path):
+    # what the overflow's stop line tells the user to do (--resume with another --dtype) is allowed
+    out = str(tmp_path / "run")
+    args = ["--preset", "tiny", "--eval_limit", "0", "--output_dir", out]
+    assert run_main([*args, "--dtype", "fp16", "--max_steps", "2"]) == 0
+    assert run_main([*args, "--dtype", "fp32", "--max_steps", "3", "--resume"]) == 0
+    got = rows(out)
+    assert [r["step"] for r in got] == [1, 2, 3] and "loss_scale" in got[1] and "loss_scale" not in got[2]
