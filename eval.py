@@ -21,49 +21,47 @@ import torch
 from tqdm import tqdm
 
 import cegppo
-import loading
-import rollout_copy
-from loading import UserError
-from runtime import PROGRESS, GenerationProgress, progress_shown
+from engine import cli, data, dense_copy, errors, models
+from engine.errors import UserError
+from engine.generation import Generator
+from engine.progress import PROGRESS, progress_shown
+from engine.sampler import with_fallback
 
 
 def evaluate(model, tokenizer, rows, max_new_tokens, batch_size=64, k=1, temperature=0.0, top_p=1.0, progress=False,
              generation_progress="off"):
     """Score `rows` [(question, answer)]: k samples each (greedy when temperature is 0).
     progress: a bar over the generate() calls; generation_progress: auto | on | off, a bar inside each
-    call, ticked per decoded token (runtime.GenerationProgress). Logits that are not finite (an fp16
+    call, ticked per decoded token (engine/progress.py). Logits that are not finite (an fp16
     overflow) are never scored: cegppo.NonFiniteLogits, saying which questions and in which dtype.
 
     Returns accuracy (avg@k), its standard error over questions, counts, and one record per completion.
     """
     per_q = max(1, batch_size // k)         # questions per generate call
+    # sub-batches that fit in memory: after an out-of-memory halving, the next chunks start at what fit
+    generate = Generator(batch_size, progress=("eval: generating", generation_progress))
     records = []
     for s in tqdm(range(0, len(rows), per_q), desc="eval", disable=not progress, leave=False):
         chunk = rows[s:s + per_q]
-        ticker = GenerationProgress("eval: generating", len(chunk) * k, cegppo.eos_ids(tokenizer, model),
-                                    generation_progress)
         failed = None
         try:
-            with loading.model_autocast(model):     # half precision on a GPU, as in training; none on a CPU
+            with models.model_autocast(model):     # half precision on a GPU, as in training; none on a CPU
                 ro = cegppo.rollout(model, tokenizer, [cegppo.format_prompt(tokenizer, q) for q, _ in chunk], k,
-                                    max_new_tokens, temperature, top_p, batch_size, processors=ticker.processors())
+                                    max_new_tokens, temperature, top_p, generate)
         except cegppo.NonFiniteLogits as e:
             failed = sorted({s + r // k for r in e.rows})
-        finally:
-            ticker.close()
         if failed is not None:                      # raised here, past the except: the failed call's frames are gone
             raise cegppo.NonFiniteLogits(
-                f"the logits were not finite ({loading.dtype_name(loading.model_compute_dtype(model))} compute) while "
+                f"the logits were not finite ({models.dtype_name(models.model_compute_dtype(model))} compute) while "
                 f"generating for question{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} (of "
                 f"{len(rows)}, counted from 0): nothing was scored", failed)
-        batch_size = ro["gen_batch_size"]           # what fit: the next chunks start there, not out of memory again
-        lengths = ro["completion_mask"].sum(1).tolist()
-        for j, text in enumerate(ro["texts"]):
+        lengths = ro.completion_mask.sum(1).tolist()
+        for j, text in enumerate(ro.texts):
             q, a = chunk[j // k]
             records.append({"index": s + j // k, "question": q, "answer": cegppo.reference_answer(a),
                             "completion": text, "extracted": cegppo.extract_boxed(text),
                             "reward": cegppo.math_reward(text, a), "length": int(lengths[j]),
-                            "truncated": bool(ro["truncated"][j])})
+                            "truncated": bool(ro.truncated[j])})
     n = len(rows)
     per_question = [sum(r["reward"] for r in records[i * k:(i + 1) * k]) / k for i in range(n)]
     acc = sum(per_question) / max(1, n)
@@ -103,16 +101,16 @@ class EvalConfig:
 
 
 def use_dense_copy(model, tok, rows, cfg):
-    """Does a dense copy of the 4-bit (+ LoRA) model generate (rollout_copy: one dense matmul per layer
+    """Does a dense copy of the 4-bit (+ LoRA) model generate (engine/dense_copy.py: one dense matmul per layer
     instead of dequantising every weight at every token)? On a GPU where it fits."""
     prompt_tokens = max(len(tok(cegppo.format_prompt(tok, q))["input_ids"]) for q, _ in rows)
-    return rollout_copy.choose("auto", model, min(cfg.batch_size, len(rows) * cfg.k),
+    return dense_copy.choose("auto", model, min(cfg.batch_size, len(rows) * cfg.k),
                                prompt_tokens + cfg.max_completion_length, prompt_tokens=prompt_tokens) == "dense"
 
 
 def main(argv=None):
-    parser = loading.dataclass_parser(EvalConfig, __doc__.splitlines()[0],
-                                      choices={"dtype": ["auto", *loading.DTYPES], "progress": list(PROGRESS)})
+    parser = cli.dataclass_parser(EvalConfig, __doc__.splitlines()[0],
+                                      choices={"dtype": ["auto", *models.DTYPES], "progress": list(PROGRESS)})
     cfg = EvalConfig(**vars(parser.parse_args(argv)))
     if cfg.k < 1 or (cfg.limit is not None and cfg.limit < 1):
         raise UserError("--k and --limit must be at least 1")
@@ -120,20 +118,19 @@ def main(argv=None):
         raise UserError(f"--k {cfg.k}: several samples need --temperature > 0 (the paper uses 0.6)")
     if not 0 < cfg.top_p <= 1:
         raise UserError(f"--top_p {cfg.top_p}: must be in (0, 1]")
-    loading.set_threads(cfg.threads)
+    models.set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    rows = loading.load_rows(cfg.dataset, "test", cfg.question_field, cfg.answer_field, cfg.limit)
-    model, tok = loading.load_model(loading.resolve_model(cfg.model), four_bit=cfg.load_in_4bit, adapter=cfg.adapter,
+    rows = data.load_rows(cfg.dataset, "test", cfg.question_field, cfg.answer_field, cfg.limit)
+    model, tok = models.load_model(models.resolve_model(cfg.model), four_bit=cfg.load_in_4bit, adapter=cfg.adapter,
                                     dtype=cfg.dtype)
     model.eval()
-    try:
-        res = rollout_copy.with_fallback(
-            model, use_dense_copy(model, tok, rows, cfg),
-            lambda m: evaluate(m, tok, rows, cfg.max_completion_length, cfg.batch_size, cfg.k, cfg.temperature,
-                               cfg.top_p, progress=progress_shown(cfg.progress), generation_progress=cfg.progress),
-            lambda line: tqdm.write(f"warning: {line}"))
-    except cegppo.NonFiniteLogits as e:
-        raise UserError(f"{e}; evaluate in float32 (--dtype fp32), or bf16 on a GPU that has it natively") from None
+    res, overflow = with_fallback(
+        model, use_dense_copy(model, tok, rows, cfg),
+        lambda m: evaluate(m, tok, rows, cfg.max_completion_length, cfg.batch_size, cfg.k, cfg.temperature,
+                           cfg.top_p, progress=progress_shown(cfg.progress), generation_progress=cfg.progress),
+        lambda line: tqdm.write(f"warning: {line}"))
+    if overflow is not None:
+        raise UserError(f"{overflow}; evaluate in float32 (--dtype fp32), or bf16 on a GPU that has it natively")
     os.makedirs(cfg.output_dir, exist_ok=True)
     records = res.pop("records")
     with open(os.path.join(cfg.output_dir, "completions.jsonl"), "w") as f:
@@ -149,4 +146,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    loading.run_script(main)
+    errors.run_script(main)

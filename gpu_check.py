@@ -39,16 +39,12 @@ import subprocess
 import sys
 import time
 
-import loading  # noqa: I001  (first: it quiets bitsandbytes' optional-kernel warning)
 import torch
 
-import bench
 import cegppo
-import lab
-import memory
-import runtime
-import train
-from loading import UserError
+from engine import bench, cli, data, dense_copy, errors, lab, memory, models, runlog
+from engine.errors import UserError
+from engine.generation import Generator
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PARTS = "abcde"
@@ -96,14 +92,13 @@ def longest_prompt(folder, cfg):
     (the lab's are short; --max_prompt_length is only a limit)."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(folder)
-    return max(len(tok(cegppo.format_prompt(tok, q))["input_ids"]) for q, _ in loading.load_rows(cfg.dataset))
+    return max(len(tok(cegppo.format_prompt(tok, q))["input_ids"]) for q, _ in data.load_rows(cfg.dataset))
 
 
 def estimate_gb(size, cfg, rollout_model, prompt_tokens):
-    """memory.py's peak for cfg's settings (in its dtype, the sampler actually used, the real prompts)."""
-    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[loading.compute_dtype(cfg.dtype)]
-    import dataclasses
-    est = dataclasses.replace(cfg, dtype=dtype, rollout_model=rollout_model, max_prompt_length=prompt_tokens)
+    """memory.py's peak (engine/memory.py) for cfg's settings (in its dtype, the sampler actually used, the real prompts)."""
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[models.compute_dtype(cfg.dtype)]
+    est = memory.with_flags(cfg, dtype=dtype, rollout_model=rollout_model, max_prompt_length=prompt_tokens)
     return memory.peak_gb(memory.QWEN[QWEN[size]], est)
 
 
@@ -137,16 +132,16 @@ def train_worker(spec_path):
     spec = json.load(open(spec_path))
     cegppo.math_reward = bench.coin_reward
     if spec.get("as_t4"):                # a card without native bf16 (a T4): fp16 by the rule, and no TF32
-        loading.native_bf16 = lambda device=None: False
+        models.native_bf16 = lambda device=None: False
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if spec.get("cap_gb"):
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_gb"] * 1e9 / total))
     res = {}
     try:
-        res["rc"] = train.main(spec["args"])
-    except UserError as e:
-        res["error"] = f"error: {e}"
+        res["rc"], last = bench.run_train(spec["args"])
+        if res["rc"] not in (0, 130):
+            res["error"] = last                      # train.py's own error line
     except Exception as e:          # an out-of-memory is a result here, not a crash of the check
         res["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
     res["max_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -157,40 +152,38 @@ def train_worker(spec_path):
 def rollout_worker(spec_path):
     """Part d: for each dtype, the 4-bit + LoRA policy and its dense copy sample the same prompts;
     tokens per second of generate(), and |log pi_sample - log pi_old| against the policy's log-probs."""
-    import rollout_copy
     spec = json.load(open(spec_path))
     rows = []
     for dtype in spec["dtypes"]:
-        cfg = train.parse_config(spec["args"] + ["--dtype", dtype])
+        cfg = cli.resolved_config(spec["args"] + ["--dtype", dtype])
         torch.manual_seed(cfg.seed)
-        model, tok = train.policy_model(cfg)
-        prompts = [cegppo.format_prompt(tok, q) for q, _ in loading.load_rows(cfg.dataset)[:cfg.prompts_per_step]]
-        dense = rollout_copy.dense_copy(model)
+        model, tok = models.policy_model(cfg)
+        prompts = [cegppo.format_prompt(tok, q) for q, _ in data.load_rows(cfg.dataset)[:cfg.prompts_per_step]]
+        dense = dense_copy.dense_copy(model)
         for name, sampler in (("dense", dense), ("policy", model)):
             row = {"dtype": dtype, "sampler": name}
             try:
-                with loading.model_autocast(model):           # as train.py's rollout, in the compute dtype
-                    cegppo.rollout(sampler, tok, prompts[:1], 2, 8, cfg.temperature, cfg.top_p, 2)      # warm-up
-                    runtime.sync()
+                with models.model_autocast(model):           # as train.py's rollout, in the compute dtype
+                    cegppo.rollout(sampler, tok, prompts[:1], 2, 8, cfg.temperature, cfg.top_p, Generator(2))  # warm-up
+                    runlog.sync()
                     t = time.time()
                     ro = cegppo.rollout(sampler, tok, prompts, cfg.num_generations, cfg.max_completion_length,
-                                        cfg.temperature, cfg.top_p, cfg.generation_batch_size)
-                    runtime.sync()
+                                        cfg.temperature, cfg.top_p, Generator(cfg.generation_batch_size))
+                    runlog.sync()
                     seconds = time.time() - t
-                mask = ro["completion_mask"].cpu()
+                mask = ro.completion_mask.cpu()
                 row["tokens_per_s"] = int(mask.sum()) / seconds
-                old, _ = train.old_logprobs(model, ro, cfg, False)
-                sample = ro.get("sample_logp")           # the sampler's own numbers, where rollout keeps them
-                sample = sample.float().cpu() if sample is not None else train.old_logprobs(sampler, ro, cfg, False)[0]
-                row.update(rollout_copy.sampling_mismatch(sample[:, :old.shape[1]], old, mask))
+                old = bench.old_logprobs(model, ro, cfg)
+                sample = ro.sample_logp.float().cpu()     # the sampler's own numbers
+                row.update(dense_copy.sampling_mismatch(sample[:, :old.shape[1]], old, mask))
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
             rows.append(row)
-        rollout_copy.release(dense)                           # and on CUDA the cache back to the driver
+        dense_copy.release(dense)                           # and on CUDA the cache back to the driver
         del model, dense
     folder = os.path.dirname(spec_path)
     try:
-        mismatch = bench.sampler_mismatch(train.parse_config(spec["args"]), None, spec["dtypes"], folder)
+        mismatch = bench.sampler_mismatch(cli.resolved_config(spec["args"]), None, spec["dtypes"], folder)
     except Exception as e:
         mismatch = [{"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]}]
     json.dump({"rows": rows, "mismatch": mismatch}, open(os.path.join(folder, "worker.json"), "w"))
@@ -355,7 +348,7 @@ def main(argv=None):
     left = lambda: args.deadline_s - (time.time() - t0)                              # noqa: E731
     cap = torch.cuda.get_device_capability()
     header = {"device": torch.cuda.get_device_name(0), "capability": f"{cap[0]}.{cap[1]}",
-              "dtype": str(loading.compute_dtype()), "torch": torch.__version__}
+              "dtype": str(models.compute_dtype()), "torch": torch.__version__}
     print(f"{header['device']} (compute capability {header['capability']}), compute dtype {header['dtype']}; "
           f"parts {''.join(args.parts)}, deadline {args.deadline_s:g} s", flush=True)
     need = {"1.5b": set("abe"), "0.5b": set("cd")}
@@ -386,7 +379,7 @@ def main(argv=None):
         b_args = train_args(folders["1.5b"], out("b"), "--rollout_model", "dense", "--max_steps", "3")
         res, _ = in_own_process("train_worker", {"args": b_args, "cap_gb": args.cap_gb}, out("b"), left())
         b_rows = metrics(out("b"))
-        cfg = train.parse_config(b_args)
+        cfg = cli.resolved_config(b_args)
         est = estimate_gb("1.5b", cfg, sampler_of(b_rows) if b_rows else "dense", longest_prompt(folders["1.5b"], cfg))
         rows += summarize_train("b", b_rows, res, 3) + summarize_memory("b", b_rows, res, args.cap_gb, est)
         raw["b"] = {**res, "estimate_gb": est}
@@ -396,7 +389,7 @@ def main(argv=None):
         rows += summarize_train("c", metrics(out("c")), res, 3) + summarize_fp16("c", metrics(out("c")), res)
         raw["c"] = res
     if "d" in args.parts and not skip("d"):
-        dtypes = (["bf16"] if loading.native_bf16() else []) + ["fp16"]
+        dtypes = (["bf16"] if models.native_bf16() else []) + ["fp16"]
         res, _ = in_own_process("rollout_worker", {"args": train_args(folders["0.5b"], out("d")), "dtypes": dtypes},
                                 out("d"), left())
         rows += summarize_rollout("d", res)
@@ -433,4 +426,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    loading.run_script(main)
+    errors.run_script(main)

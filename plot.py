@@ -20,6 +20,8 @@ import json
 import os
 import sys
 
+from engine.rows import complete_rows, token_steps
+
 PANELS = [
     ("reward", "train reward (mean)"),
     ("eval/accuracy", "held-out accuracy (greedy)"),
@@ -87,26 +89,6 @@ def seed_band(curves):
 def read_rows(run):
     """A run's metrics rows (a line cut off by a crash or power cut, not yet resumed, left out)."""
     return complete_rows(os.path.join(run, "metrics.jsonl"))
-
-
-def complete_rows(path):
-    """The rows of a .jsonl that may be being written (a run's metrics, its tokens): a last line not yet
-    complete is left out; no file, no rows."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:       # a cut-off line may hold NULs or half a character
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                break
-    return rows
-
-
-def token_steps(run):
-    """The rows of a run's tokens.jsonl, one per logging step (a last line still being written is left out)."""
-    return complete_rows(os.path.join(run, "tokens.jsonl"))
 
 
 def pyplot():
@@ -453,7 +435,7 @@ def main(argv=None):
             print(f"error: --tokens {args.tokens}: no tokens.jsonl (a train.py run with --token_groups > 0)",
                   file=sys.stderr)
             return 2
-        import token_page
+        from engine import token_page
         print(f"wrote {token_page.write_page(args.tokens, token_steps(args.tokens))}")
         return 0
     if not args.runs:

@@ -1,7 +1,7 @@
 """CE-GPPO on GSM8K with TRL's GRPOTrainer: one GPU, several GPUs, or a CPU smoke test.
 
 The loss is cegppo.cegppo_loss through trl_cegppo.CEGPPOTrainer; the reward is cegppo.math_reward;
-the prompt is cegppo.format_prompt; the data comes from loading.load_rows. Everything else
+the prompt is cegppo.format_prompt; the data comes from data.load_rows. Everything else
 (generation, batching, processes, logging, checkpoints) is TRL's and accelerate's.
 
     pip install -r requirements-scale.txt
@@ -47,14 +47,14 @@ from transformers import AutoTokenizer  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
 import cegppo  # noqa: E402
-import loading  # noqa: E402
 from trl_cegppo import CEGPPOConfig, CEGPPOTrainer  # noqa: E402
+from engine import data, errors, models
 
 
 @dataclass
 class ScriptArguments:
     model: str = field(default="Qwen/Qwen2.5-1.5B-Instruct", metadata={
-        "help": "Hub id or local folder; 'tiny' and 'lab' are built in code (lab.py) for offline runs."})
+        "help": "Hub id or local folder; 'tiny' and 'lab' are built in code (engine/lab.py) for offline runs."})
     dataset: str = field(default="gsm8k", metadata={
         "help": "gsm8k, math, tiny, lab, or a local .jsonl / .json / .parquet file."})
     question_field: str | None = field(default=None, metadata={"help": "Question field of a local file."})
@@ -66,10 +66,10 @@ class ScriptArguments:
 
 def _defaults():
     """train.py's defaults, where CEGPPOConfig has the same knob; flags override them. The precision
-    follows the project's one rule (loading.compute_dtype): bf16 on GPUs with native bf16 (compute
+    follows the project's one rule (models.compute_dtype): bf16 on GPUs with native bf16 (compute
     capability 8.0+), fp16 with loss scaling on older GPUs (a T4), float32 on a CPU."""
     gpu = torch.cuda.is_available()
-    dtype = loading.compute_dtype()
+    dtype = models.compute_dtype()
     return dict(
         output_dir="runs/trl_cegppo", num_generations=8, per_device_train_batch_size=8,
         gradient_accumulation_steps=2, steps_per_generation=8, max_completion_length=512,
@@ -104,9 +104,9 @@ def math_reward(completions, answer, **kwargs):
 
 def build_dataset(tokenizer, script):
     """Prompts as train.py formats them (the tokenizer's chat template around question + INSTRUCTION)."""
-    rows = loading.load_rows(script.dataset, "train", script.question_field, script.answer_field, script.limit)
+    rows = data.load_rows(script.dataset, "train", script.question_field, script.answer_field, script.limit)
     if not rows:
-        raise loading.UserError(f"--dataset {script.dataset}: no rows")
+        raise errors.UserError(f"--dataset {script.dataset}: no rows")
     return Dataset.from_dict({"prompt": [cegppo.format_prompt(tokenizer, q) for q, _ in rows],
                               "answer": [a for _, a in rows]})
 
@@ -115,8 +115,8 @@ def build_trainer(argv=None):
     script, config = parse(argv)
 
     with config.main_process_first(desc="model"):   # 'tiny' / 'lab' are built once, by the main process
-        name = loading.resolve_model(script.model)
-    loading.check_model_source(name)
+        name = models.resolve_model(script.model)
+    models.check_model_source(name)
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -158,4 +158,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    loading.run_script(main)
+    errors.run_script(main)

@@ -12,6 +12,7 @@ if not GPU_TESTS:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import pytest  # noqa: E402
+from engine import lab, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -52,12 +53,10 @@ def _offline_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_path():
-    import lab
     return lab.tiny_model_path("tiny")
 
 
 @pytest.fixture()
 def tiny_policy(tiny_path):
     """The real training path: 4-bit NF4 (bitsandbytes on CPU) + LoRA (peft) on the tiny model."""
-    import loading
-    return loading.load_model(tiny_path, four_bit=True, lora_rank=8, trainable=True)
+    return models.load_model(tiny_path, four_bit=True, lora_rank=8, trainable=True)

@@ -5,13 +5,14 @@ import subprocess
 import sys
 
 import pytest
+from engine import bench, lab, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_tiny(tmp_path):
     out = str(tmp_path / "b")
-    p = subprocess.run([sys.executable, "bench.py", "--model", "tiny", "--dataset", "tiny", "--steps", "2",
+    p = subprocess.run([sys.executable, "-m", "engine.bench", "--model", "tiny", "--dataset", "tiny", "--steps", "2",
                         "--output_dir", out], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     b = json.load(open(os.path.join(out, "bench.json")))
@@ -28,9 +29,8 @@ def test_bench_tiny(tmp_path):
 
 def test_bench_local_model_folder(tmp_path):
     # any local folder works as --model (here the tiny model's warm-start folder, by path)
-    import lab
     out = str(tmp_path / "f")
-    p = subprocess.run([sys.executable, "bench.py", "--model", lab.warm_start_path("tiny"), "--dataset", "tiny",
+    p = subprocess.run([sys.executable, "-m", "engine.bench", "--model", lab.warm_start_path("tiny"), "--dataset", "tiny",
                         "--steps", "1", "--output_dir", out], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     b = json.load(open(os.path.join(out, "bench.json")))
@@ -38,7 +38,7 @@ def test_bench_local_model_folder(tmp_path):
 
 
 def test_bench_bad_flag(tmp_path):
-    p = subprocess.run([sys.executable, "bench.py", "--model", "tiny", "--dataset", "nope", "--output_dir",
+    p = subprocess.run([sys.executable, "-m", "engine.bench", "--model", "tiny", "--dataset", "nope", "--output_dir",
                         str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode != 0 and "--dataset nope" in p.stderr and "Traceback" not in p.stderr
 
@@ -46,7 +46,7 @@ def test_bench_bad_flag(tmp_path):
 def test_bench_vs_trl(tmp_path):
     pytest.importorskip("trl")       # TRL is not a requirement of the project; this runs where it is installed
     out = str(tmp_path / "t")
-    p = subprocess.run([sys.executable, "bench.py", "--model", "tiny", "--dataset", "tiny", "--steps", "2",
+    p = subprocess.run([sys.executable, "-m", "engine.bench", "--model", "tiny", "--dataset", "tiny", "--steps", "2",
                         "--vs-trl", "--repeats", "2", "--output_dir", out], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     b = json.load(open(os.path.join(out, "bench.json")))
@@ -60,7 +60,6 @@ def test_logprob_pass_memory_is_a_fraction_of_the_logits():
     # Exact allocator totals (the profiler's on CPU), not timings. The naive pass holds about three
     # [N, V] float32 tensors (logits, log-softmax, its gradient); ours at most two chunks of N/16
     # positions, i.e. about 2/16 of the logits, under the issue's bound of a quarter.
-    import bench
     vocab, hidden = 8192, 64
     for n in (64, 512):
         logits = n * vocab * 4 / 1e9
@@ -72,8 +71,6 @@ def test_logprob_pass_memory_is_a_fraction_of_the_logits():
 
 def test_synthetic_model_pieces():
     # --synthetic-0.5b: a padded tokenizer (decode-only filler tokens) and a coin-flip reward
-    import bench
-    import lab
     plain, padded = lab.build_tokenizer(), lab.build_tokenizer(vocab_size=500)
     assert len(plain) == 100 and len(padded) == 500
     text = "What is 7 * 8?\n\\boxed{56}"
@@ -86,7 +83,7 @@ def test_synthetic_model_pieces():
 
 
 def test_logprob_memory_command(tmp_path):
-    p = subprocess.run([sys.executable, "bench.py", "--logprob-memory", "--logprob-positions", "32,64",
+    p = subprocess.run([sys.executable, "-m", "engine.bench", "--logprob-memory", "--logprob-positions", "32,64",
                         "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = json.load(open(tmp_path / "logprob_memory.json"))["rows"]
@@ -96,7 +93,7 @@ def test_logprob_memory_command(tmp_path):
 
 def test_profile_command(tmp_path):
     # dynamic sampling on, so that the profiled step surely trains (bench.py turns it off by default)
-    p = subprocess.run([sys.executable, "bench.py", "--profile", "--model", "tiny", "--dataset", "tiny",
+    p = subprocess.run([sys.executable, "-m", "engine.bench", "--profile", "--model", "tiny", "--dataset", "tiny",
                         "--max_generation_rounds", "8", "--steps", "1", "--output_dir", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -107,7 +104,7 @@ def test_profile_command(tmp_path):
 def test_bench_both_rollouts(tmp_path):
     # --both-rollouts: our side once per --rollout_model (dense copy, then the 4-bit + LoRA policy)
     out = str(tmp_path / "r")
-    p = subprocess.run([sys.executable, "bench.py", "--model", "tiny", "--dataset", "tiny", "--steps", "1",
+    p = subprocess.run([sys.executable, "-m", "engine.bench", "--model", "tiny", "--dataset", "tiny", "--steps", "1",
                         "--both-rollouts", "--output_dir", out], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     b = json.load(open(os.path.join(out, "bench.json")))
@@ -120,7 +117,7 @@ def test_bench_both_rollouts(tmp_path):
 
 
 def test_rollout_copy_cost_command(tmp_path):
-    p = subprocess.run([sys.executable, "bench.py", "--model", "tiny", "--dataset", "tiny", "--rollout-copy-cost",
+    p = subprocess.run([sys.executable, "-m", "engine.bench", "--model", "tiny", "--dataset", "tiny", "--rollout-copy-cost",
                         "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     c = json.load(open(tmp_path / "rollout_copy_cost.json"))
@@ -131,7 +128,6 @@ def test_rollout_copy_cost_command(tmp_path):
 def test_mismatch_rows_per_dtype_and_sampler(tmp_path):
     # bench.py --mismatch on the tiny model: bf16 under CPU autocast beside float32; the half-precision
     # copy both ways (LoRA merged and kept apart), float32's merged only (it is exact there)
-    import bench
     out = str(tmp_path / "mm")
     assert bench.main(["--mismatch", "bf16,fp16,fp32", "--model", "tiny", "--dataset", "tiny", "--prompts_per_step",
                        "2", "--output_dir", out]) == 0
@@ -155,16 +151,13 @@ def test_gsm8k_length_prompts_and_the_plain_layout_beside(tmp_path):
     # --gsm8k-length-prompts: both sides read word problems as long as GSM8K's in the chat template
     # (100-150 tokens with the character-level tokenizer of the synthetic 0.5B model); --plain-too: our
     # side again with every row its own prompt, its numbers prefixed plain_ and the ratios beside
-    import bench
     import cegppo
-    import lab
-    import loading
-    _, tok = loading.load_model(lab.tiny_model_path("lab"), four_bit=False)
+    _, tok = models.load_model(lab.tiny_model_path("lab"), four_bit=False)
     path = bench.gsm8k_length_rows(str(tmp_path / "rows.jsonl"))
     lengths = [len(tok(cegppo.format_prompt(tok, json.loads(line)["question"]))["input_ids"]) for line in open(path)]
     assert 100 <= min(lengths) and max(lengths) <= 150
     out = str(tmp_path / "p")
-    p = subprocess.run([sys.executable, "bench.py", "--model", "tiny", "--dataset", "tiny", "--steps", "1",
+    p = subprocess.run([sys.executable, "-m", "engine.bench", "--model", "tiny", "--dataset", "tiny", "--steps", "1",
                         "--gsm8k-length-prompts", "--plain-too", "--output_dir", out], cwd=ROOT, capture_output=True,
                        text=True)
     assert p.returncode == 0, p.stderr[-3000:]

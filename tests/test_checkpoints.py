@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import runtime
-from loading import UserError
+from engine.errors import UserError
+from engine import runfiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +49,7 @@ class Adapter:
 
 def save(out, step):
     p = torch.nn.Parameter(torch.ones(3))
-    runtime.save_checkpoint(out, Adapter(), torch.optim.AdamW([p]), torch.amp.GradScaler("cpu", enabled=False),
+    runfiles.save_checkpoint(out, Adapter(), torch.optim.AdamW([p]), torch.amp.GradScaler("cpu", enabled=False),
                             State(step=step))
 
 
@@ -133,7 +133,7 @@ def test_restore_drops_torn_rows_and_nul_tails(tmp_path):
     write_rows(out, [1, 2, 3], "tokens.jsonl", tail=b'{"step": 4, "to' + b"\0" * 300 + b"\n" + b"\0" * 4096)
     save(out, 2)
     p = torch.nn.Parameter(torch.ones(3))
-    state = runtime.restore(runtime.find_checkpoint(out), out, torch.optim.AdamW([p]),
+    state = runfiles.restore(runfiles.find_checkpoint(out), out, torch.optim.AdamW([p]),
                             torch.amp.GradScaler("cpu", enabled=False), State)
     assert state.step == 2
     assert steps_in(out, "metrics.jsonl") == [1, 2]
@@ -145,7 +145,7 @@ def test_rewritten_rows_reach_the_disk_before_they_replace_the_file(tmp_path, mo
     out = run_folder(tmp_path, rows=[1, 2, 3])
     write_rows(out, [2, 3], "samples.jsonl")
     spy = DiskSpy(monkeypatch)
-    runtime.keep_rows(out, 2)
+    runfiles.keep_rows(out, 2)
     assert steps_in(out, "metrics.jsonl") == [1, 2] and steps_in(out, "samples.jsonl") == [2]
     for name in ("metrics.jsonl", "samples.jsonl"):
         new = identity(os.path.join(out, name))              # the temp file, renamed over the old one
@@ -165,7 +165,7 @@ def test_a_damaged_config_json_is_one_clear_line(tmp_path, content):
     with open(path, "wb") as f:
         f.write(content)
     with pytest.raises(UserError) as e:
-        runtime.check_resume(Cfg(out), MAY_CHANGE)
+        runfiles.check_resume(Cfg(out), MAY_CHANGE)
     assert path in str(e.value) and "damaged" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -173,15 +173,15 @@ def test_without_config_json_a_resume_goes_on_unchecked_and_says_so(tmp_path, ca
     out = run_folder(tmp_path)
     save(out, 2)
     os.remove(os.path.join(out, "config.json"))
-    assert runtime.check_resume(Cfg(out, algo="grpo"), MAY_CHANGE) == os.path.join(out, "checkpoint")
+    assert runfiles.check_resume(Cfg(out, algo="grpo"), MAY_CHANGE) == os.path.join(out, "checkpoint")
     assert "unchecked" in capsys.readouterr().err
 
 
 def test_write_json_is_atomic_and_durable(tmp_path, monkeypatch):
     path = str(tmp_path / "config.json")
-    runtime.write_json(path, {"algo": "cegppo"})
+    runfiles.write_json(path, {"algo": "cegppo"})
     spy = DiskSpy(monkeypatch)
-    runtime.write_json(path, {"algo": "grpo", "beta1": 0.5})
+    runfiles.write_json(path, {"algo": "grpo", "beta1": 0.5})
     assert json.load(open(path)) == {"algo": "grpo", "beta1": 0.5}
     assert open(path).read() == json.dumps({"algo": "grpo", "beta1": 0.5}, indent=2)   # as train.py wrote it
     assert spy.first("fsync", identity(path)) < spy.first("replace", identity(path)) < \
@@ -192,7 +192,7 @@ def test_write_json_is_atomic_and_durable(tmp_path, monkeypatch):
         raise KeyboardInterrupt                              # a crash before the rename
     monkeypatch.setattr(os, "replace", cut)
     with pytest.raises(KeyboardInterrupt):
-        runtime.write_json(path, {"algo": "dapo"})
+        runfiles.write_json(path, {"algo": "dapo"})
     assert json.load(open(path)) == {"algo": "grpo", "beta1": 0.5}     # the old one, whole
 
 
@@ -210,7 +210,7 @@ def make(out, name, step, kind="complete"):
     shutil.rmtree(scratch)
     folder = os.path.join(out, name)
     if kind in ("partial", "unmarked", "half_removed"):
-        os.remove(os.path.join(folder, runtime.COMPLETE))
+        os.remove(os.path.join(folder, runfiles.COMPLETE))
     if kind in ("partial", "half_removed"):
         os.remove(os.path.join(folder, "state.pt"))
     if kind == "empty_state":
@@ -240,16 +240,16 @@ def test_resume_takes_the_newest_complete_checkpoint_a_cut_left(tmp_path, what, 
     for name, spec in folders.items():
         make(out, name, *(spec if isinstance(spec, tuple) else (spec,)))
     want = taken and os.path.join(out, taken)
-    assert runtime.find_checkpoint(out) == want
-    assert runtime.check_resume(Cfg(out), MAY_CHANGE) == want           # None: again from step 0
+    assert runfiles.find_checkpoint(out) == want
+    assert runfiles.check_resume(Cfg(out), MAY_CHANGE) == want           # None: again from step 0
     if want:
         step = step_of(want)
         p = torch.nn.Parameter(torch.ones(3))
-        assert runtime.restore(want, out, torch.optim.AdamW([p]), torch.amp.GradScaler("cpu", enabled=False),
+        assert runfiles.restore(want, out, torch.optim.AdamW([p]), torch.amp.GradScaler("cpu", enabled=False),
                                State).step == step
         assert steps_in(out, "metrics.jsonl") == list(range(1, step + 1))
     save(out, 8)                                             # the resumed run's next save tidies up
-    assert checkpoints(out) == ["checkpoint"] and step_of(runtime.find_checkpoint(out)) == 8
+    assert checkpoints(out) == ["checkpoint"] and step_of(runfiles.find_checkpoint(out)) == 8
 
 
 class Cut(Exception):
@@ -291,7 +291,7 @@ def test_a_cut_at_any_point_of_a_save_leaves_the_newest_complete_checkpoint(tmp_
     template = run_folder(tmp_path, rows=[1, 2, 3, 4, 5, 6], name="template")
     for name, spec in folders.items():
         make(template, name, *(spec if isinstance(spec, tuple) else (spec,)))
-    before = step_of(runtime.find_checkpoint(template))
+    before = step_of(runfiles.find_checkpoint(template))
     out, found, k = str(tmp_path / "run"), [], 0
     while True:
         shutil.rmtree(out, ignore_errors=True)
@@ -304,11 +304,11 @@ def test_a_cut_at_any_point_of_a_save_leaves_the_newest_complete_checkpoint(tmp_
                 pass
             else:
                 break
-        found.append(step_of(runtime.find_checkpoint(out)))
+        found.append(step_of(runfiles.find_checkpoint(out)))
         save(out, 12)                                        # the resumed run's next save, from this state
-        assert checkpoints(out) == ["checkpoint"] and step_of(runtime.find_checkpoint(out)) == 12, (k, found)
+        assert checkpoints(out) == ["checkpoint"] and step_of(runfiles.find_checkpoint(out)) == 12, (k, found)
         k += 1
-    assert step_of(runtime.find_checkpoint(out)) == 10 and checkpoints(out) == ["checkpoint"]
+    assert step_of(runfiles.find_checkpoint(out)) == 10 and checkpoints(out) == ["checkpoint"]
     assert k > 5 and found[0] == before and found[-1] == 10, found
     # the one taken is never lost and never goes back: the one before, until the new one is complete
     assert all(s in (before, 10) for s in found), found
@@ -323,7 +323,7 @@ def test_resume_before_the_first_checkpoint_starts_again_from_step_0(tmp_path, c
     write_rows(out, [], tail=b'{"step": 2, "rew')
     write_rows(out, [1], "samples.jsonl")
     make(out, "checkpoint.tmp", 2, "partial")                           # the first save, cut off
-    assert runtime.check_resume(Cfg(out), MAY_CHANGE) is None          # its rows dropped (start_over)
+    assert runfiles.check_resume(Cfg(out), MAY_CHANGE) is None          # its rows dropped (start_over)
     assert steps_in(out, "metrics.jsonl") == [] and steps_in(out, "samples.jsonl") == []
     assert not os.path.exists(os.path.join(out, "tokens.jsonl"))
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
@@ -332,7 +332,7 @@ def test_resume_before_the_first_checkpoint_starts_again_from_step_0(tmp_path, c
     assert checkpoints(out) == ["checkpoint"]
     # the same run again: other flags are refused, as for any resume
     with pytest.raises(UserError, match="--algo is 'grpo' here but 'cegppo'"):
-        runtime.check_resume(Cfg(run_folder(tmp_path, rows=[1], name="again"), algo="grpo"), MAY_CHANGE)
+        runfiles.check_resume(Cfg(run_folder(tmp_path, rows=[1], name="again"), algo="grpo"), MAY_CHANGE)
 
 
 @pytest.mark.parametrize("rows", [[1, 2, 3], None])
@@ -342,7 +342,7 @@ def test_resume_without_a_checkpoint_to_go_back_to_is_refused(tmp_path, rows):
     if rows is None:
         os.remove(os.path.join(out, "metrics.jsonl"))
     with pytest.raises(UserError) as e:
-        runtime.check_resume(Cfg(out), MAY_CHANGE)
+        runfiles.check_resume(Cfg(out), MAY_CHANGE)
     assert str(e.value) == f"--resume: no checkpoint in {out}"
 
 
@@ -352,10 +352,10 @@ def test_the_first_save_is_at_max_steps_when_sooner(tmp_path, rows, again):
     # that run was resumed further, from a checkpoint since lost)
     out = run_folder(tmp_path, rows=rows, save_steps=5, max_steps=3)
     if again:
-        assert runtime.check_resume(Cfg(out, max_steps=6), MAY_CHANGE) is None
+        assert runfiles.check_resume(Cfg(out, max_steps=6), MAY_CHANGE) is None
     else:
         with pytest.raises(UserError, match="no checkpoint"):
-            runtime.check_resume(Cfg(out, max_steps=6), MAY_CHANGE)
+            runfiles.check_resume(Cfg(out, max_steps=6), MAY_CHANGE)
 
 
 def script(*args, check=True):
@@ -405,14 +405,14 @@ def test_a_save_flushes_every_file_its_folders_and_the_rows_before_its_renames(t
         assert spy.first("fsync", identity(os.path.join(out, name))) < spy.first("rename"), name
     ckpt = os.path.join(out, "checkpoint")
     files = [os.path.join(r, n) for r, _, ns in os.walk(ckpt) for n in ns]
-    assert {os.path.relpath(f, ckpt) for f in files} >= {*runtime.CHECKPOINT_FILES, runtime.COMPLETE}
+    assert {os.path.relpath(f, ckpt) for f in files} >= {*runfiles.CHECKPOINT_FILES, runfiles.COMPLETE}
     synced = spy.synced()
     missing = [f for f in files if identity(f) not in synced]
     assert not missing, missing
-    marker = spy.first("fsync", identity(os.path.join(ckpt, runtime.COMPLETE)))
+    marker = spy.first("fsync", identity(os.path.join(ckpt, runfiles.COMPLETE)))
     # the data, then the marker that vouches for it, then the renames
-    assert all(spy.first("fsync", identity(f)) < marker for f in files if not f.endswith(runtime.COMPLETE))
-    for name in runtime.ROWS:
+    assert all(spy.first("fsync", identity(f)) < marker for f in files if not f.endswith(runfiles.COMPLETE))
+    for name in runfiles.ROWS:
         assert spy.first("fsync", identity(os.path.join(out, name))) < marker, name
     assert marker < spy.first("rename")
     if os.name != "nt":                                      # folders: POSIX only
@@ -443,10 +443,10 @@ def test_a_save_succeeds_where_folders_cannot_be_flushed(tmp_path, monkeypatch, 
     out = run_folder(tmp_path)
     save(out, 2)
     save(out, 4)
-    runtime.write_json(os.path.join(out, "config.json"), dataclasses.asdict(Cfg(out)))
-    assert runtime.check_resume(Cfg(out), MAY_CHANGE) == os.path.join(out, "checkpoint")
-    assert step_of(runtime.find_checkpoint(out)) == 4 and checkpoints(out) == ["checkpoint"]
-    runtime.keep_rows(out, 2)
+    runfiles.write_json(os.path.join(out, "config.json"), dataclasses.asdict(Cfg(out)))
+    assert runfiles.check_resume(Cfg(out), MAY_CHANGE) == os.path.join(out, "checkpoint")
+    assert step_of(runfiles.find_checkpoint(out)) == 4 and checkpoints(out) == ["checkpoint"]
+    runfiles.keep_rows(out, 2)
     assert steps_in(out, "metrics.jsonl") == [1, 2]
 
 
@@ -469,10 +469,10 @@ def test_loss_scale_and_fused_adamw_come_back_through_weights_only(tiny_policy, 
     assert scaler.get_scale() == 2.0 ** 15                   # not the default 2 ** 16
     out = str(tmp_path / "run")
     os.makedirs(out)
-    runtime.save_checkpoint(out, model, opt, scaler, State(step=7, pos=3))
+    runfiles.save_checkpoint(out, model, opt, scaler, State(step=7, pos=3))
     opt2 = torch.optim.AdamW(params, lr=1e-3, fused=True)
     scaler2 = torch.amp.GradScaler("cpu", enabled=True)
-    state = runtime.restore(runtime.find_checkpoint(out), out, opt2, scaler2, State)   # torch.load(weights_only=True)
+    state = runfiles.restore(runfiles.find_checkpoint(out), out, opt2, scaler2, State)   # torch.load(weights_only=True)
     assert state == State(step=7, pos=3)
     assert scaler2.get_scale() == 2.0 ** 15 and scaler2.state_dict() == scaler.state_dict()
     assert opt2.state_dict()["param_groups"] == opt.state_dict()["param_groups"]

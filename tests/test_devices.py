@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-import runtime
 import train
+from engine import runfiles, runlog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +36,7 @@ def cuda_states(n):
 @pytest.mark.parametrize("saved,visible", [(2, 1), (2, 2), (2, 4), (1, 2), (2, 0), (0, 1)])
 def test_cuda_rng_restore_takes_what_fits(monkeypatch, saved, visible):
     calls = simulate_cuda(monkeypatch, visible)
-    runtime.set_rng_state({"python": random.getstate(), "torch": torch.get_rng_state(),
+    runfiles.set_rng_state({"python": random.getstate(), "torch": torch.get_rng_state(),
                          "cuda": cuda_states(saved) if saved else None})
     n = min(saved, visible)
     assert [d for d, _ in calls] == list(range(n))
@@ -44,7 +44,7 @@ def test_cuda_rng_restore_takes_what_fits(monkeypatch, saved, visible):
 
 
 def write_gpu_checkpoint(folder, optimizer, scaler, cuda_rng):
-    """A state.pt as runtime.save_checkpoint writes it on a GPU: every tensor's storage tagged cuda:0."""
+    """A state.pt as runfiles.save_checkpoint writes it on a GPU: every tensor's storage tagged cuda:0."""
     import torch.serialization as ser
     os.makedirs(folder)
     real = ser.location_tag
@@ -74,7 +74,7 @@ def test_checkpoint_saved_on_a_gpu_resumes_on_a_cpu(tmp_path, monkeypatch):
         calls = simulate_cuda(monkeypatch, visible)
         out = str(tmp_path / f"run{visible}")
         os.makedirs(out)
-        state = runtime.restore(ckpt, out, opt2, torch.amp.GradScaler("cpu", enabled=False), train.State)
+        state = runfiles.restore(ckpt, out, opt2, torch.amp.GradScaler("cpu", enabled=False), train.State)
         assert (state.step, state.pos) == (3, 12)
         assert [d for d, _ in calls] == list(range(visible))     # min(saved 2, visible) CUDA generators
         # load_state_dict puts every optimizer state tensor on its parameter's device (and dtype)
@@ -121,8 +121,8 @@ def test_scripts_run_without_unix_only_modules(tmp_path):
         p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
         assert p.returncode == 0, f"{args}\n{p.stderr[-3000:]}"
         return p
-    probe = run("-c", "import os, runtime, train, eval, bench, memory, loading, gpu_check; "
-                      "assert not hasattr(os, 'sched_getaffinity'); print(loading.set_threads(0), runtime.peak_mem_gb())")
+    probe = run("-c", "import os, train, eval, memory, gpu_check; from engine import bench, models, runlog; "
+                      "assert not hasattr(os, 'sched_getaffinity'); print(models.set_threads(0), runlog.peak_mem_gb())")
     assert probe.stdout.split() == [str(os.cpu_count()), "None"]
     assert "--dtype" in run("train.py", "--help").stdout
     run("train.py", "--model", "tiny", "--max_steps", "1", "--eval_limit", "2", "--threads", "1",
@@ -131,7 +131,7 @@ def test_scripts_run_without_unix_only_modules(tmp_path):
     assert row["peak_mem_gb"] is None and "eval/accuracy" in row            # "not available", not a crash
     run("eval.py", "--model", "tiny", "--dataset", "tiny", "--limit", "2", "--max_completion_length", "8",
         "--threads", "1", "--output_dir", str(tmp_path / "e"))
-    p = run("bench.py", "--model", "tiny", "--dataset", "tiny", "--steps", "1", "--threads", "1",
+    p = run("-m", "engine.bench", "--model", "tiny", "--dataset", "tiny", "--steps", "1", "--threads", "1",
             "--output_dir", str(tmp_path / "b"))
     assert json.load(open(tmp_path / "b" / "bench.json"))["peak_mem_gb"] is None
     assert "not available" in p.stdout
@@ -139,14 +139,14 @@ def test_scripts_run_without_unix_only_modules(tmp_path):
 
 def test_peak_memory_metrics(monkeypatch):
     # CPU: peak RSS; no reserved peak. CUDA (simulated): allocated and reserved, each its own peak
-    assert runtime.peak_mem_gb() > 0 and runtime.peak_mem_reserved_gb() is None
+    assert runlog.peak_mem_gb() > 0 and runlog.peak_mem_reserved_gb() is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3e9)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 4.5e9)
     resets = []
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: resets.append(True))
-    runtime.reset_peak_mem()
-    assert resets == [True] and runtime.peak_mem_gb() == 3.0 and runtime.peak_mem_reserved_gb() == 4.5
+    runlog.reset_peak_mem()
+    assert resets == [True] and runlog.peak_mem_gb() == 3.0 and runlog.peak_mem_reserved_gb() == 4.5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,11 +157,11 @@ def test_timed_synchronizes_on_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
     times = {}
-    assert runtime.timed(times, "x", lambda a: events.append("fn") or a + 1, 1) == 2
+    assert runlog.timed(times, "x", lambda a: events.append("fn") or a + 1, 1) == 2
     assert events == ["sync", "fn", "sync"] and times["x"] >= 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     events.clear()
-    runtime.timed(times, "x", lambda: events.append("fn"))
+    runlog.timed(times, "x", lambda: events.append("fn"))
     assert events == ["fn"]                                   # on a CPU there is nothing to wait for
 
 
@@ -183,6 +183,7 @@ def test_suite_hides_cuda():
 BARE_IMAGE = '''
 # As if never installed: the finder sees none of these (the libraries' own availability checks agree)
 import importlib.machinery
+from engine import bench, models, runfiles, runlog
 BLOCKED = {"datasets", "pyarrow", "pandas", "matplotlib", "trl", "dill", "multiprocess", "xxhash"}
 _find = importlib.machinery.PathFinder.find_spec.__func__
 def _find_spec(cls, name, path=None, target=None):
@@ -194,7 +195,7 @@ importlib.machinery.PathFinder.find_spec = classmethod(_find_spec)
 
 
 def test_training_path_on_a_bare_image(tmp_path):
-    """docs/gpu.md's wheels (bitsandbytes, math-verify and its parser) are all train.py, eval.py, bench.py
+    """docs/gpu.md's wheels (bitsandbytes, math-verify and its parser) are all train.py, eval.py, engine/bench.py
     and gpu_check.py need beside torch, transformers, peft and accelerate; Hub datasets, curves.png and
     the TRL comparison need the optional ones."""
     site = tmp_path / "site"
@@ -204,8 +205,8 @@ def test_training_path_on_a_bare_image(tmp_path):
 
     def run(*args):
         return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    p = run("-c", "import train, eval, bench, gpu_check, memory\ntry:\n    import datasets\nexcept ImportError:\n"
-                  "    print('no datasets')")
+    p = run("-c", "import train, eval, gpu_check, memory\nfrom engine import bench\ntry:\n    import datasets\n"
+                  "except ImportError:\n    print('no datasets')")
     assert p.returncode == 0 and p.stdout.strip() == "no datasets", p.stderr[-2000:]
     p = run("train.py", "--model", "tiny", "--max_steps", "2", "--output_dir", str(tmp_path / "t"))
     assert p.returncode == 0, p.stderr[-3000:]

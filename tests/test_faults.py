@@ -17,11 +17,10 @@ from transformers import DynamicCache, GenerationConfig
 
 import cegppo
 import eval as eval_script
-import lab
-import loading
-import rollout_copy
-import runtime
 import train
+from engine import data, dense_copy, generation, lab, logprobs, models, progress, runfiles
+from engine.generation import Generator
+from engine.sampler import Sampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +42,7 @@ def rows(out):
 # ----------------------------------------------------------------------------------------------
 def test_an_overflowing_round_leaves_the_updates_in_train_mode(monkeypatch, tmp_path):
     seen, planted = [], []                 # (layer in train mode, checkpointing on) of every forward with grad
-    real_policy_model = train.policy_model
+    real_policy_model = models.policy_model
 
     def instrumented(cfg, adapter=None):
         model, tok = real_policy_model(cfg, adapter)
@@ -59,7 +58,7 @@ def test_an_overflowing_round_leaves_the_updates_in_train_mode(monkeypatch, tmp_
             layer.register_forward_pre_hook(
                 lambda m, args: seen.append((m.training, m.gradient_checkpointing)) if torch.is_grad_enabled() else None)
         return model, tok
-    monkeypatch.setattr(train, "policy_model", instrumented)
+    monkeypatch.setattr(models, "policy_model", instrumented)
     out = str(tmp_path / "run")
     assert run_main(["--preset", "tiny", "--max_steps", "2", "--eval_limit", "0", "--rollout_model", "policy",
                      "--output_dir", out]) == 0
@@ -90,7 +89,7 @@ def overflowing_folder(tmp_path_factory):
     """The warm tiny model with +inf in the embedding of '*': every question with a product overflows
     (a row's numbers stay its own), every other one is fine."""
     folder = str(tmp_path_factory.mktemp("overflowing"))
-    model, tok = loading.load_model(lab.warm_start_path("tiny"), four_bit=False)
+    model, tok = models.load_model(lab.warm_start_path("tiny"), four_bit=False)
     with torch.no_grad():
         model.get_input_embeddings().weight[tok.convert_tokens_to_ids("*")] = float("inf")
     model.save_pretrained(folder)
@@ -99,7 +98,7 @@ def overflowing_folder(tmp_path_factory):
 
 
 def product_questions(n):
-    return [i for i, (q, _) in enumerate(loading.load_rows("tiny", "test")[:n]) if "*" in q]
+    return [i for i, (q, _) in enumerate(data.load_rows("tiny", "test")[:n]) if "*" in q]
 
 
 def test_eval_says_which_questions_overflowed_and_scores_nothing(overflowing_folder, tmp_path):
@@ -116,37 +115,38 @@ def test_eval_says_which_questions_overflowed_and_scores_nothing(overflowing_fol
     assert not (out / "results.json").exists()
     # sampled, k per question: the rows map back to their questions
     with pytest.raises(cegppo.NonFiniteLogits) as e:
-        model, tok = loading.load_model(overflowing_folder, four_bit=True)
-        eval_script.evaluate(model, tok, loading.load_rows("tiny", "test")[:8], 8, batch_size=16, k=2, temperature=1.0)
+        model, tok = models.load_model(overflowing_folder, four_bit=True)
+        eval_script.evaluate(model, tok, data.load_rows("tiny", "test")[:8], 8, batch_size=16, k=2, temperature=1.0)
     assert e.value.rows == bad
 
 
 def test_trainings_evaluation_of_an_overflowing_policy_is_said_not_scored(overflowing_folder, capsys):
-    model, tok = loading.load_model(overflowing_folder, four_bit=True, lora_rank=8, trainable=True)
+    model, tok = models.load_model(overflowing_folder, four_bit=True, lora_rank=8, trainable=True)
     cfg = train.parse_config(["--preset", "tiny", "--eval_limit", "8"])
-    got = train.evaluate_policy(model, tok, loading.load_rows("tiny", "test")[:8], 64, "policy", cfg)
+    got = train.evaluate_policy(Sampler(model, tok, cfg, "sampler"), tok, data.load_rows("tiny", "test")[:8], cfg)
     assert got == {"eval/non_finite": len(product_questions(8))}
     assert "warning: evaluation: the logits were not finite (fp32 compute)" in capsys.readouterr().out
 
 
 def test_trainings_evaluation_falls_back_from_an_overflowing_copy(tiny_policy, monkeypatch, capsys):
     model, tok = tiny_policy
-    real_copy = rollout_copy.dense_copy
+    real_copy = dense_copy.dense_copy
 
     def overflowing_copy(policy, into=None):
         dense = real_copy(policy, into)
         with torch.no_grad():       # a merged weight: the copy's own tensor, not the policy's
             dense.model.layers[0].self_attn.q_proj.weight[0].fill_(float("inf"))
         return dense
-    monkeypatch.setattr(rollout_copy, "dense_copy", overflowing_copy)
-    cfg = train.parse_config(["--preset", "tiny"])
-    eval_rows = loading.load_rows("tiny", "test")[:4]
-    got = train.evaluate_policy(model, tok, eval_rows, 64, "dense", cfg)
+    monkeypatch.setattr(dense_copy, "dense_copy", overflowing_copy)
+    cfg = train.parse_config(["--preset", "tiny", "--rollout_model", "dense"])
+    eval_rows = data.load_rows("tiny", "test")[:4]
+    got = train.evaluate_policy(Sampler(model, tok, cfg, "sampler"), tok, eval_rows, cfg)
     assert "warning: evaluation: the dense copy hit non-finite logits: generating through the 4-bit policy" \
         in capsys.readouterr().out
     assert set(got) == {"eval/accuracy", "eval/mean_length"}
-    monkeypatch.setattr(rollout_copy, "dense_copy", real_copy)
-    assert train.evaluate_policy(model, tok, eval_rows, 64, "policy", cfg) == got      # the policy's own numbers
+    monkeypatch.setattr(dense_copy, "dense_copy", real_copy)
+    cfg = train.parse_config(["--preset", "tiny", "--rollout_model", "policy"])
+    assert train.evaluate_policy(Sampler(model, tok, cfg, "sampler"), tok, eval_rows, cfg) == got   # the policy's own
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,20 +157,20 @@ def test_the_sft_term_drops_what_the_sampler_correction_masks(tiny_policy):
     cfg = train.parse_config(["--preset", "tiny", "--sft_coef", "1", "--num_generations", "2",
                               "--steps_per_generation", "1"])
     torch.manual_seed(0)
-    ro = cegppo.rollout(model, tok, [cegppo.format_prompt(tok, q) for q, _ in loading.load_rows("tiny")[:2]], 2, 12)
-    mask = ro["completion_mask"]
-    old_logp, adv = ro["sample_logp"], torch.tensor([1.0, -1.0, 1.0, -1.0])
+    ro = cegppo.rollout(model, tok, [cegppo.format_prompt(tok, q) for q, _ in data.load_rows("tiny")[:2]], 2, 12)
+    mask = ro.completion_mask
+    old_logp, adv = ro.sample_logp, torch.tensor([1.0, -1.0, 1.0, -1.0])
     positive = torch.tensor([True, False, True, False])
     weights = mask.float()
     weights[2] = 0.0                               # the sequence_mask correction drops response 2, a positive one
-    micro_batches = train.update_partition(ro, cfg)[0]
+    micro_batches = logprobs.update_partition(ro, cfg)[0]
 
     def sft(positive, weights):
-        log = {"stat_sums": {}, "stat_tokens": 0, "ratio/max": [], "loss": [], "tokens": {},
-               "first_update": {"tokens": 0, "clipped": 0.0, "diff_sum": 0.0, "diff_max": 0.0},
-               "micro_batches": 0, "packed": 0}
-        _, sft_sum = train.accumulate_gradients(model, torch.amp.GradScaler("cpu", enabled=False), ro, micro_batches,
-                                                old_logp, weights, adv, positive, cfg, log)
+        groups = train.Groups(ro, [("p", "a")] * 2, positive.float(), adv)                 # positive: reward 1
+        old = train.OldLogProbs(old_logp, torch.zeros_like(old_logp), weights, {})
+        _, sft_sum = train.accumulate_gradients(logprobs.Scorer(cfg.temperature, cfg.shared_prefix), model,
+                                                models.Optimizer(model, cfg), groups, old, micro_batches, cfg,
+                                                train.Updates())
         model.zero_grad(set_to_none=True)
         return sft_sum
     # masked: -sum(log pi over response 0) / (tokens of responses 0 and 2); not positive: the same sum over
@@ -190,7 +190,7 @@ def opinionated_folder(tmp_path_factory):
     """The warm tiny model with a generation_config.json that sets several sampling knobs: digits suppressed,
     no repeated token, min_p 0.5, top_k 3 (a fine-tuned checkpoint from the Hub might set any of them)."""
     folder = str(tmp_path_factory.mktemp("opinionated"))
-    model, tok = loading.load_model(lab.warm_start_path("tiny"), four_bit=False)
+    model, tok = models.load_model(lab.warm_start_path("tiny"), four_bit=False)
     model.generation_config = GenerationConfig(
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=True, top_k=3, min_p=0.5, no_repeat_ngram_size=1,
         suppress_tokens=tok.convert_tokens_to_ids(list("0123456789")), typical_p=0.5, epsilon_cutoff=0.01)
@@ -200,19 +200,19 @@ def opinionated_folder(tmp_path_factory):
 
 
 def test_sampling_ignores_the_checkpoints_own_knobs(opinionated_folder, tmp_path):
-    model, tok = loading.load_model(opinionated_folder, four_bit=True, lora_rank=8, trainable=True)
+    model, tok = models.load_model(opinionated_folder, four_bit=True, lora_rank=8, trainable=True)
     assert model.generation_config.top_k == 3 and model.generation_config.suppress_tokens
-    prompts = [cegppo.format_prompt(tok, q) for q, _ in loading.load_rows("tiny")[:4]]
+    prompts = [cegppo.format_prompt(tok, q) for q, _ in data.load_rows("tiny")[:4]]
     torch.manual_seed(0)
     ro = cegppo.rollout(model, tok, prompts, 4, 12)
-    assert any(c.isdigit() for t in ro["texts"] for c in t)                 # digits were not suppressed
+    assert any(c.isdigit() for t in ro.texts for c in t)                 # digits were not suppressed
     # the recorded numbers are the policy's plain temperature softmax (token_logprobs), however it sampled
-    logp, _ = cegppo.completion_logprobs(model, ro["input_ids"], ro["attention_mask"], ro["prompt_len"])
-    mask = ro["completion_mask"].bool()
-    assert (logp - ro["sample_logp"])[mask].abs().max() < 1e-4
+    logp, _ = cegppo.completion_logprobs(model, ro.input_ids, ro.attention_mask, ro.prompt_len)
+    mask = ro.completion_mask.bool()
+    assert (logp - ro.sample_logp)[mask].abs().max() < 1e-4
     # greedy too: the plain argmax (the digit a suppressing config would forbid)
     greedy = cegppo.rollout(model, tok, prompts[:1], 1, 12, temperature=0.0)
-    assert any(c.isdigit() for c in greedy["texts"][0])
+    assert any(c.isdigit() for c in greedy.texts[0])
     assert model.generation_config.top_k == 3            # the checkpoint's config is back after the calls
     out = str(tmp_path / "run")                          # and a training run on it (before: a crash at step 1)
     assert run_main(["--preset", "tiny", "--model", opinionated_folder, "--max_steps", "1", "--eval_limit", "4",
@@ -224,8 +224,8 @@ def test_sampling_ignores_the_checkpoints_own_knobs(opinionated_folder, tmp_path
 # ----------------------------------------------------------------------------------------------
 def test_out_of_memory_while_expanding_the_prompt_cache_frees_it(tiny_policy, monkeypatch):
     model, tok = tiny_policy
-    prompts = [cegppo.format_prompt(tok, q) for q, _ in loading.load_rows("tiny")[:2]]
-    real_cache, real_update, refs, alive, failed = cegppo.prompt_cache, DynamicCache.update, [], [], []
+    prompts = [cegppo.format_prompt(tok, q) for q, _ in data.load_rows("tiny")[:2]]
+    real_cache, real_update, refs, alive, failed = generation.prompt_cache, DynamicCache.update, [], [], []
 
     def recorded_cache(*a):
         kv = real_cache(*a)
@@ -241,13 +241,13 @@ def test_out_of_memory_while_expanding_the_prompt_cache_frees_it(tiny_policy, mo
     def empty_cache():
         gc.collect()
         alive.append(sum(r() is not None for r in refs))
-    monkeypatch.setattr(cegppo, "prompt_cache", recorded_cache)
+    monkeypatch.setattr(generation, "prompt_cache", recorded_cache)
     monkeypatch.setattr(DynamicCache, "update", update)
     monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="retrying with generation batch 4"):
-        ro = cegppo.rollout(model, tok, prompts, 4, 8, batch_size=8)
-    assert failed and len(ro["texts"]) == 8
+        ro = cegppo.rollout(model, tok, prompts, 4, 8, generate=Generator(batch_size=8))
+    assert failed and len(ro.texts) == 8
     assert alive[0] == 0, f"{alive[0]} of the prompt cache's tensors alive when the memory is given back"
 
 
@@ -259,12 +259,12 @@ def test_a_cut_while_the_final_adapter_is_written_leaves_every_file_whole(tiny_p
     old_dir, new_dir, out = tmp_path / "old", tmp_path / "new", tmp_path / "run"
     for d in (old_dir, new_dir, out):
         d.mkdir()
-    runtime.save_final(str(old_dir), model, tok)
+    runfiles.save_final(str(old_dir), model, tok)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.01)
-    runtime.save_final(str(new_dir), model, tok)
+    runfiles.save_final(str(new_dir), model, tok)
     files = sorted(os.listdir(old_dir))
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= set(files)
     old = {f: (old_dir / f).read_bytes() for f in files}
@@ -286,7 +286,7 @@ def test_a_cut_while_the_final_adapter_is_written_leaves_every_file_whole(tiny_p
     with monkeypatch.context() as m:
         m.setattr("peft.peft_model.safe_save_file", cut_save)
         with pytest.raises(KeyboardInterrupt):
-            runtime.save_final(str(out), model, tok)
+            runfiles.save_final(str(out), model, tok)
     assert {f: (out / f).read_bytes() for f in files} == old
     # a cut before any of the renames: each file whole, old or new, and a new config only beside new weights
     real_replace = os.replace
@@ -302,7 +302,7 @@ def test_a_cut_while_the_final_adapter_is_written_leaves_every_file_whole(tiny_p
         with monkeypatch.context() as m:
             m.setattr(os, "replace", replace)
             with pytest.raises(KeyboardInterrupt):
-                runtime.save_final(str(out), model, tok)
+                runfiles.save_final(str(out), model, tok)
         got = {f: (out / f).read_bytes() for f in files}
         assert all(got[f] in (old[f], new[f]) for f in files), cut_after
         assert "adapter_config.json" not in {os.path.basename(d) for d in done}    # eval.py's first look: last
@@ -310,7 +310,7 @@ def test_a_cut_while_the_final_adapter_is_written_leaves_every_file_whole(tiny_p
     order = []
     with monkeypatch.context() as m:
         m.setattr(os, "replace", lambda src, dst: order.append(os.path.basename(dst)) or real_replace(src, dst))
-        runtime.save_final(str(out), model, tok)
+        runfiles.save_final(str(out), model, tok)
     assert order[-1] == "adapter_config.json" and order.index("adapter_model.safetensors") < len(order) - 1
     assert {f: (out / f).read_bytes() for f in files} == new and sorted(os.listdir(out)) == files
 
@@ -323,20 +323,20 @@ def test_under_autocast_every_generate_keeps_its_cache_in_the_compute_dtype(tiny
     # greedy evaluation (one completion per prompt) and --shared_prefix false have no shared prefill, and had a
     # default cache: float32 keys and values through the 4-bit policy, cast down again at every decoded token
     model, tok = tiny_policy
-    prompts = [cegppo.format_prompt(tok, q) for q, _ in loading.load_rows("tiny")[:2]]
-    stored, real = [], cegppo.CastKVCache.update
+    prompts = [cegppo.format_prompt(tok, q) for q, _ in data.load_rows("tiny")[:2]]
+    stored, real = [], generation.CastKVCache.update
 
     def recording(self, k, v, layer, *a, **kw):
         out = real(self, k, v, layer, *a, **kw)
         stored.append((out[0].dtype, out[1].dtype))
         return out
-    monkeypatch.setattr(cegppo.CastKVCache, "update", recording)
+    monkeypatch.setattr(generation.CastKVCache, "update", recording)
     torch.manual_seed(0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         if how == "greedy":
-            cegppo.rollout(model, tok, prompts, 1, 6, temperature=0.0)
+            cegppo.rollout(model, tok, prompts, 1, 6, temperature=0.0, generate=Generator())
         else:
-            cegppo.rollout(model, tok, prompts, 2, 6, share_prompts=False)
+            cegppo.rollout(model, tok, prompts, 2, 6, generate=Generator(share_prompts=False))
     assert stored and set(stored) == {(torch.bfloat16, torch.bfloat16)}
 
 
@@ -352,7 +352,7 @@ def test_evaluation_keeps_the_generation_batch_that_fit(tiny_policy):
     model.generate = small_gpu_generate
     try:
         with pytest.warns(UserWarning, match="retrying with generation batch 4"):
-            res = eval_script.evaluate(model, tok, loading.load_rows("tiny", "test")[:16], 6, batch_size=8)
+            res = eval_script.evaluate(model, tok, data.load_rows("tiny", "test")[:16], 6, batch_size=8)
     finally:
         del model.generate
     # two chunks of 8 questions: the first halves once, the second starts at what fit (before: 8 again)
@@ -361,7 +361,7 @@ def test_evaluation_keeps_the_generation_batch_that_fit(tiny_policy):
 
 def test_the_progress_bar_forgets_an_attempt_that_ran_out_of_memory(tiny_policy):
     model, tok = tiny_policy
-    prompts = [cegppo.format_prompt(tok, q) for q, _ in loading.load_rows("tiny")[:4]]
+    prompts = [cegppo.format_prompt(tok, q) for q, _ in data.load_rows("tiny")[:4]]
     real, failed = model.generate, []
 
     def late_oom(**kw):                     # the cache outgrows the card on the third decoded token, once
@@ -377,17 +377,17 @@ def test_the_progress_bar_forgets_an_attempt_that_ran_out_of_memory(tiny_policy)
         kw["logits_processor"].append(Boom())
         return real(**kw)
     model.generate = late_oom
-    ticker = runtime.GenerationProgress("rollout", 8, cegppo.eos_ids(tok, model), "off")
+    ticker = progress.GenerationProgress("rollout", 8, cegppo.eos_ids(tok, model), "off")
     try:
         torch.manual_seed(0)
         with pytest.warns(UserWarning, match="retrying with generation batch 4"):
-            ro = cegppo.rollout(model, tok, prompts, 2, 10, batch_size=8, processors=[ticker])
+            ro = cegppo.rollout(model, tok, prompts, 2, 10, generate=Generator(batch_size=8, processors=[ticker]))
     finally:
         del model.generate
     assert failed
     # every token of every completion counted once, the failed attempt's not at all (before: 8 more per step)
-    assert ticker.tokens == int(ro["completion_mask"].sum())
-    assert ticker.bar.n <= int((~ro["truncated"]).sum())
+    assert ticker.tokens == int(ro.completion_mask.sum())
+    assert ticker.bar.n <= int((~ro.truncated).sum())
 
 
 def test_an_fp16_run_resumes_in_float32(tmp_path):

@@ -8,6 +8,7 @@ float32, so in 4-bit the residual stream is float32 and only the 4-bit matmuls (
 input gradient of their backward) run in fp16. With --no_load_in_4bit everything but the LoRA
 weights is fp16. Both paths are tested; in both, small gradients underflow without scaling.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,9 +19,8 @@ import pytest
 import torch
 
 import cegppo
-import lab
-import loading
 import train
+from engine import bench, lab, logprobs, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The default run's mini-batch: P 8 / steps_per_generation 4 = 2 groups x G 8 = 16 responses of up to
@@ -64,14 +64,15 @@ def batch(tok):
     for i, (p, c) in enumerate(zip(prompts, comps)):
         ids[i, P - len(p):P], amask[i, P - len(p):P] = torch.tensor(p), 1
         ids[i, P:P + len(c)], amask[i, P:P + len(c)], cmask[i, :len(c)] = torch.tensor(c), 1, 1
-    return {"input_ids": ids, "attention_mask": amask, "completion_mask": cmask, "prompt_len": P}
+    return cegppo.Rollout(input_ids=ids, attention_mask=amask, completion_mask=cmask, truncated=torch.zeros(8, dtype=bool),
+                          prompt_len=P, texts=[""] * 8)
 
 
 def load(dtype, four_bit):
     """The warm-started tiny model with a LoRA whose B is small and random (as after a few updates:
     at init B = 0 and every lora_A gradient is zero), the same in every dtype."""
     torch.manual_seed(0)
-    model, tok = loading.load_model(lab.warm_start_path("tiny"), four_bit=four_bit, lora_rank=8, trainable=True,
+    model, tok = models.load_model(lab.warm_start_path("tiny"), four_bit=four_bit, lora_rank=8, trainable=True,
                                     dtype=dtype, gradient_checkpointing=False)
     g = torch.Generator().manual_seed(1)
     for n, p in model.named_parameters():
@@ -89,10 +90,10 @@ def gradients(model, tok, scale):
     hooks = [m.register_full_backward_hook(lambda m, gi, go: inputs.append(gi[0].float() / scale))
              for n, m in model.named_modules() if n.endswith("base_layer") and "layers.0." not in n]
     ro = batch(tok)
-    lp, _ = cegppo.completion_logprobs(model, ro["input_ids"], ro["attention_mask"], ro["prompt_len"],
-                                       with_entropy=False)
+    lp, _ = logprobs.chunked_logprobs(model, ro.input_ids, ro.attention_mask, ro.prompt_len,
+                                         with_entropy=False)
     adv = torch.tensor([1.0, -1.0] * 4)
-    loss, _ = cegppo.cegppo_loss(lp, lp.detach(), adv, ro["completion_mask"], num_tokens=MINI_BATCH_TOKENS,
+    loss, _ = cegppo.cegppo_loss(lp, lp.detach(), adv, ro.completion_mask, num_tokens=MINI_BATCH_TOKENS,
                                  **cegppo.ALGOS["cegppo"])
     (loss * scale).backward()
     for h in hooks:
@@ -151,19 +152,26 @@ def test_scaled_fp16_gradient_matches_fp32_and_unscaled_underflows(four_bit):
 def fp16_policy():
     cfg = train.parse_config(["--model", "tiny", "--dtype", "fp16", "--steps_per_generation", "1"])
     torch.manual_seed(0)
-    model, tok, params, optimizer, scaler = train.policy_and_optimizer(cfg, None)
+    model, tok = models.policy_model(cfg)
+    optimizer = models.Optimizer(model, cfg)
+    params, scaler = optimizer.params, optimizer.scaler
     assert scaler.is_enabled() and scaler.get_scale() == 65536.0
     ro = batch(tok)
-    old_logp, _ = train.old_logprobs(model, ro, cfg)
+    old_logp = bench.old_logprobs(model, ro, cfg)
     adv, zero_std = cegppo.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0]), 4)
     assert not zero_std.any()                       # both groups carry a signal: update_policy trains on all rows
     return cfg, model, params, optimizer, scaler, ro, old_logp, adv
 
 
 def update(fp16_policy, state, adv_factor=1.0):
+    """train.update_policy on the batch; the updates it skipped are counted in state, as train.train does."""
     cfg, model, params, optimizer, scaler, ro, old_logp, adv = fp16_policy
-    return train.update_policy(model, optimizer, scaler, params, ro, old_logp, torch.ones_like(old_logp),
-                               adv * adv_factor, torch.zeros(8, dtype=torch.bool), cfg, state)
+    groups = train.Groups(ro, [("p", "a")] * 2, torch.zeros(8), adv * adv_factor)
+    old = train.OldLogProbs(old_logp, torch.zeros_like(old_logp), torch.ones_like(old_logp), {})
+    updates = train.update_policy(logprobs.Scorer(cfg.temperature, cfg.shared_prefix), model, optimizer, groups, old,
+                                  cfg, state.step)
+    state.skipped_updates += updates.skipped
+    return {"loss": updates.loss, "tokens": updates.tokens}
 
 
 @pytest.mark.parametrize("how", ["inf_in_one_gradient", "huge_loss"])
@@ -188,19 +196,19 @@ def test_overflow_is_skipped_counted_and_lowers_the_scale(fp16_policy, how):
 
 
 def test_scaled_step_is_the_unscaled_step():
-    """optimizer_step unscales before clipping and stepping: the update equals plain fp32 AdamW's."""
+    """models.Optimizer.step unscales before clipping and stepping: the update equals plain fp32 AdamW's."""
     cfg = train.Config(max_grad_norm=1.0, learning_rate=1e-2, weight_decay=0.1)
     grads = [torch.randn(8, 4) * 1e-3, torch.randn(4) * 1e-3]
     results = []
     for enabled in (True, False):
-        params = [torch.nn.Parameter(torch.ones_like(g)) for g in grads]
-        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
-        scaler = torch.amp.GradScaler("cpu", enabled=enabled)
+        params = torch.nn.ParameterList([torch.nn.Parameter(torch.ones_like(g)) for g in grads])
+        opt = models.Optimizer(params, dataclasses.replace(cfg, dtype="fp16" if enabled else "fp32"))
+        assert opt.scaler.is_enabled() == enabled
         for p, g in zip(params, grads):
-            p.grad = scaler.scale(g.clone())
-        log = {"loss": [], "sft_loss": [], "grad_norm": []}
-        assert train.optimizer_step(opt, scaler, params, cfg, (0.0, 0.0), log)
-        results.append(([p.detach().clone() for p in params], log["grad_norm"][0]))
+            p.grad = opt.scaler.scale(g.clone())
+        grad_norm = opt.step()
+        assert grad_norm is not None
+        results.append(([p.detach().clone() for p in params], grad_norm))
     (scaled, norm_s), (plain, norm_p) = results
     assert norm_s == pytest.approx(norm_p, rel=1e-6)
     assert all(torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(scaled, plain))
@@ -215,7 +223,7 @@ def test_token_logprob_accumulates_in_float32_from_fp16():
     hidden = (torch.randn(N, d) * 2).half().requires_grad_(True)
     weight = (torch.randn(V, d) * 0.5).half().requires_grad_(True)
     targets = torch.randint(0, V, (N,))
-    logp, ent = cegppo._TokenLogProb.apply(hidden, weight, None, targets, 0.7, cegppo.chunk_size(N), True)
+    logp, ent = logprobs._TokenLogProb.apply(hidden, weight, None, targets, 0.7, logprobs.chunk_size(N), True)
     assert logp.dtype == ent.dtype == torch.float32
     # the reference: the same fp16 inputs, everything after them in float64
     h64, w64 = hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)

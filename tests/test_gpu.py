@@ -6,11 +6,8 @@ import pytest
 import torch
 
 import cegppo
-import lab
-import loading
-import rollout_copy
-import runtime
 import train
+from engine import dense_copy, lab, models, runfiles
 
 pytestmark = pytest.mark.gpu
 
@@ -18,15 +15,15 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture()
 def cuda_policy():
     torch.manual_seed(0)
-    model, tok = loading.load_model(lab.warm_start_path("tiny"), four_bit=True, lora_rank=8, trainable=True)
+    model, tok = models.load_model(lab.warm_start_path("tiny"), four_bit=True, lora_rank=8, trainable=True)
     assert next(model.parameters()).device.type == "cuda"
     return model, tok
 
 
 def test_precision_rule_on_this_card(cuda_policy):
     major = torch.cuda.get_device_capability()[0]
-    assert loading.compute_dtype() == (torch.bfloat16 if major >= 8 else torch.float16)
-    assert loading.model_compute_dtype(cuda_policy[0]) == loading.compute_dtype()
+    assert models.compute_dtype() == (torch.bfloat16 if major >= 8 else torch.float16)
+    assert models.model_compute_dtype(cuda_policy[0]) == models.compute_dtype()
     assert torch.backends.cuda.matmul.allow_tf32 == (major >= 8)          # load_model switched TF32 on
 
 
@@ -34,14 +31,14 @@ def test_first_update_ratio_is_one_under_autocast(cuda_policy):
     model, tok = cuda_policy
     cfg = train.parse_config(["--model", "tiny", "--micro_batch_size", "4"])
     prompts = [cegppo.format_prompt(tok, q) for q, _ in lab.toy_rows("train", tiny=True)[:2]]
-    with loading.model_autocast(model):
+    with models.model_autocast(model):
         ro = cegppo.rollout(model, tok, prompts, 4, 12, 1.0, 1.0, 8)
     old, _ = train.old_logprobs(model, ro, cfg)
     # what is guaranteed: the first update's micro-batch is one the old log-probs were scored in
     # (train.update_partition), so the same kernels see the same shapes and the ratio is 1 bit for bit
     idx = train.update_partition(ro, cfg)[0][0]
     ids, amask, c, p = train.micro_batch(ro, idx)
-    with loading.autocast("cuda", loading.compute_dtype(cfg.dtype)):
+    with models.autocast("cuda", models.compute_dtype(cfg.dtype)):
         lp, _ = cegppo.completion_logprobs(model, ids, amask, p, cfg.temperature, with_entropy=False)
     assert lp.dtype == torch.float32
     adv = torch.tensor([1.0, -1.0] * 2, device="cuda")[:len(idx)]
@@ -57,19 +54,19 @@ def test_release_gives_the_copy_back(cuda_policy):
     model, _ = cuda_policy
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    dense = rollout_copy.dense_copy(model)
+    dense = dense_copy.dense_copy(model)
     held = torch.cuda.memory_allocated() - before
-    assert held >= rollout_copy.copy_bytes(model) > 0
-    rollout_copy.release(dense)
+    assert held >= dense_copy.copy_bytes(model) > 0
+    dense_copy.release(dense)
     assert torch.cuda.memory_allocated() == before and all(p.is_meta for p in dense.parameters())
 
 
 def test_checkpoint_from_this_gpu_loads_on_the_cpu(tmp_path):
-    state = runtime.rng_state()
+    state = runfiles.rng_state()
     assert len(state["cuda"]) == torch.cuda.device_count()
     path = os.path.join(tmp_path, "state.pt")
     torch.save({"rng": state, "x": torch.ones(2, device="cuda")}, path)
-    loaded = runtime.load_state(path)                          # weights_only, onto the CPU
+    loaded = runfiles.load_state(path)                          # weights_only, onto the CPU
     assert loaded["x"].device.type == "cpu"
-    runtime.set_rng_state(loaded["rng"])                       # the CUDA states back, from CPU tensors
+    runfiles.set_rng_state(loaded["rng"])                       # the CUDA states back, from CPU tensors
     assert torch.equal(torch.cuda.get_rng_state(0), state["cuda"][0])

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import gpu_check
-import memory
 import train
-from loading import UserError
+from engine import memory
+from engine.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import hub_layout
+from engine import lab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--prompts_per_step", "2", "--num_generations", "2", "--max_completion_length", "8", "--max_steps", "1",
@@ -25,7 +26,6 @@ def run(script, *args, **env):
 @pytest.fixture(scope="module")
 def hf_home(tmp_path_factory):
     """HF_HOME holding Qwen/Qwen2.5-1.5B-Instruct (the tiny warm model under that name) and openai/gsm8k."""
-    import lab
     home = str(tmp_path_factory.mktemp("hf_home"))
     hub_layout.model_cache(home, "Qwen/Qwen2.5-1.5B-Instruct", lab.warm_start_path("tiny"))
     rows = {split: [{"question": f"What is {i}+{i}?", "answer": f"{i} plus {i}\n#### {2 * i}"} for i in range(n)]

@@ -5,8 +5,8 @@ import re
 import statistics
 
 import cegppo
-import lab
 import train
+from engine import lab
 
 
 def test_lab_task_pieces():

@@ -5,9 +5,9 @@ import os
 
 
 import cegppo
-import loading
 import plot
 import train
+from engine import data
 
 
 def test_gppo_is_beta1_beta2_1_with_cegppo_clip_range():
@@ -80,7 +80,7 @@ def test_the_boxed_answer_of_a_long_local_worked_solution_is_the_reference(tmp_p
     path = tmp_path / "mine.jsonl"
     path.write_text(json.dumps({"problem": "What is 3/4 of 8?", "solution": worked}) + "\n"
                     + json.dumps({"problem": "What is 2+2?", "solution": "4"}) + "\n")
-    rows = loading.load_rows(str(path), question_field="problem", answer_field="solution")
+    rows = data.load_rows(str(path), question_field="problem", answer_field="solution")
     assert rows == [("What is 3/4 of 8?", "\\frac{12}{2}"), ("What is 2+2?", "4")]   # the last box; plain kept
     assert cegppo.math_reward("... so \\boxed{6}", rows[0][1]) == 1.0
     assert cegppo.math_reward("... so \\boxed{7}", rows[0][1]) == 0.0

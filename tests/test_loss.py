@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from cegppo import ALGOS, cegppo_loss, cispo_loss, group_advantages, policy_loss, positive_sft_loss, token_quadrants
+from cegppo import (ALGOS, cegppo_loss, cispo_loss, group_advantages, policy_loss, positive_sft_loss, token_details,
+                    token_quadrants)
 
 DEFAULTS = ALGOS["cegppo"]
 
@@ -240,7 +241,7 @@ def test_positive_sft_loss_is_zero_without_a_positive_response():
 
 @pytest.mark.parametrize("algo", ["cegppo", "grpo", "gppo", "cispo"])
 def test_recorded_weight_is_the_gradient_autograd_gives(algo):
-    # F is recorded from the loss's own masks; the gradient autograd takes through the loss is
+    # F is recorded from the loss's own masks (clip_regions); the gradient autograd takes through the loss is
     # d loss / d log pi_t = -F_t * A_t / (number of tokens): they must agree token by token (F
     # includes the sampler correction's weight of the token, which scales its term)
     torch.manual_seed(3)
@@ -252,11 +253,12 @@ def test_recorded_weight_is_the_gradient_autograd_gives(algo):
     mask[2, 6:] = 0
     weights = torch.rand(5, 9, dtype=torch.float64) + 0.5            # a sampler correction's weights
     weights[1] = 1.0
-    loss, stats, tok = policy_loss(algo, logp, old, adv, mask, tokens=True, token_weights=weights, **ALGOS[algo])
+    loss, stats = policy_loss(algo, logp, old, adv, mask, token_weights=weights, **ALGOS[algo])
+    tok = token_details(algo, logp.detach(), old, adv, token_weights=weights, **ALGOS[algo])
     grad, = torch.autograd.grad(loss, logp)
     F = -grad * mask.sum() / adv[:, None]
     valid = mask.bool()
-    assert torch.allclose(F[valid], tok["weight"][valid], atol=1e-12)
+    assert torch.allclose(F[valid], tok["F"][valid], atol=1e-12)
     # the regions are the ones the statistics count
     n = mask.sum().item()
     assert ((tok["region"] == 1) & valid).sum().item() / n == pytest.approx(stats["clip_ratio/low_mean"])
@@ -267,7 +269,7 @@ def test_recorded_weight_is_the_gradient_autograd_gives(algo):
         assert ((tok["region"] == 2) & ~positive & valid).any()      # capped with A < 0 too, shown as such
     assert torch.allclose(tok["ratio"], torch.exp(logp - old).detach())
     if algo != "cispo":
-        assert tok["region"][0, 0] == 3 and tok["weight"][0, 0] == 0.0  # the dual clip binds there
+        assert tok["region"][0, 0] == 3 and tok["F"][0, 0] == 0.0  # the dual clip binds there
         assert (tok["region"] == 1).any() and (tok["region"] == 2).any()
 
 

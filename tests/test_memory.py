@@ -1,7 +1,7 @@
 """memory.py's arithmetic against the real tensors of the tiny model (4-bit NF4 + LoRA, bitsandbytes on CPU).
 
 Every line of the table is a formula of the model's shape; here each formula is applied to the
-tiny model's shape and compared with the bytes of the tensors that loading.load_model, generate()
+tiny model's shape and compared with the bytes of the tensors that models.load_model, generate()
 and the log-prob pass really hold. Nothing here needs a GPU, and nothing is timed.
 """
 import bitsandbytes as bnb
@@ -11,10 +11,9 @@ import pytest
 import torch
 
 import cegppo
-import loading
-import memory
-import sizes
 import train
+from engine import dense_copy, lab, logprobs, memory, models, sizes
+from engine.generation import Generator
 
 
 def tensor_bytes(t):
@@ -24,8 +23,7 @@ def tensor_bytes(t):
 @pytest.fixture(scope="module")
 def loaded():
     """The tiny model as train.py loads it by default, with fp16 compute: (model, tokenizer, shape)."""
-    import lab
-    model, tok = loading.load_model(lab.tiny_model_path("tiny"), four_bit=True, lora_rank=8, trainable=True,
+    model, tok = models.load_model(lab.tiny_model_path("tiny"), four_bit=True, lora_rank=8, trainable=True,
                                     dtype="fp16")
     return model, tok, memory.ModelShape.from_config(model.config, "tiny")
 
@@ -63,8 +61,7 @@ def test_unquantised_and_lora_bytes(loaded):
 
 
 def test_sixteen_bit_weight_bytes():
-    import lab
-    model, _ = loading.load_model(lab.tiny_model_path("tiny"), four_bit=False, lora_rank=8, trainable=True,
+    model, _ = models.load_model(lab.tiny_model_path("tiny"), four_bit=False, lora_rank=8, trainable=True,
                                   dtype="fp16")
     shape = memory.ModelShape.from_config(model.config)
     base = [p for n, p in model.named_parameters() if "lora_" not in n]
@@ -99,7 +96,6 @@ def test_sampling_logits_are_what_generate_holds(loaded, top_p):
     weight and its views are left out): their peak is what sizes.sampling_logits_bytes counts."""
     import weakref
     from torch.utils._python_dispatch import TorchDispatchMode
-    import sizes
     model, tok, shape = loaded
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     B = 8
@@ -117,7 +113,7 @@ def test_sampling_logits_are_what_generate_holds(loaded, top_p):
             return out
     prompts = [cegppo.format_prompt(tok, q) for q in ("What is 2+3?", "What is 7*8?")]
     with Tracker():
-        cegppo.rollout(model, tok, prompts, B // 2, 6, 1.0, top_p, 64)
+        cegppo.rollout(model, tok, prompts, B // 2, 6, 1.0, top_p, Generator(64))
     # the residual stream (and the head's output) is float32 in the 4-bit policy
     counted = sizes.sampling_logits_bytes(shape, B, memory.residual_bytes("fp16", True), top_p)
     assert 0 < Tracker.peak <= counted
@@ -128,8 +124,7 @@ def test_sampling_logits_are_what_generate_holds(loaded, top_p):
 def test_one_layer_saved_activations(four_bit):
     """One decoder block's tensors saved for backward, per token, as autograd sees them (measured at
     two lengths: the difference drops anything that does not grow with the tokens)."""
-    import lab
-    model, _ = loading.load_model(lab.tiny_model_path("tiny"), four_bit=four_bit, lora_rank=8, trainable=True,
+    model, _ = models.load_model(lab.tiny_model_path("tiny"), four_bit=four_bit, lora_rank=8, trainable=True,
                                   dtype="fp16", gradient_checkpointing=False)
     shape = memory.ModelShape.from_config(model.config)
     body = model.get_decoder()
@@ -155,7 +150,7 @@ def test_one_layer_saved_activations(four_bit):
 
 
 def test_logprob_chunk_is_what_the_pass_uses(loaded, monkeypatch):
-    """The largest LM-head matmul of completion_logprobs has cegppo.chunk_size rows (float32 [chunk, V] logits)."""
+    """The largest LM-head matmul of completion_logprobs has logprobs.chunk_size rows (float32 [chunk, V] logits)."""
     model, tok, shape = loaded
     B, P, T = 4, 5, 40
     ids = torch.randint(3, 90, (B, P + T))
@@ -166,13 +161,13 @@ def test_logprob_chunk_is_what_the_pass_uses(loaded, monkeypatch):
         if w.shape[0] == shape.vocab:
             rows.append(x.shape[0])
         return real(x, w, b)
-    monkeypatch.setattr(cegppo.F, "linear", spy)
-    lp, _ = cegppo.completion_logprobs(model, ids, torch.ones_like(ids), P, 1.0)
+    monkeypatch.setattr(logprobs.F, "linear", spy)
+    lp, _ = logprobs.chunked_logprobs(model, ids, torch.ones_like(ids), P, 1.0)
     lp.sum().backward()
-    assert max(rows) == cegppo.chunk_size(B * T) < B * T
+    assert max(rows) == logprobs.chunk_size(B * T) < B * T
     cfg = train.Config(micro_batch_size=B, max_completion_length=T)
     line = memory.estimate(shape, cfg)["update: log-prob chunk (2 x chunk x V fp32)"]
-    assert line == 2 * cegppo.chunk_size(B * T) * shape.vocab * 4
+    assert line == 2 * logprobs.chunk_size(B * T) * shape.vocab * 4
 
 
 def test_qwen_shapes_and_total():
@@ -191,7 +186,7 @@ def test_qwen_shapes_and_total():
         "rollout: sampling logits (5 x [batch, V] fp32 + the step's)"))
     assert shared == kv * 8 * 512 // (64 * 1024)          # 8 of the 64 sequences, 512 of the 1024 positions
     expanded, layers = kv * 512 // 1024, m.layers
-    head = est["rollout: the LM head in fp16 (cegppo.head_cast_once)"]          # through the policy
+    head = est["rollout: the LM head in fp16 (generation.head_cast_once)"]          # through the policy
     assert head == 151936 * 896 * 2
     rollout = max(prefill + shared, shared + expanded / layers, expanded + shared / layers, kv) + logits + head
     assert rollout == memory.rollout_phase_bytes(m, train.Config(dtype="fp16"))
@@ -205,7 +200,7 @@ def test_qwen_shapes_and_total():
     # as its prompt once and 8 completions instead of 8 x (prompt + completion) positions
     assert est["update: one layer's recompute"] * 8 * 1024 == plain["update: one layer's recompute"] * (512 + 8 * 512)
     # 6 rows can touch 2 groups: 2 packed rows, each padded to a prompt and 6 completions, hold more
-    # positions than the 6 plain rows: the plain layout (shared_prefix.worth_it's rule, on the padded block)
+    # positions than the 6 plain rows: the plain layout (logprobs.worth_it's rule, on the padded block)
     assert memory.update_positions(m, train.Config(micro_batch_size=6)) == (6 * 1024, 0, 0)
     # 16 completions of 512 behind a prompt of 64: attention over the packed row costs more than it saves
     assert memory.update_positions(m, train.Config(micro_batch_size=16, num_generations=16, max_prompt_length=64)) == \
@@ -218,7 +213,7 @@ def test_qwen_shapes_and_total():
 
 @pytest.mark.parametrize("name", ["Qwen2.5-0.5B", "Qwen2.5-1.5B"])
 def test_the_shared_prefill_never_holds_more_than_the_plain_one(name):
-    # each generate() sub-batch encodes its own prompts (cegppo._generate): many prompts per step and a
+    # each generate() sub-batch encodes its own prompts (engine/generation.py): many prompts per step and a
     # small generation batch (the fits' ladder lowers it) must not make the shared prefill the larger
     m = memory.QWEN[name]
     for P, G, batch in [(8, 8, 64), (64, 8, 16), (64, 8, 4), (32, 4, 6), (16, 16, 8), (8, 2, 3), (4, 8, 1)]:
@@ -262,7 +257,7 @@ def test_docs_table_is_the_functions():
 
 
 # ----------------------------------------------------------------------------------------------
-# The sampling side (sizes.py): what memory.py's table and rollout_copy.choose both count
+# The sampling side (sizes.py): what memory.py's table and dense_copy.choose both count
 # ----------------------------------------------------------------------------------------------
 def allocated_peak(fn):
     """Peak bytes allocated while fn() runs, counted from the profiler's start (CPU allocator events)."""
@@ -281,7 +276,6 @@ def allocated_peak(fn):
 def wide_mlp_folders(tmp_path_factory):
     """Tiny Qwen2 models whose MLP is 8x and 16x the hidden size (as Qwen2.5's is 5.4x and 5.8x), so that
     the MLP's share of a layer's forward is measured apart from the rest."""
-    import lab
     from transformers import Qwen2Config, Qwen2ForCausalLM
     tok = lab.build_tokenizer()
     folders = {}
@@ -302,18 +296,16 @@ def test_prefill_activations_match_the_allocator(wide_mlp_folders, sampler):
     """A no-grad forward (generate()'s prefill) holds one layer's tensors at a time: per token, measured
     as the growth of the allocator's peak between two lengths, sizes.layer_forward_elems in the
     residual dtype: float32 in the 4-bit + LoRA policy (whatever the compute dtype), the compute
-    dtype in the dense copy, whose Linears keep LoRA apart in half precision (rollout_copy.LoRALinear,
+    dtype in the dense copy, whose Linears keep LoRA apart in half precision (dense_copy.LoRALinear,
     run under autocast, as generation on a GPU is) and are merged in float32. Within 2%: the rest is
     a few per-row scalars the formula leaves out (measured: 34 bytes per token of 9216)."""
     import contextlib
-    import rollout_copy
-    import sizes
     for inter, folder in wide_mlp_folders.items():
         for dtype in ("fp32", "bf16"):
-            model, _ = loading.load_model(folder, four_bit=True, lora_rank=8, trainable=True, dtype=dtype)
+            model, _ = models.load_model(folder, four_bit=True, lora_rank=8, trainable=True, dtype=dtype)
             model.eval()
             if sampler == "dense":
-                model = rollout_copy.dense_copy(model)
+                model = dense_copy.dense_copy(model)
             body, B = model.get_decoder(), 4
 
             half = sampler == "dense" and dtype == "bf16"
@@ -332,25 +324,22 @@ def test_prefill_activations_match_the_allocator(wide_mlp_folders, sampler):
 
 
 def test_dense_copy_bytes_are_the_copys(tiny_path, tiny_policy):
-    """memory.py's dense-copy line from the shape equals rollout_copy.copy_bytes on a freshly loaded
-    policy (as rollout_copy.choose sees it): in fp16 compute the float32 embeddings, head, norms and
+    """memory.py's dense-copy line from the shape equals dense_copy.copy_bytes on a freshly loaded
+    policy (as dense_copy.choose sees it): in fp16 compute the float32 embeddings, head, norms and
     biases are converted too, in float32 shared. (bitsandbytes casts a 4-bit layer's bias to the
     compute dtype in its first forward; from then on the copy shares the biases: 0.1 MB at 1.5B.)"""
-    import rollout_copy
-    model, _ = loading.load_model(tiny_path, four_bit=True, lora_rank=8, trainable=True, dtype="fp16")
+    model, _ = models.load_model(tiny_path, four_bit=True, lora_rank=8, trainable=True, dtype="fp16")
     shape = memory.ModelShape.from_config(model.config)
-    assert rollout_copy.copy_bytes(model) == memory.dense_copy_bytes(shape, "fp16")
-    assert rollout_copy.copy_bytes(tiny_policy[0]) == memory.dense_copy_bytes(shape, "fp32")
+    assert dense_copy.copy_bytes(model) == memory.dense_copy_bytes(shape, "fp16")
+    assert dense_copy.copy_bytes(tiny_policy[0]) == memory.dense_copy_bytes(shape, "fp32")
     est = memory.estimate(memory.QWEN["Qwen2.5-1.5B"], train.Config(dtype="bf16", rollout_model="dense"))
     assert est["rollout: dense copy (dequantised weights, bf16)"] / 1e9 == pytest.approx(3.1, abs=0.05)   # the README's
 
 
 def test_estimate_and_choose_use_one_formula(monkeypatch):
-    """The rollout phase of memory.py's table and what rollout_copy.choose asks the GPU for are the same
+    """The rollout phase of memory.py's table and what dense_copy.choose asks the GPU for are the same
     sizes.sampling_bytes; there is no second copy of the arithmetic in rollout_copy."""
-    import rollout_copy
-    import sizes
-    assert not hasattr(rollout_copy, "kv_cache_bytes")
+    assert not hasattr(dense_copy, "kv_cache_bytes")
     assert memory.kv_cache_bytes is sizes.kv_cache_bytes and memory.sampling_bytes is sizes.sampling_bytes
     m = memory.QWEN["Qwen2.5-0.5B"]
     seen = []
@@ -361,7 +350,7 @@ def test_estimate_and_choose_use_one_formula(monkeypatch):
     dense = memory.rollout_phase_bytes(m, train.Config(dtype="bf16", rollout_model="dense"))
     policy = memory.rollout_phase_bytes(m, train.Config(dtype="bf16"))
     # the copy: bf16, LoRA kept apart; the policy: float32 stream; both with the prefill shared by 8 prompts
-    # (the cache in the compute dtype on either: cegppo.CastKVCache under autocast)
+    # (the cache in the compute dtype on either: generation.CastKVCache under autocast)
     assert seen == [((m, 64, 512, 1024, 2), {"lora": True, "micro_batch": 8, "top_p": 1.0, "prompts": 8, "kv_bytes": 2}),
                     ((m, 64, 512, 1024, 4), {"lora": True, "micro_batch": 0, "top_p": 1.0, "prompts": 8, "kv_bytes": 2})]
     assert dense == real(*seen[0][0], **seen[0][1]) + memory.dense_copy_bytes(m, "bf16")

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 import cegppo
-import lab
-import loading
-from cegppo import completion_logprobs, completion_mask, format_prompt, rollout, token_logprobs
+from cegppo import completion_mask, format_prompt, rollout, token_logprobs
+from engine import data, lab, logprobs, models
+from engine.generation import Generator
+from engine.logprobs import chunked_logprobs as completion_logprobs
 
 
 def test_completion_mask_keeps_first_eos_and_flags_truncation():
@@ -51,7 +52,7 @@ def test_chunked_logprobs_equal_naive(tiny_path, temperature):
     assert torch.allclose(lp, ref_lp, atol=1e-5)
     assert torch.allclose(ent, ref_ent, atol=1e-5)
     # the plain definition (token_logprobs on the whole logits) is the same quantity
-    plain_lp, plain_ent = completion_logprobs(model, ids, amask, P, temperature, chunked=False)
+    plain_lp, plain_ent = cegppo.completion_logprobs(model, ids, amask, P, temperature)
     assert torch.allclose(lp, plain_lp, atol=1e-5) and torch.allclose(ent, plain_ent, atol=1e-5)
     # the temperature is really applied: at 1.0 the 0.7 numbers would be far off
     if temperature != 1.0:
@@ -74,15 +75,15 @@ def test_chunked_logprob_backward_by_finite_differences():
     w = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
     b = torch.randn(7, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([0, 6, 3, 3, 1])
-    f = lambda h, w, b: cegppo._TokenLogProb.apply(h, w, b, targets, 0.7, 2, True)[0]
+    f = lambda h, w, b: logprobs._TokenLogProb.apply(h, w, b, targets, 0.7, 2, True)[0]
     assert torch.autograd.gradcheck(f, (h, w, b))
     # and its values: log_softmax(hW^T + b) / T at the targets, entropy of that distribution
-    lp, ent = cegppo._TokenLogProb.apply(h, w, b, targets, 0.7, 2, True)
+    lp, ent = logprobs._TokenLogProb.apply(h, w, b, targets, 0.7, 2, True)
     ref = torch.log_softmax((h @ w.T + b) / 0.7, -1)
     assert torch.allclose(lp, ref.gather(-1, targets[:, None])[:, 0])
     assert torch.allclose(ent, -(ref.exp() * ref).sum(-1))
     assert not ent.requires_grad
-    _, none = cegppo._TokenLogProb.apply(h, w, b, targets, 0.7, 2, False)
+    _, none = logprobs._TokenLogProb.apply(h, w, b, targets, 0.7, 2, False)
     assert none.abs().sum() == 0
 
 
@@ -104,30 +105,30 @@ def test_rollout_on_4bit_lora_is_on_policy(tiny_policy):
     prompts = [format_prompt(tok, "What is 2+3?"), format_prompt(tok, "What is 12*11-7?")]
     torch.manual_seed(0)
     ro = rollout(model, tok, prompts, num_generations=3, max_new_tokens=12, temperature=0.9, top_p=1.0)
-    B, P = 6, ro["prompt_len"]
-    T = ro["input_ids"].shape[1] - P
-    assert ro["completion_mask"].shape == (B, T) and ro["truncated"].shape == (B,)
-    assert len(ro["texts"]) == B
+    B, P = 6, ro.prompt_len
+    T = ro.input_ids.shape[1] - P
+    assert ro.completion_mask.shape == (B, T) and ro.truncated.shape == (B,)
+    assert len(ro.texts) == B
     # the prompts are left-padded and repeated G times, in order
-    assert torch.equal(ro["input_ids"][0, :P], ro["input_ids"][2, :P])
-    assert not torch.equal(ro["input_ids"][0, :P], ro["input_ids"][3, :P])
+    assert torch.equal(ro.input_ids[0, :P], ro.input_ids[2, :P])
+    assert not torch.equal(ro.input_ids[0, :P], ro.input_ids[3, :P])
     # mask rules: truncated rows are all ones, the others end at their first EOS
-    comp = ro["input_ids"][:, P:]
+    comp = ro.input_ids[:, P:]
     for b in range(B):
         eos_at = (comp[b] == tok.eos_token_id).nonzero()
-        n = int(ro["completion_mask"][b].sum())
-        if ro["truncated"][b]:
+        n = int(ro.completion_mask[b].sum())
+        if ro.truncated[b]:
             assert n == T == 12 and len(eos_at) == 0
         else:
             assert n == int(eos_at[0]) + 1
-    assert torch.equal(ro["attention_mask"][:, P:], ro["completion_mask"])
+    assert torch.equal(ro.attention_mask[:, P:], ro.completion_mask)
     # on-policy the training forward must reproduce the sampling distribution: ratio 1
     with torch.no_grad():
-        lp1, ent = completion_logprobs(model, ro["input_ids"], ro["attention_mask"], P, 0.9)
+        lp1, ent = completion_logprobs(model, ro.input_ids, ro.attention_mask, P, 0.9)
     model.train()
     with torch.no_grad():
-        lp2, _ = completion_logprobs(model, ro["input_ids"], ro["attention_mask"], P, 0.9)
-    m = ro["completion_mask"].bool()
+        lp2, _ = completion_logprobs(model, ro.input_ids, ro.attention_mask, P, 0.9)
+    m = ro.completion_mask.bool()
     assert torch.allclose(lp1[m], lp2[m], atol=1e-5)        # no dropout anywhere in the policy
     assert (ent[m] > 0).all() and (lp1[m] <= 0).all()
 
@@ -158,8 +159,8 @@ def test_generate_train_generate_on_4bit(tiny_policy):
     for _ in range(2):
         ro = rollout(model, tok, prompts, num_generations=2, max_new_tokens=4)
         model.train()
-        lp, _ = completion_logprobs(model, ro["input_ids"], ro["attention_mask"], ro["prompt_len"])
-        loss, _ = cegppo.cegppo_loss(lp, lp.detach() - 0.5, torch.tensor([1.0, -1.0]), ro["completion_mask"],
+        lp, _ = completion_logprobs(model, ro.input_ids, ro.attention_mask, ro.prompt_len)
+        loss, _ = cegppo.cegppo_loss(lp, lp.detach() - 0.5, torch.tensor([1.0, -1.0]), ro.completion_mask,
                                      **cegppo.ALGOS["cegppo"])
         loss.backward()
         opt.step()
@@ -170,23 +171,23 @@ def test_generate_train_generate_on_4bit(tiny_policy):
 @pytest.fixture()
 def warm_tiny_policy():
     """The tiny model after its short warm start: it writes answers and stops on its own."""
-    return loading.load_model(lab.warm_start_path("tiny"), four_bit=True, lora_rank=8, trainable=True)
+    return models.load_model(lab.warm_start_path("tiny"), four_bit=True, lora_rank=8, trainable=True)
 
 
 def test_generation_stops_when_every_sequence_has_finished(warm_tiny_policy):
     model, tok = warm_tiny_policy
-    prompts = [format_prompt(tok, q) for q, _ in loading.load_rows("tiny", "train")[:4]]
+    prompts = [format_prompt(tok, q) for q, _ in data.load_rows("tiny", "train")[:4]]
     torch.manual_seed(0)
-    ro = rollout(model, tok, prompts, 4, 200, 1.0, 1.0, 8)       # two generate() calls of 8
-    lengths = ro["completion_mask"].sum(1)
-    assert not ro["truncated"].any()                             # all 16 wrote an EOS well before 200
+    ro = rollout(model, tok, prompts, 4, 200, 1.0, 1.0, Generator(8))       # two generate() calls of 8
+    lengths = ro.completion_mask.sum(1)
+    assert not ro.truncated.any()                             # all 16 wrote an EOS well before 200
     # no step was spent past the longest completion: the completion block is exactly that wide
-    assert ro["completion_mask"].shape[1] == int(lengths.max()) < 200
+    assert ro.completion_mask.shape[1] == int(lengths.max()) < 200
 
 
 def test_generation_out_of_memory_halves_the_batch(warm_tiny_policy):
     model, tok = warm_tiny_policy
-    prompts = [format_prompt(tok, q) for q, _ in loading.load_rows("tiny", "train")[:2]]
+    prompts = [format_prompt(tok, q) for q, _ in data.load_rows("tiny", "train")[:2]]
     real_generate, sizes = model.generate, []
 
     def small_gpu_generate(**kw):           # a device on which more than 2 sequences do not fit
@@ -197,7 +198,7 @@ def test_generation_out_of_memory_halves_the_batch(warm_tiny_policy):
 
     model.generate = small_gpu_generate
     with pytest.warns(UserWarning, match="retrying with generation batch 2"):
-        ro = rollout(model, tok, prompts, 4, 30, 1.0, 1.0, 8)
+        ro = rollout(model, tok, prompts, 4, 30, 1.0, 1.0, generate := Generator(8))
     assert sizes == [8, 4, 2, 2, 2, 2]        # 8 fails, 4 fails, then four calls of 2
-    assert ro["gen_batch_size"] == 2 and len(ro["texts"]) == 8
-    assert ro["input_ids"].shape[0] == 8 and ro["completion_mask"].sum(1).min() >= 1
+    assert generate.batch_size == 2 and len(ro.texts) == 8
+    assert ro.input_ids.shape[0] == 8 and ro.completion_mask.sum(1).min() >= 1

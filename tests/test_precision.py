@@ -1,8 +1,8 @@
-"""One precision rule (loading.compute_dtype) and half precision through autocast, tested on a CPU.
+"""One precision rule (models.compute_dtype) and half precision through autocast, tested on a CPU.
 
 The GPU's compute capability is simulated (monkeypatch) for the rule; the autocast path runs on
-the CPU under torch.autocast("cpu", bfloat16), which exercises the same code (loading.autocast's
-callers, cegppo._TokenLogProb's backward) that CUDA's autocast does on a GPU.
+the CPU under torch.autocast("cpu", bfloat16), which exercises the same code (models.autocast's
+callers, logprobs._TokenLogProb's backward) that CUDA's autocast does on a GPU.
 """
 import warnings
 
@@ -10,10 +10,9 @@ import pytest
 import torch
 
 import cegppo
-import lab
-import loading
 import train
-from loading import UserError
+from engine.errors import UserError
+from engine import bench, lab, logprobs, models
 
 CAPABILITIES = [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
                 ((8, 6), torch.bfloat16), ((9, 0), torch.bfloat16)]
@@ -30,10 +29,10 @@ def simulate_gpu(monkeypatch, capability):
 @pytest.mark.parametrize("capability,want", CAPABILITIES, ids=lambda c: str(c))
 def test_compute_dtype_follows_the_capability(monkeypatch, capability, want):
     simulate_gpu(monkeypatch, capability)
-    assert loading.compute_dtype() == loading.compute_dtype("auto") == want
-    assert loading.native_bf16() == (want == torch.bfloat16)
-    for choice, dtype in loading.DTYPES.items():            # an explicit --dtype is taken as given
-        assert loading.compute_dtype(choice) == dtype
+    assert models.compute_dtype() == models.compute_dtype("auto") == want
+    assert models.native_bf16() == (want == torch.bfloat16)
+    for choice, dtype in models.DTYPES.items():            # an explicit --dtype is taken as given
+        assert models.compute_dtype(choice) == dtype
     # train.py: --dtype bf16 is refused by the same rule; auto gives fp16 + loss scaling below 8.0
     if want == torch.bfloat16:
         assert train.parse_config(["--dtype", "bf16"]).dtype == "bf16"
@@ -45,7 +44,7 @@ def test_compute_dtype_follows_the_capability(monkeypatch, capability, want):
 
 def test_compute_dtype_on_a_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert loading.compute_dtype() == torch.float32 and not loading.native_bf16()
+    assert models.compute_dtype() == torch.float32 and not models.native_bf16()
     assert train.parse_config(["--dtype", "bf16"]).dtype == "bf16"       # on a CPU bf16 is the user's call
 
 
@@ -54,7 +53,7 @@ def test_trl_example_follows_the_same_rule(monkeypatch, capability, want):
     pytest.importorskip("trl")
     import os
     import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(loading.__file__), "examples"))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(models.__file__)), "examples"))
     import trl_gsm8k
     simulate_gpu(monkeypatch, capability)
     d = trl_gsm8k._defaults()
@@ -70,7 +69,7 @@ def test_tf32_on_capability_8_and_newer(monkeypatch, capability):
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        loading.enable_tf32()
+        models.enable_tf32()
         on = capability[0] >= 8
         assert torch.backends.cuda.matmul.allow_tf32 is on and torch.backends.cudnn.allow_tf32 is on
     finally:
@@ -81,26 +80,26 @@ def test_autocast_helper():
     import contextlib
     for device, dtype in (("cpu", torch.bfloat16), ("cpu", torch.float16), ("cpu", torch.float32),
                           ("cuda", torch.float32)):
-        assert isinstance(loading.autocast(device, dtype), contextlib.nullcontext), (device, dtype)
+        assert isinstance(models.autocast(device, dtype), contextlib.nullcontext), (device, dtype)
     with warnings.catch_warnings():          # without CUDA torch.autocast("cuda") warns and disables itself
         warnings.simplefilter("ignore")
         for dtype in (torch.bfloat16, torch.float16):
-            ctx = loading.autocast("cuda", dtype)
+            ctx = models.autocast("cuda", dtype)
             assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype == dtype
     with torch.autocast("cpu", dtype=torch.bfloat16):          # a caller's autocast stays in force
-        with loading.autocast("cpu", torch.float32):
+        with models.autocast("cpu", torch.float32):
             assert torch.is_autocast_enabled("cpu")
 
 
 def spy_on_linear(monkeypatch):
-    """Every F.linear cegppo makes: (autocast on, its output dtype)."""
+    """Every F.linear engine/logprobs.py makes: (autocast on, its output dtype)."""
     seen, real = [], torch.nn.functional.linear
 
     def spy(x, w, b=None):
         out = real(x, w, b)
         seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
         return out
-    monkeypatch.setattr(cegppo.F, "linear", spy)
+    monkeypatch.setattr(logprobs.F, "linear", spy)
     return seen
 
 
@@ -123,8 +122,8 @@ def test_the_head_runs_in_float32_under_bf16_autocast(monkeypatch):
         seen.clear()
         h.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            w, b = cegppo.head_operands(lm, "cpu")
-            lp, ent = cegppo._TokenLogProb.apply(h, w, b, targets, 1.0, 8, True)
+            w, b = logprobs.head_operands(lm, "cpu")
+            lp, ent = logprobs._TokenLogProb.apply(h, w, b, targets, 1.0, 8, True)
         lp.sum().backward()                                       # outside autocast, as in train.py
         assert len(seen) == 10 and all(not a and d == torch.float32 for a, d in seen), seen   # 5 chunks x 2
         assert w is lm.weight                                     # float32 already: no cast at all
@@ -144,8 +143,8 @@ def test_a_bf16_rounding_step_cannot_move_a_ratio():
     targets = logits.argsort(-1)[:, -2]                          # the runner-up: log-probs far from 0
     dh = torch.randn(64, 64) * 1e-4
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        before, _ = cegppo._TokenLogProb.apply(h, *cegppo.head_operands(lm, "cpu"), targets, 1.0, 16, False)
-        after, _ = cegppo._TokenLogProb.apply(h + dh, *cegppo.head_operands(lm, "cpu"), targets, 1.0, 16, False)
+        before, _ = logprobs._TokenLogProb.apply(h, *logprobs.head_operands(lm, "cpu"), targets, 1.0, 16, False)
+        after, _ = logprobs._TokenLogProb.apply(h + dh, *logprobs.head_operands(lm, "cpu"), targets, 1.0, 16, False)
         bf16_before, _ = cegppo.token_logprobs(torch.nn.functional.linear(h, lm.weight), targets)
         bf16_after, _ = cegppo.token_logprobs(torch.nn.functional.linear(h + dh, lm.weight), targets)
     ref, _ = cegppo.token_logprobs(logits, targets)
@@ -164,8 +163,8 @@ def test_the_head_is_cast_once_per_pass_under_fp16_autocast(monkeypatch):
     seen = spy_on_linear(monkeypatch)
     with torch.profiler.profile(record_shapes=True) as prof:
         with torch.autocast("cpu", dtype=torch.float16):
-            w, b = cegppo.head_operands(lm, "cpu")
-            lp, _ = cegppo._TokenLogProb.apply(h, w, b, targets, 1.0, 8, False)    # 8 chunks
+            w, b = logprobs.head_operands(lm, "cpu")
+            lp, _ = logprobs._TokenLogProb.apply(h, w, b, targets, 1.0, 8, False)    # 8 chunks
         lp.sum().backward()
     casts = [e for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes and
              list(e.input_shapes[0]) == [300, 32]]
@@ -178,23 +177,21 @@ def test_the_head_is_cast_once_per_pass_under_fp16_autocast(monkeypatch):
 def test_a_real_log_prob_pass_casts_the_head_once(tiny_policy, layout):
     """The same count on the passes train.py takes, through the 4-bit + LoRA policy under fp16 autocast:
     the [V, d] head is cast once per pass, forward and backward together, in the plain layout
-    (cegppo.completion_logprobs) and packed by prompt (shared_prefix.completion_logprobs)."""
-    import shared_prefix
+    (logprobs.chunked_logprobs) and packed by prompt (logprobs.packed_logprobs)."""
     model, tok = tiny_policy
     ro = rollout_batch(tok)
-    ids, amask, cmask, L = train.micro_batch(ro, torch.arange(8))
+    ids, amask, cmask, L = logprobs.micro_batch(ro, torch.arange(8))
     V, d = model.get_output_embeddings().weight.shape
     with torch.profiler.profile(record_shapes=True) as prof:
         with torch.autocast("cpu", dtype=torch.float16):
             if layout == "plain":
-                lp, _ = cegppo.completion_logprobs(model, ids, amask, L, with_entropy=False)
+                lp, _ = logprobs.chunked_logprobs(model, ids, amask, L, with_entropy=False)
             else:
-                lp, _ = shared_prefix.completion_logprobs(model, shared_prefix.pack(ids, amask, cmask, L), cmask,
-                                                          with_entropy=False)
+                lp, _ = logprobs.packed_logprobs(model, logprobs.pack(ids, amask, cmask, L), cmask, with_entropy=False)
         (lp * cmask).sum().backward()
     casts = [e for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes and
              list(e.input_shapes[0]) == [V, d]]
-    assert cegppo.chunk_size(int(cmask.numel())) < cmask.numel()          # several chunks: one cast for all
+    assert logprobs.chunk_size(int(cmask.numel())) < cmask.numel()          # several chunks: one cast for all
     assert len(casts) == 1 and torch.isfinite(lp).all()
 
 
@@ -209,17 +206,19 @@ def rollout_batch(tok, n=8):
     for i, (p, c) in enumerate(zip(prompts, comps)):
         ids[i, P - len(p):P], amask[i, P - len(p):P] = torch.tensor(p), 1
         ids[i, P:P + len(c)], amask[i, P:P + len(c)], cmask[i, :len(c)] = torch.tensor(c), 1, 1
-    return {"input_ids": ids, "attention_mask": amask, "completion_mask": cmask, "prompt_len": P}
+    return cegppo.Rollout(input_ids=ids, attention_mask=amask, completion_mask=cmask, truncated=torch.zeros(n, dtype=bool),
+                          prompt_len=P, texts=[""] * n)
 
 
 def first_update(model, ro, cfg, adv):
-    """train.py's precision path: old log-probs (train.old_logprobs, no grad), then the update's
-    forward under loading.autocast and its backward outside it. Returns (stats, loss, LoRA grads)."""
-    old_logp, _ = train.old_logprobs(model, ro, cfg)
+    """train.py's precision path: old log-probs (through the policy, no grad: engine.bench.old_logprobs, as
+    train.old_logprobs takes them on a GPU), then the update's forward under models.autocast and its backward
+    outside it. Returns (stats, loss, LoRA grads)."""
+    old_logp = bench.old_logprobs(model, ro, cfg)
     model.zero_grad(set_to_none=True)
-    ids, amask, c, p = train.micro_batch(ro, torch.arange(len(adv)))
-    with loading.autocast(ids.device.type, loading.compute_dtype(cfg.dtype)):
-        lp, _ = cegppo.completion_logprobs(model, ids, amask, p, cfg.temperature, with_entropy=False)
+    ids, amask, c, p = logprobs.micro_batch(ro, torch.arange(len(adv)))
+    with models.autocast(ids.device.type, models.compute_dtype(cfg.dtype)):
+        lp, _ = logprobs.chunked_logprobs(model, ids, amask, p, cfg.temperature, with_entropy=False)
     loss, st = cegppo.cegppo_loss(lp, old_logp[:, :c.shape[1]], adv, c, num_tokens=int(c.sum()),
                                   **cegppo.ALGOS["cegppo"])
     loss.backward()
@@ -236,15 +235,15 @@ def test_autocast_first_update_ratio_is_one_and_matches_fp32(tiny_policy, monkey
     cfg = train.parse_config(["--model", "tiny", "--micro_batch_size", "4"])
     ro, adv = rollout_batch(tok), torch.tensor([1.0, -1.0, 0.5, -0.5] * 2)
     st32, lp32, old32, loss32, grads32 = first_update(model, ro, cfg, adv)
-    # half precision as on a GPU: loading.autocast is what train.py's forwards enter; here it enters
+    # half precision as on a GPU: models.autocast is what train.py's forwards enter; here it enters
     # the CPU's bf16 autocast, so old log-probs and the update's forward both run in it
-    monkeypatch.setattr(loading, "autocast", lambda device_type, dtype: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(models, "autocast", lambda device_type, dtype: torch.autocast("cpu", dtype=torch.bfloat16))
     st16, lp16, old16, loss16, grads16 = first_update(model, ro, cfg, adv)
     for st, lp, old in ((st32, lp32, old32), (st16, lp16, old16)):
         assert torch.equal(lp, old)                          # bit for bit: the same precision path
         assert st["ratio/mean"] == 1.0 and st["ratio/max"] == 1.0
         assert st["clip_ratio/low_mean"] == st["clip_ratio/high_mean"] == 0.0
-    mask = ro["completion_mask"][:, :lp32.shape[1]].bool()
+    mask = ro.completion_mask[:, :lp32.shape[1]].bool()
     assert not torch.equal(lp16, lp32)                       # bf16 really ran
     # Tolerances. bf16 keeps 8 significant bits (unit roundoff 2^-9 ~ 2e-3). A log-prob passes through
     # two layers of bf16 matmuls (the LM head runs in float32: head_operands), whose rounding moves a logit by ~|logit| x 2^-9;
@@ -262,14 +261,14 @@ def test_autocast_first_update_ratio_is_one_and_matches_fp32(tiny_policy, monkey
 
 
 def test_train_and_eval_forwards_run_under_autocast(tmp_path, monkeypatch):
-    """Every forward pass of the loop (old log-probs, updates) and of evaluation enters loading's
+    """Every forward pass of the loop (old log-probs, updates) and of evaluation enters models''
     autocast helper; with the helper made a CPU bf16 autocast, a tiny run still trains."""
     import json
     import os
     import signal
     import eval as eval_script
     seen = {"grad": [], "no_grad": [], "rollout": []}
-    real_lp, real_rollout = train.micro_batch_logprobs, cegppo.rollout
+    real_lp, real_rollout = logprobs.Scorer.micro_batch_logprobs, cegppo.rollout
 
     def spy_lp(*a, **k):     # every log-prob pass of the loop, packed (shared prefix) or plain
         seen["grad" if torch.is_grad_enabled() else "no_grad"].append(torch.is_autocast_enabled("cpu"))
@@ -278,8 +277,8 @@ def test_train_and_eval_forwards_run_under_autocast(tmp_path, monkeypatch):
     def spy_rollout(*a, **k):
         seen["rollout"].append(torch.is_autocast_enabled("cpu"))
         return real_rollout(*a, **k)
-    monkeypatch.setattr(train, "micro_batch_logprobs", spy_lp)
-    monkeypatch.setattr(loading, "autocast", lambda device_type, dtype: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(logprobs.Scorer, "micro_batch_logprobs", spy_lp)
+    monkeypatch.setattr(models, "autocast", lambda device_type, dtype: torch.autocast("cpu", dtype=torch.bfloat16))
     handler = signal.getsignal(signal.SIGINT)
     try:
         out = str(tmp_path / "run")
@@ -288,21 +287,21 @@ def test_train_and_eval_forwards_run_under_autocast(tmp_path, monkeypatch):
         signal.signal(signal.SIGINT, handler)
     row = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
     assert row["updates"] >= 1 and seen["grad"] and all(seen["grad"] + seen["no_grad"]), seen
-    # evaluation: the rollout inside loading.model_autocast
+    # evaluation: the rollout inside models.model_autocast
     monkeypatch.setattr(cegppo, "rollout", spy_rollout)
-    model, tok = loading.load_model(lab.warm_start_path("tiny"), four_bit=True)
+    model, tok = models.load_model(lab.warm_start_path("tiny"), four_bit=True)
     res = eval_script.evaluate(model, tok, lab.toy_rows("test", tiny=True)[:2], max_new_tokens=8)
     assert res["n_questions"] == 2 and seen["rollout"] == [True]
 
 
 def test_first_ratio_is_one_for_the_lab_presets_batch_shapes_under_bf16(monkeypatch):
     """The lab preset scores micro-batches of 32 rows, but its updates take mini-batches of one group
-    (8 rows): the old log-probs are scored in the updates' own micro-batches (train.update_partition),
+    (8 rows): the old log-probs are scored in the updates' own micro-batches (logprobs.update_partition),
     so under bf16 autocast too every first-update log-prob equals its old one bit for bit. (The lab's
     shapes on its random-init model: the warm start's training is not needed for the shapes.)"""
     cfg = train.parse_config(["--preset", "lab"])
     assert (cfg.micro_batch_size, cfg.num_generations, cfg.steps_per_generation) == (32, 8, 8)
-    model, tok = loading.load_model(lab.tiny_model_path("lab"), four_bit=True, lora_rank=cfg.lora_r,
+    model, tok = models.load_model(lab.tiny_model_path("lab"), four_bit=True, lora_rank=cfg.lora_r,
                                     lora_alpha=cfg.lora_alpha, trainable=True, gradient_checkpointing=False)
     g = torch.Generator().manual_seed(2)
     for n, q in model.named_parameters():
@@ -311,16 +310,17 @@ def test_first_ratio_is_one_for_the_lab_presets_batch_shapes_under_bf16(monkeypa
     prompts = [cegppo.format_prompt(tok, q) for q, _ in lab.toy_rows("train")[:cfg.prompts_per_step]]
     torch.manual_seed(0)
     ro = cegppo.rollout(model, tok, prompts, cfg.num_generations, cfg.max_completion_length)
-    fp32, _ = train.old_logprobs(model, ro, cfg)
-    monkeypatch.setattr(loading, "autocast", lambda device_type, dtype: torch.autocast("cpu", dtype=torch.bfloat16))
-    old, _ = train.old_logprobs(model, ro, cfg)
+    fp32 = bench.old_logprobs(model, ro, cfg)
+    monkeypatch.setattr(models, "autocast", lambda device_type, dtype: torch.autocast("cpu", dtype=torch.bfloat16))
+    old = bench.old_logprobs(model, ro, cfg)
     assert not torch.equal(old, fp32)                                     # bf16 really ran
-    partition = train.update_partition(ro, cfg)
+    partition = logprobs.update_partition(ro, cfg)
+    scorer = logprobs.Scorer(cfg.temperature, cfg.shared_prefix)
     assert [len(idx) for mb in partition for idx in mb] == [8] * 8
     for mini_batch in partition:
         for idx in mini_batch:
-            batch = train.micro_batch(ro, idx)
+            batch = logprobs.micro_batch(ro, idx)
             c = batch[2]
-            with loading.model_autocast(model):     # the updates' own pass (packed or plain, as they take it)
-                lp, _, _ = train.micro_batch_logprobs(model, batch, cfg, with_entropy=False)
+            with models.model_autocast(model):     # the updates' own pass (packed or plain, as they take it)
+                lp, _, _ = scorer.micro_batch_logprobs(model, batch, with_entropy=False)
             assert torch.equal(lp.detach() * c, old[idx, :c.shape[1]] * c)     # ratio 1, bit for bit

@@ -11,9 +11,9 @@ import pytest
 
 import cegppo
 import eval as eval_script
-import loading
 import microscope
 import train
+from engine import cli, errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, "README.md")).read()
@@ -40,6 +40,7 @@ def test_offline_commands_run(tmp_path):
     for f in os.listdir(ROOT):                       # run in a scratch copy: runs/ lands there
         if f.endswith(".py"):
             shutil.copy(os.path.join(ROOT, f), tmp_path)
+    shutil.copytree(os.path.join(ROOT, "engine"), tmp_path / "engine", ignore=shutil.ignore_patterns("__pycache__"))
     for cmd in cmds:
         p = subprocess.run([sys.executable, *shlex.split(cmd)[1:]], cwd=tmp_path, capture_output=True, text=True)
         assert p.returncode == 0, f"{cmd}\n{p.stderr[-3000:]}"
@@ -63,7 +64,7 @@ def test_every_train_and_eval_command_parses():
     assert len(commands("train.py")) >= 10 and len(commands("eval.py")) >= 4
     for args in commands("train.py"):
         train.parse_config(args)
-    parser = loading.dataclass_parser(eval_script.EvalConfig, "eval")
+    parser = cli.dataclass_parser(eval_script.EvalConfig, "eval")
     for args in commands("eval.py"):
         eval_script.EvalConfig(**vars(parser.parse_args(args)))
     for args in commands("microscope.py"):
@@ -72,12 +73,13 @@ def test_every_train_and_eval_command_parses():
 
 def test_the_flags_page_is_the_config():
     # docs/flags.md is generated from train.Config: every flag, its default (every algorithm's value
-    # for the loss knobs) and its one-line help; rewrite it with train.write_flags_page()
+    # for the loss knobs) and its one-line help; rewrite it with cli.write_flags_page(train.Config)
     page = open(os.path.join(ROOT, "docs", "flags.md")).read()
-    assert page == train.flags_page(), "docs/flags.md is stale: python -c 'import train; train.write_flags_page()'"
+    assert page == cli.flags_page(train.Config), \
+        "docs/flags.md is stale: python -c 'import train; from engine import cli; cli.write_flags_page(train.Config)'"
     for f in dataclasses.fields(train.Config):
         row = next(line for line in page.splitlines() if f"| `--{f.name}` |" in line)
-        assert f"| {train._default_text(f)} |" in row and f.metadata["help"].replace("|", "/") in row
+        assert f"| {cli.default_text(f)} |" in row and f.metadata["help"].replace("|", "/") in row
     assert "| cegppo 0.5, grpo 0, dapo 0, gppo 1, cispo - |" in page         # --beta1, per algorithm
 
 
@@ -96,7 +98,7 @@ def test_algo_flag_fills_in_its_knobs(algo):
     cfg = train.parse_config(["--algo", algo])
     assert {k: getattr(cfg, k) for k in cegppo.ALGOS[algo]} == cegppo.ALGOS[algo]
     if cegppo.ALGOS[algo]["beta1"] is None:                          # CISPO has no betas: refused in one line
-        with pytest.raises(loading.UserError, match="--beta1: --algo cispo has no such knob"):
+        with pytest.raises(errors.UserError, match="--beta1: --algo cispo has no such knob"):
             train.parse_config(["--algo", algo, "--beta1", "0.25"])
         # a preset's clip range is not CISPO's: the knobs it does not have stay unset under --preset lab
         cfg = train.parse_config(["--preset", "lab", "--algo", algo])

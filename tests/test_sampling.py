@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import cegppo
-import lab
-import loading
-import rollout_copy
 import train
+from engine import data, dense_copy, errors, generation, lab, models, progress, runlog
+from engine.generation import Generator
+from engine.sampler import Sampler
 
 
 def rows(out):
@@ -47,7 +47,7 @@ def runs_differing_in(tmp_path, flag, values, *args):
 @pytest.fixture(scope="module")
 def moved_policy():
     """The tiny 4-bit + LoRA policy with LoRA weights moved off zero (so LoRA counts in every path)."""
-    model, tok = loading.load_model(lab.tiny_model_path("tiny"), four_bit=True, lora_rank=8, trainable=True)
+    model, tok = models.load_model(lab.tiny_model_path("tiny"), four_bit=True, lora_rank=8, trainable=True)
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -61,33 +61,32 @@ def moved_policy():
 def test_sampler_logprobs_equal_the_definition(moved_policy, sampler, temperature, top_p):
     model, tok = moved_policy
     prompts = [cegppo.format_prompt(tok, q) for q, _ in lab.toy_rows("train", tiny=True)[:3]]
-    source = model if sampler == "policy" else rollout_copy.dense_copy(model)
+    source = model if sampler == "policy" else dense_copy.dense_copy(model)
     torch.manual_seed(0)
-    ro = cegppo.rollout(source, tok, prompts, 4, 20, temperature, top_p, batch_size=5)   # 3 generate() calls
-    P, m = ro["prompt_len"], ro["completion_mask"].bool()
+    ro = cegppo.rollout(source, tok, prompts, 4, 20, temperature, top_p, Generator(batch_size=5))   # 3 generate() calls
+    P, m = ro.prompt_len, ro.completion_mask.bool()
     with torch.no_grad():       # the plain definition on the whole [B*T, V] logits, through the policy
-        logits = model(input_ids=ro["input_ids"], attention_mask=ro["attention_mask"],
-                       position_ids=(ro["attention_mask"].cumsum(-1) - 1).clamp(min=0)).logits[:, P - 1:-1]
+        logits = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                       position_ids=(ro.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, P - 1:-1]
         B, T, V = logits.shape
-        lp, ent = cegppo.token_logprobs(logits.reshape(B * T, V), ro["input_ids"][:, P:].reshape(-1), temperature)
+        lp, ent = cegppo.token_logprobs(logits.reshape(B * T, V), ro.input_ids[:, P:].reshape(-1), temperature)
     # float32 on a CPU: equal to rounding, whatever top_p did to the sampling
-    assert (lp.view(B, T) - ro["sample_logp"]).abs()[m].max() < 1e-5
-    assert (ent.view(B, T) - ro["sample_entropy"]).abs()[m].max() < 1e-5
-    assert (ro["sample_entropy"][m] > 0).all()
+    assert (lp.view(B, T) - ro.sample_logp).abs()[m].max() < 1e-5
+    assert (ent.view(B, T) - ro.sample_entropy).abs()[m].max() < 1e-5
+    assert (ro.sample_entropy[m] > 0).all()
     # padding after the first EOS never contributes: exactly zero there
-    assert m.float().mean() < 1 and (ro["sample_logp"][~m] == 0).all() and (ro["sample_entropy"][~m] == 0).all()
+    assert m.float().mean() < 1 and (ro.sample_logp[~m] == 0).all() and (ro.sample_entropy[~m] == 0).all()
 
 
 @pytest.mark.parametrize("mode", ["on", "auto", "off"])
 def test_the_generation_progress_bar_ticks_per_token_when_asked(moved_policy, mode):
     import io
-    import runtime
     model, tok = moved_policy
     prompts = [cegppo.format_prompt(tok, q) for q, _ in lab.toy_rows("train", tiny=True)[:3]]
     out = io.StringIO()
     calls = []
 
-    class Counting(runtime.GenerationProgress):
+    class Counting(progress.GenerationProgress):
         def __call__(self, input_ids, scores):
             calls.append(input_ids.shape[1])
             return super().__call__(input_ids, scores)
@@ -95,14 +94,14 @@ def test_the_generation_progress_bar_ticks_per_token_when_asked(moved_policy, mo
     ticker = Counting("rollout", 6, cegppo.eos_ids(tok, model), mode, file=out)
     torch.manual_seed(0)
     # batch 4 of 6 sequences: two generate() calls, one object counts both
-    ro = cegppo.rollout(model, tok, prompts, 2, 12, 1.0, 1.0, 4, processors=[ticker])
+    ro = cegppo.rollout(model, tok, prompts, 2, 12, 1.0, 1.0, Generator(4, processors=[ticker]))
     ticker.close()
     # one call per decoded token of each generate(); every token of every completion counted once
     # (the first EOS included, nothing after it); finished: the rows whose EOS came before the last call
-    L, lengths = ro["prompt_len"], ro["completion_mask"].sum(1)
+    L, lengths = ro.prompt_len, ro.completion_mask.sum(1)
     assert calls == [L + t for t in range(int(lengths[:4].max()))] + [L + t for t in range(int(lengths[4:].max()))]
-    assert ticker.tokens == int(ro["completion_mask"].sum())
-    assert ticker.bar.n <= int((~ro["truncated"]).sum())
+    assert ticker.tokens == int(ro.completion_mask.sum())
+    assert ticker.bar.n <= int((~ro.truncated).sum())
     if mode == "on":
         # the bar's own text is the whole count; what reached the screen is what the throttled redraws
         # (tqdm's 0.1 s) caught of it on the way, possibly nothing on a fast machine
@@ -113,13 +112,13 @@ def test_the_generation_progress_bar_ticks_per_token_when_asked(moved_policy, mo
         assert out.getvalue() == ""
     # watching changes nothing: the same seed gives the same completions without it
     torch.manual_seed(0)
-    again = cegppo.rollout(model, tok, prompts, 2, 12, 1.0, 1.0, 4)
-    assert again["texts"] == ro["texts"] and torch.equal(again["sample_logp"], ro["sample_logp"])
+    again = cegppo.rollout(model, tok, prompts, 2, 12, 1.0, 1.0, Generator(4))
+    assert again.texts == ro.texts and torch.equal(again.sample_logp, ro.sample_logp)
 
 
 def test_non_finite_logits_are_caught(moved_policy):
     model, tok = moved_policy
-    dense = rollout_copy.dense_copy(model)
+    dense = dense_copy.dense_copy(model)
     with torch.no_grad():       # an fp16 overflow, planted in a merged weight (the copy's own tensor)
         dense.model.layers[0].self_attn.q_proj.weight[0].fill_(float("inf"))
     prompts = [cegppo.format_prompt(tok, "What is 1+2?")]
@@ -129,12 +128,12 @@ def test_non_finite_logits_are_caught(moved_policy):
 
 def test_auto_picks_the_sampler_where_it_computes_in_float32(monkeypatch):
     cfg = train.parse_config(["--preset", "tiny"])
-    assert train.old_logprob_source(cfg) == "sampler"                        # CPU, float32
+    assert train.old_logprobs_from(cfg) == "sampler"                        # CPU, float32
     for dtype in ("bf16", "fp16"):
-        assert train.old_logprob_source(train.parse_config(["--preset", "tiny", "--dtype", dtype])) == "policy"
-    assert train.old_logprob_source(train.parse_config(["--preset", "tiny", "--old_logprobs", "policy"])) == "policy"
+        assert train.old_logprobs_from(train.parse_config(["--preset", "tiny", "--dtype", dtype])) == "policy"
+    assert train.old_logprobs_from(train.parse_config(["--preset", "tiny", "--old_logprobs", "policy"])) == "policy"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)             # a GPU: half-precision decoding
-    assert train.old_logprob_source(cfg) == "policy"
+    assert train.old_logprobs_from(cfg) == "policy"
 
 
 def test_sampler_and_policy_old_logprobs_give_the_same_step(tmp_path):
@@ -166,7 +165,7 @@ def stub_score(texts, answers):
 
 
 def seeded_order(prompts, seed, count):
-    """The prompts train.sample_prompts hands out, in order, from the start of a run."""
+    """The prompts train.next_prompts hands out, in order, from the start of a run."""
     out, epoch = [], 0
     while len(out) < count:
         order = list(range(len(prompts)))
@@ -179,24 +178,24 @@ def seeded_order(prompts, seed, count):
 def test_dynamic_sampling_fills_the_step_in_the_seeded_order(monkeypatch):
     monkeypatch.setattr(train, "score", stub_score)
     cfg = train.parse_config(["--preset", "tiny", "--max_generation_rounds", "20"])
-    model, tok = loading.load_model(loading.resolve_model("tiny"), four_bit=True, lora_rank=8, trainable=True)
-    prompts = train.usable_prompts(cfg, tok, train.load_data(cfg)[0])
+    model, tok = models.load_model(models.resolve_model("tiny"), four_bit=True, lora_rank=8, trainable=True)
+    prompts = data.usable_prompts(cfg, tok, data.load_data(cfg)[0])
     state, P, G = train.State(), cfg.prompts_per_step, cfg.num_generations
-    kept, sampled = train.collect_groups(model, tok, prompts, "policy", 64, state, cfg, {})
-    handed_out = seeded_order(prompts, cfg.seed, len(sampled["prompts"]))
+    kept, sampled = train.collect_groups(Sampler(model, tok, cfg, "sampler"), prompts, state, cfg, runlog.Clock())
+    handed_out = seeded_order(prompts, cfg.seed, len(sampled.prompts))
     informative = [p for p in handed_out if kind(p[1]) == 0]
-    assert sampled["rounds"] > 1 and state.pos == len(sampled["prompts"]) and sampled["prompts"] == handed_out
-    assert kept["prompts"] == informative[:P]                        # the first P informative, in order
-    assert sampled["surplus"] == len(informative) - P
-    assert sampled["all_right"] == sum(kind(p[1]) == 1 for p in handed_out)
-    assert sampled["all_wrong"] == sum(kind(p[1]) == 2 for p in handed_out)
-    rollout = kept["rollout"]
-    assert rollout["input_ids"].shape[0] == P * G and len(rollout["texts"]) == P * G
-    assert kept["rewards"].view(P, G).tolist() == [[1.0, 0.0, 0.0, 0.0]] * P
+    assert sampled.rounds > 1 and state.pos == len(sampled.prompts) and sampled.prompts == handed_out
+    assert kept.prompts == informative[:P]                           # the first P informative, in order
+    assert sampled.surplus == len(informative) - P
+    assert sampled.all_right == sum(kind(p[1]) == 1 for p in handed_out)
+    assert sampled.all_wrong == sum(kind(p[1]) == 2 for p in handed_out)
+    rollout = kept.rollout
+    assert rollout.input_ids.shape[0] == P * G and len(rollout.texts) == P * G
+    assert kept.rewards.view(P, G).tolist() == [[1.0, 0.0, 0.0, 0.0]] * P
     # the merged rollout's rows still line up: every kept row's text is its own completion's decode
     for b in range(P * G):
-        ids = rollout["input_ids"][b, rollout["prompt_len"]:][rollout["completion_mask"][b].bool()]
-        assert tok.decode(ids, skip_special_tokens=True) == rollout["texts"][b]
+        ids = rollout.input_ids[b, rollout.prompt_len:][rollout.completion_mask[b].bool()]
+        assert tok.decode(ids, skip_special_tokens=True) == rollout.texts[b]
 
 
 def test_dynamic_sampling_stops_at_its_cap_and_says_so(monkeypatch, tmp_path, capsys):
@@ -260,7 +259,7 @@ def test_resume_is_exact_after_a_kill_inside_a_filled_step(monkeypatch, tmp_path
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("failure", ["oom", "non-finite", "oom-building"])
 def test_dense_copy_failure_falls_back_to_the_policy(monkeypatch, tmp_path, failure):
-    real_copy, real_give_up = rollout_copy.dense_copy, train.give_up_dense_copy
+    real_copy, real_give_up = dense_copy.dense_copy, Sampler._give_up
     held, alive_when_given_up = [], []        # a tensor the failed call allocated; alive when the copy is given up?
 
     def failing_copy(model, into=None):
@@ -280,13 +279,13 @@ def test_dense_copy_failure_falls_back_to_the_policy(monkeypatch, tmp_path, fail
             dense.generate = oom
         return dense
 
-    def giving_up(error, copy, step):
+    def giving_up(self, error):
         gc.collect()
         alive_when_given_up.append(any(ref() is not None for ref in held))
-        return real_give_up(error, copy, step)
+        return real_give_up(self, error)
 
-    monkeypatch.setattr(rollout_copy, "dense_copy", failing_copy)
-    monkeypatch.setattr(train, "give_up_dense_copy", giving_up)
+    monkeypatch.setattr(dense_copy, "dense_copy", failing_copy)
+    monkeypatch.setattr(Sampler, "_give_up", giving_up)
     out = str(tmp_path / failure)
     assert run_main(["--preset", "tiny", "--max_steps", "2", "--eval_limit", "0", "--rollout_model", "dense",
                      "--output_dir", out]) == 0
@@ -303,7 +302,7 @@ def test_a_collapsed_run_says_so_saves_and_stops(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(train, "score", lambda texts, answers: torch.zeros(len(texts)))
     out = str(tmp_path / "collapsed")
     assert run_main(["--preset", "tiny", "--max_steps", "10", "--eval_limit", "0", "--collapse_patience", "3",
-                     "--max_generation_rounds", "1", "--output_dir", out]) == train.COLLAPSED
+                     "--max_generation_rounds", "1", "--output_dir", out]) == runlog.COLLAPSED
     assert [x["updates"] for x in rows(out)] == [0, 0, 0]
     assert rows(out)[-1]["stopped"] == "collapsed" and "stopped" not in rows(out)[0]
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -313,7 +312,7 @@ def test_a_collapsed_run_says_so_saves_and_stops(monkeypatch, tmp_path, capsys):
     assert state["step"] == 3
     # resumed (as an interrupted --seeds run resumes every seed), a collapsed run stays stopped
     assert run_main(["--preset", "tiny", "--max_steps", "10", "--eval_limit", "0", "--collapse_patience", "3",
-                     "--max_generation_rounds", "1", "--output_dir", out, "--resume"]) == train.COLLAPSED
+                     "--max_generation_rounds", "1", "--output_dir", out, "--resume"]) == runlog.COLLAPSED
     assert len(rows(out)) == 3
 
 
@@ -335,7 +334,7 @@ def test_a_split_run_is_neither_collapsed_nor_saturated(monkeypatch, tmp_path, c
         [1.0 if (i // G) % 2 == 0 else 0.0 for i in range(len(texts))]))
     out = str(tmp_path / "split")
     assert run_main(["--preset", "tiny", "--max_steps", "10", "--eval_limit", "0", "--collapse_patience", "2",
-                     "--max_generation_rounds", "1", "--output_dir", out]) == train.SPLIT == 4
+                     "--max_generation_rounds", "1", "--output_dir", out]) == runlog.SPLIT == 4
     assert len(rows(out)) == 2 and rows(out)[-1]["stopped"] == "split"
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("split: every group has scored all right or all wrong since step 0 (2 steps; "
@@ -343,13 +342,13 @@ def test_a_split_run_is_neither_collapsed_nor_saturated(monkeypatch, tmp_path, c
     # not counted as a collapse by the seed table, and a --seeds run goes on to its next seed
     import plot
     assert plot.run_summary(out)["collapse_step"] is None
-    assert train.SPLIT in train.NO_SIGNAL_EXIT
+    assert runlog.SPLIT in runlog.NO_SIGNAL_EXIT
 
 
 def test_the_no_signal_label_covers_every_step_since_the_last_signal(monkeypatch, tmp_path, capsys):
     # the label of a window of steps without signal, step by step: all wrong, then all right, is split
     kind = train.no_signal_kind
-    wrong, right, both = ({"all_right": r, "all_wrong": w} for r, w in ((0, 4), (4, 0), (2, 2)))
+    wrong, right, both = (runlog.Sampled(all_right=r, all_wrong=w) for r, w in ((0, 4), (4, 0), (2, 2)))
     assert [kind(wrong), kind(right), kind(both)] == ["collapsed", "saturated", "split"]
     assert [kind(wrong, "collapsed"), kind(right, "saturated"), kind(right, "collapsed"), kind(wrong, "saturated"),
             kind(wrong, "split"), kind(both, "collapsed")] == ["collapsed", "saturated", "split", "split", "split",
@@ -364,7 +363,7 @@ def test_the_no_signal_label_covers_every_step_since_the_last_signal(monkeypatch
     monkeypatch.setattr(train, "score", scores)
     out = str(tmp_path / "window")
     assert run_main(["--preset", "tiny", "--max_steps", "10", "--eval_limit", "0", "--collapse_patience", "3",
-                     "--max_generation_rounds", "1", "--output_dir", out]) == train.SPLIT
+                     "--max_generation_rounds", "1", "--output_dir", out]) == runlog.SPLIT
     assert rows(out)[-1]["stopped"] == "split" and not os.path.exists(os.path.join(out, "adapter_model.safetensors"))
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("split: every group has scored all right or "
                                                                          "all wrong since step 0 (3 steps")
@@ -416,7 +415,7 @@ def test_non_finite_logits_through_the_policy_skip_the_round(monkeypatch, tmp_pa
     assert (r["sampling/dense_fallback"], r["sampling/non_finite_rounds"]) == (1, 1) and r["updates"] >= 1
     # every round non-finite: the overflow is the model's; one clear line after three, not a traceback
     monkeypatch.setattr(cegppo, "rollout", lambda *a, **k: (_ for _ in ()).throw(cegppo.NonFiniteLogits("x")))
-    with pytest.raises(loading.UserError, match=r"step 1: the policy's sampling logits were not finite in 3 rounds"):
+    with pytest.raises(errors.UserError, match=r"step 1: the policy's sampling logits were not finite in 3 rounds"):
         run_main(["--preset", "tiny", "--max_steps", "2", "--eval_limit", "0", "--rollout_model", "policy",
                   "--output_dir", str(tmp_path / "always")])
 
@@ -427,7 +426,7 @@ def test_the_kv_cache_is_kept_in_the_autocast_dtype(moved_policy, monkeypatch):
     # the whole cache at every step, and the very numbers attention would have cast them to
     model, tok = moved_policy
     prompts = [cegppo.format_prompt(tok, q) for q, _ in lab.toy_rows("train", tiny=True)[:3]]
-    stored, real = [], cegppo.CastKVCache.update
+    stored, real = [], generation.CastKVCache.update
 
     def recording(self, k, v, layer, *a, **kw):
         out = real(self, k, v, layer, *a, **kw)
@@ -437,10 +436,10 @@ def test_the_kv_cache_is_kept_in_the_autocast_dtype(moved_policy, monkeypatch):
     def run():
         torch.manual_seed(0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return cegppo.rollout(model, tok, prompts, 4, 12, 1.0, 1.0, 64)
-    monkeypatch.setattr(cegppo.CastKVCache, "update", recording)
+            return cegppo.rollout(model, tok, prompts, 4, 12, 1.0, 1.0, Generator(64))
+    monkeypatch.setattr(generation.CastKVCache, "update", recording)
     torch.manual_seed(0)
-    cegppo.rollout(model, tok, prompts, 4, 12, 1.0, 1.0, 64)                # no autocast (a CPU): the default cache
+    cegppo.rollout(model, tok, prompts, 4, 12, 1.0, 1.0, Generator(64))                # no autocast (a CPU): the default cache
     assert not stored
     cast = run()
     # what the cache holds is bf16; what it is given is the 4-bit layers' float32 at every decode step
@@ -449,20 +448,20 @@ def test_the_kv_cache_is_kept_in_the_autocast_dtype(moved_policy, monkeypatch):
     assert {s[0] for s in stored} <= {torch.float32, torch.bfloat16} and (torch.float32, torch.bfloat16,
                                                                          torch.bfloat16) in stored
 
-    class Plain(cegppo.DynamicCache):                 # the default cache, for comparison
+    class Plain(generation.DynamicCache):             # the default cache, for comparison
         def __init__(self, dtype, **kwargs):
             super().__init__(**kwargs)
-    monkeypatch.setattr(cegppo, "CastKVCache", Plain)
+    monkeypatch.setattr(generation, "CastKVCache", Plain)
     plain = run()
-    assert cast["texts"] == plain["texts"] and torch.equal(cast["sample_logp"], plain["sample_logp"])
+    assert cast.texts == plain.texts and torch.equal(cast.sample_logp, plain.sample_logp)
 
 
 def test_the_sampler_correction_reaches_the_loss_and_the_metrics(tmp_path, monkeypatch):
     # --old_logprobs policy (a GPU's default) under bf16 autocast, simulated on the CPU: the sampler's
     # log-probs (generate(), one token at a time) and pi_old (the training forward over whole rows)
     # round differently, so the weights pi_old / pi_sample are not 1 and must reach each token's loss
-    real_autocast = loading.autocast
-    monkeypatch.setattr(loading, "autocast", lambda device, dtype: torch.autocast("cpu", dtype=torch.bfloat16)
+    real_autocast = models.autocast
+    monkeypatch.setattr(models, "autocast", lambda device, dtype: torch.autocast("cpu", dtype=torch.bfloat16)
                         if device == "cpu" else real_autocast(device, dtype))
     runs = runs_differing_in(tmp_path, "--sampler_correction", ("off", "token_truncate"), "--model", "tiny",
                              "--old_logprobs", "policy", "--sampler_correction_cap", "1.001")
@@ -491,7 +490,7 @@ def test_the_samplers_numbers_as_pi_old_in_half_precision_are_warned_about(tmp_p
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_sampling_through_the_policy_casts_the_head_once(moved_policy, dtype):
     # under autocast (a GPU's, here the CPU's) the 4-bit policy's float32 LM head would be cast to the
-    # compute dtype at every decode step; cegppo.head_cast_once casts it once per rollout, and the
+    # compute dtype at every decode step; generation.head_cast_once casts it once per rollout, and the
     # samples and their log-probs are bit for bit those of the per-step casts (counted with torch's
     # profiler: aten::_to_copy on the head's [V, d] shape)
     model, tok = moved_policy
@@ -503,19 +502,19 @@ def test_sampling_through_the_policy_casts_the_head_once(moved_policy, dtype):
         torch.manual_seed(0)
         with torch.profiler.profile(record_shapes=True) as prof, torch.autocast("cpu", dtype=dtype):
             if once:
-                ro = cegppo.rollout(model, tok, prompts, 4, 12, 1.0, 1.0, 64)
+                ro = cegppo.rollout(model, tok, prompts, 4, 12, 1.0, 1.0, Generator(64))
             else:
                 with pytest.MonkeyPatch.context() as m:
-                    m.setattr(cegppo, "head_cast_once", lambda model: contextlib.nullcontext())
-                    ro = cegppo.rollout(model, tok, prompts, 4, 12, 1.0, 1.0, 64)
+                    m.setattr(generation, "head_cast_once", lambda model: contextlib.nullcontext())
+                    ro = cegppo.rollout(model, tok, prompts, 4, 12, 1.0, 1.0, Generator(64))
         casts = [e for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes and
                  list(e.input_shapes[0]) == list(head.weight.shape)]
         return ro, len(casts)
     once, n_once = run(True)
     per_step, n_per_step = run(False)
-    steps = once["completion_mask"].shape[1]
+    steps = once.completion_mask.shape[1]
     assert n_once == 1 and n_per_step == steps > 1
-    assert once["texts"] == per_step["texts"] and torch.equal(once["sample_logp"], per_step["sample_logp"])
+    assert once.texts == per_step.texts and torch.equal(once.sample_logp, per_step.sample_logp)
     assert "forward" not in vars(head)                        # the head's own forward is back
 
 

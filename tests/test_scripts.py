@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from engine import lab, runfiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ["step", "reward", "reward_std", "frac_reward_zero_std", "entropy", "clip_ratio/low_mean",
@@ -52,7 +53,6 @@ def test_first_screen_has_no_warnings(baseline_run):
 
 def test_train_end_to_end(baseline, tiny_path):
     from safetensors.torch import load_file
-    import lab
     rs = rows(baseline)
     assert [r["step"] for r in rs] == [1, 2, 3, 4, 5, 6]
     for r in rs:
@@ -80,7 +80,6 @@ def test_base_weights_unchanged(tiny_path, tmp_path):
     """Train from a copy of a base folder and check its bytes afterwards."""
     import hashlib
     import shutil
-    import lab
     base = str(tmp_path / "base")
     shutil.copytree(lab.warm_start_path("tiny"), base)
     digest = lambda: hashlib.md5(open(os.path.join(base, "model.safetensors"), "rb").read()).hexdigest()
@@ -151,7 +150,6 @@ def test_resume_after_a_power_cut_takes_the_last_complete_checkpoint(baseline, t
     # a cut before the newest checkpoint's data reached the disk leaves `checkpoint` with an empty
     # file and the one before it as `checkpoint.old`; one between the two renames leaves only .old
     import shutil
-    import runtime
     out = str(tmp_path / "cut")
     args = ["--model", "tiny", "--dataset", "tiny", "--output_dir", out]
     script("train.py", *args, "--max_steps", "2")
@@ -160,7 +158,7 @@ def test_resume_after_a_power_cut_takes_the_last_complete_checkpoint(baseline, t
     shutil.move(str(tmp_path / "at-step-2"), os.path.join(out, "checkpoint.old"))
     open(os.path.join(out, "checkpoint", "state.pt"), "wb").close()
     os.makedirs(os.path.join(out, "checkpoint.tmp", "adapter"))   # a half-written next one
-    assert runtime.find_checkpoint(out) == os.path.join(out, "checkpoint.old")
+    assert runfiles.find_checkpoint(out) == os.path.join(out, "checkpoint.old")
     p = script("train.py", *args, "--max_steps", "6", "--resume")
     assert f"resumed from {out}/checkpoint.old at step 2" in p.stderr
     same_run(baseline, out)                              # steps 3 and 4 redone, exactly
@@ -341,14 +339,15 @@ def test_zero_advantage_groups_get_no_forward_or_backward_with_grad(tmp_path, mo
     # and it must see exactly the responses of the groups whose rewards differ.
     import torch
     import train
-    real, trained = train.micro_batch_logprobs, []
+    from engine import logprobs
+    real, trained = logprobs.Scorer.micro_batch_logprobs, []
 
-    def spy(model, batch, *a, **k):          # every log-prob pass, packed (shared prefix) or plain
+    def spy(self, model, batch, *a, **k):    # every log-prob pass, packed (shared prefix) or plain
         if torch.is_grad_enabled():
             trained.append(batch[0].shape[0])
-        return real(model, batch, *a, **k)
+        return real(self, model, batch, *a, **k)
 
-    monkeypatch.setattr(train, "micro_batch_logprobs", spy)
+    monkeypatch.setattr(logprobs.Scorer, "micro_batch_logprobs", spy)
     handler = signal.getsignal(signal.SIGINT)
     try:
         out = str(tmp_path / "z")
@@ -397,3 +396,15 @@ def test_resume_of_a_seeds_run_starts_the_seeds_not_yet_begun(tmp_path):
     script("train.py", "--preset", "tiny", "--max_steps", "3", "--seeds", "1,2", "--output_dir", out, "--resume")
     assert [r["step"] for r in rows(f"{out}/seed-1")] == [1, 2, 3]          # continued
     assert [r["step"] for r in rows(f"{out}/seed-2")] == [1, 2, 3]          # started
+
+
+def test_print_config_shows_what_a_command_runs_with(tmp_path):
+    # a preset, --algo's knobs and a flag, resolved by train.py itself: what memory.py and the tools read
+    out = str(tmp_path / "never")
+    p = script("train.py", "--preset", "lab", "--algo", "grpo", "--beta2", "0.5", "--output_dir", out, "--print_config")
+    cfg = json.loads(p.stdout)
+    assert (cfg["model"], cfg["algo"], cfg["beta1"], cfg["beta2"], cfg["epsilon_low"], cfg["learning_rate"]) == \
+        ("lab", "grpo", 0.0, 0.5, 0.1, 5e-5)
+    assert not os.path.exists(out)                                   # nothing is loaded or written
+    bad = script("train.py", "--algo", "nope", "--print_config", check=False)
+    assert bad.returncode == 2 and "--algo" in bad.stderr and not bad.stdout

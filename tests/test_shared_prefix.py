@@ -1,4 +1,4 @@
-"""shared_prefix.py and the shared prefill: each group's prompt once gives the plain layout's numbers.
+"""Each group's prompt once (engine/logprobs.py's packed rows) and the shared prefill (engine/generation.py): each group's prompt once gives the plain layout's numbers.
 
 Tolerances. In float32 the packed rows compute every hidden state from the same tokens, positions and
 attended keys as the plain layout, in matrices of other shapes: the same real numbers summed in
@@ -16,16 +16,13 @@ import pytest
 import torch
 
 import cegppo
-import lab
-import loading
-import rollout_copy
-import shared_prefix
-import train
 from test_sampling import runs_differing_in
+from engine import dense_copy, generation, lab, logprobs, models
+from engine.generation import Generator
 
 
 def policy(size, gradient_checkpointing, seed=1):
-    model, tok = loading.load_model(lab.tiny_model_path(size), four_bit=True, lora_rank=8, trainable=True,
+    model, tok = models.load_model(lab.tiny_model_path(size), four_bit=True, lora_rank=8, trainable=True,
                                     gradient_checkpointing=gradient_checkpointing)
     g = torch.Generator().manual_seed(seed)
     for n, q in model.named_parameters():           # LoRA moved off zero, so that it counts on every path
@@ -42,7 +39,7 @@ QUESTIONS = ["What is 6-8?", "What is 12+3 and then times 7, please?", "Hi?"]
 def batch(model, tok, G=4):
     torch.manual_seed(0)
     prompts = [cegppo.format_prompt(tok, q) for q in QUESTIONS]
-    return cegppo.rollout(model, tok, prompts, G, 16, 1.0, 1.0, 64)
+    return cegppo.rollout(model, tok, prompts, G, 16, 1.0, 1.0, Generator(64))
 
 
 def numbers(fn, model, completion_mask, adv, old_logp):
@@ -68,12 +65,12 @@ def test_packed_rows_give_the_plain_numbers(size, checkpointing, autocast):
     model, tok = policy(size, checkpointing)
     ro = batch(model, tok)
     idx = torch.arange(2, 11)                          # a group cut at both ends of the micro-batch
-    ids, amask, cmask, L = train.micro_batch(ro, idx)
-    assert len(shared_prefix.segments(ids, amask, L)) == 3 and amask[:, 0].sum() < len(idx)   # left padding
+    ids, amask, cmask, L = logprobs.micro_batch(ro, idx)
+    assert len(logprobs.segments(ids, amask, L)) == 3 and amask[:, 0].sum() < len(idx)   # left padding
     adv = torch.linspace(-1.5, 1.5, len(idx))
-    packed = shared_prefix.pack(ids, amask, cmask, L)
-    assert shared_prefix.worth_it(packed, ids, model.config)              # what train.py would take
-    plain = lambda **k: cegppo.completion_logprobs(model, ids, amask, L, **k)      # noqa: E731
+    packed = logprobs.pack(ids, amask, cmask, L)
+    assert logprobs.worth_it(packed, ids, model.config)              # what train.py would take
+    plain = lambda **k: logprobs.chunked_logprobs(model, ids, amask, L, **k)    # noqa: E731
     # old log-probs: the plain float32 pass's, 0.3 off either way (so that both clip regions are used)
     with torch.no_grad():
         reference, _ = plain(with_entropy=False)
@@ -82,7 +79,7 @@ def test_packed_rows_give_the_plain_numbers(size, checkpointing, autocast):
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
     results = {}
     for name, fn in (("plain", plain),
-                     ("packed", lambda **k: shared_prefix.completion_logprobs(model, packed, cmask, **k))):
+                     ("packed", lambda **k: logprobs.packed_logprobs(model, packed, cmask, **k))):
         with ctx:
             results[name] = numbers(fn, model, cmask, adv, old)
     (lp, ent, loss, grads), (lp2, ent2, loss2, grads2) = results["plain"], results["packed"]
@@ -103,7 +100,7 @@ def test_packing_layout():
     ids = torch.tensor([[0, 5, 6, 10, 11, 0], [0, 5, 6, 12, 0, 0], [0, 0, 7, 13, 14, 15]])
     amask = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])
     cmask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
-    p = shared_prefix.pack(ids, amask, cmask, prompt_len=3)
+    p = logprobs.pack(ids, amask, cmask, prompt_len=3)
     assert p["input_ids"].tolist() == [[5, 6, 10, 11, 12], [7, 13, 14, 15, 0]]
     assert p["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 3, 0]]   # each completion after its prompt
     mask = p["mask"][:, 0].int().tolist()
@@ -114,36 +111,36 @@ def test_packing_layout():
     # the state before each kept token (the prompt's last for the first), its target, its plain place
     assert p["states"].tolist() == [1, 2, 1, 5, 6, 7] and p["targets"].tolist() == [10, 11, 12, 13, 14, 15]
     assert p["rows"].tolist() == [0, 0, 1, 2, 2, 2] and p["cols"].tolist() == [0, 1, 0, 0, 1, 2]
-    # what it costs (shared_prefix.cost): per layer, h (2h + 2kv) + 3 h I multiply-adds per position
+    # what it costs (logprobs.cost): per layer, h (2h + 2kv) + 3 h I multiply-adds per position
     # and 2h per pair of positions; with h 4, I 8, kv 2 (48 + 96 = 144 and 8): the packed block, 2 rows
     # of 5, 2 * 5 * 144 + 2 * 25 * 8 = 1840, against the plain 3 x 6: 3 * 6 * 144 + 3 * 36 * 8 = 3456
     config = type("Config", (), dict(hidden_size=4, intermediate_size=8, num_key_value_heads=1, head_dim=2,
                                      num_attention_heads=2, _attn_implementation="sdpa"))
-    assert shared_prefix.cost(2, 5, *shared_prefix.dims(config)) == 1840
-    assert shared_prefix.cost(3, 6, *shared_prefix.dims(config)) == 3456
-    assert shared_prefix.worth_it(p, ids, config)                           # 1840 <= 0.9 x 3456
+    assert logprobs.cost(2, 5, *logprobs.dims(config)) == 1840
+    assert logprobs.cost(3, 6, *logprobs.dims(config)) == 3456
+    assert logprobs.worth_it(p, ids, config)                           # 1840 <= 0.9 x 3456
     one = torch.tensor([[5, 6, 10, 11]])                                     # a group of one, no padding:
-    alone = shared_prefix.pack(one, torch.ones_like(one), torch.tensor([[1, 1]]), 2)
-    assert not shared_prefix.worth_it(alone, one, config)                    # the same block: nothing saved
+    alone = logprobs.pack(one, torch.ones_like(one), torch.tensor([[1, 1]]), 2)
+    assert not logprobs.worth_it(alone, one, config)                    # the same block: nothing saved
     config._attn_implementation = "eager"                                    # adds its mask: never packed
-    assert not shared_prefix.worth_it(p, ids, config)
+    assert not logprobs.worth_it(p, ids, config)
 
 
 @pytest.mark.parametrize("sampler", ["policy", "dense"])
 def test_a_shared_prefill_samples_the_same_completions(sampler):
     model, tok = policy("tiny", True)
-    gen = rollout_copy.dense_copy(model) if sampler == "dense" else model
+    gen = dense_copy.dense_copy(model) if sampler == "dense" else model
     prompts = [cegppo.format_prompt(tok, q) for q in QUESTIONS]
     out = {}
     for share in (True, False):
         torch.manual_seed(0)                           # generation batch 5: sub-batches cut the groups
-        out[share] = cegppo.rollout(gen, tok, prompts, 4, 16, 1.0, 1.0, 5, share_prompts=share)
-    assert out[True]["texts"] == out[False]["texts"]
+        out[share] = cegppo.rollout(gen, tok, prompts, 4, 16, 1.0, 1.0, Generator(5, share_prompts=share))
+    assert out[True].texts == out[False].texts
     for k in ("sample_logp", "sample_entropy"):
-        assert (out[True][k] - out[False][k]).abs().max() < 1e-5
-    assert torch.equal(out[True]["input_ids"], out[False]["input_ids"])
+        assert (getattr(out[True], k) - getattr(out[False], k)).abs().max() < 1e-5
+    assert torch.equal(out[True].input_ids, out[False].input_ids)
     # each generate() sub-batch encodes its own prompts once: rows 0-4, 5-9, 10-11 of 3 prompts x 4
-    encoded, real, fail = [], cegppo.prompt_cache, []
+    encoded, real, fail = [], generation.prompt_cache, []
 
     def spying(model, ids, mask):
         encoded.append(ids.shape[0])
@@ -152,19 +149,19 @@ def test_a_shared_prefill_samples_the_same_completions(sampler):
         return real(model, ids, mask)
     torch.manual_seed(0)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(cegppo, "prompt_cache", spying)
-        cegppo.rollout(gen, tok, prompts, 4, 16, 1.0, 1.0, 5)
+        m.setattr(generation, "prompt_cache", spying)
+        cegppo.rollout(gen, tok, prompts, 4, 16, 1.0, 1.0, Generator(5))
         assert encoded == [2, 2, 1]
         encoded.clear()
         fail.append(True)
         with pytest.warns(UserWarning, match="retrying with generation batch 4"):
-            halved = cegppo.rollout(gen, tok, prompts, 4, 16, 1.0, 1.0, 8)
-    assert encoded == [2, 1, 1, 1] and halved["gen_batch_size"] == 4          # rows 0-7 fail; then 3 x 4 rows
+            halved = cegppo.rollout(gen, tok, prompts, 4, 16, 1.0, 1.0, generate := Generator(8))
+    assert encoded == [2, 1, 1, 1] and generate.batch_size == 4 and len(halved.texts) == 12          # rows 0-7 fail; then 3 x 4 rows
     # the prompts' cache has one row per prompt, not per completion
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
     gen.eval()                                         # as rollout() runs it (no checkpointing: a cache)
     with torch.no_grad():
-        kv = cegppo.prompt_cache(gen, enc["input_ids"], enc["attention_mask"])
+        kv = generation.prompt_cache(gen, enc["input_ids"], enc["attention_mask"])
     assert len(kv) == 2 and kv[0][0].shape[0] == 3 and kv[0][0].shape[2] == enc["input_ids"].shape[1] - 1
 
 
@@ -181,19 +178,18 @@ def test_a_run_gives_the_same_metrics_either_way(tmp_path):
 def test_where_packing_does_not_pay_the_plain_layout_is_used_and_said_once(capsys, monkeypatch):
     model, tok = policy("tiny", False)
     ro = batch(model, tok, G=2)
-    cfg = train.parse_config(["--model", "tiny"])
-    monkeypatch.setattr(train, "_PLAIN_SAID", set())
-    plain = train.micro_batch(ro, torch.tensor([1, 2]))       # one completion of each of 2 groups: nothing shared
-    packs = train.micro_batch(ro, torch.arange(4))            # 2 whole groups: packed
+    scorer = logprobs.Scorer(temperature=1.0, shared_prefix=True)          # one run's: says each reason once
+    plain = logprobs.micro_batch(ro, torch.tensor([1, 2]))       # one completion of each of 2 groups: nothing shared
+    packs = logprobs.micro_batch(ro, torch.arange(4))            # 2 whole groups: packed
     for _ in range(2):
         for b, expected in ((plain, False), (packs, True)):
-            logp, _, packed = train.micro_batch_logprobs(model, b, cfg, False)
+            logp, _, packed = scorer.micro_batch_logprobs(model, b, False)
             assert logp.shape == b[2].shape and packed == expected
     said = capsys.readouterr()
     assert (said.out + said.err).count("shared prefix: packing does not pay for some micro-batches") == 1
     # an attention that cannot take the packed mask: never packed, and the reason said (once)
     monkeypatch.setattr(model.config, "_attn_implementation", "eager")
     for _ in range(2):
-        assert not train.micro_batch_logprobs(model, packs, cfg, False)[2]
+        assert not scorer.micro_batch_logprobs(model, packs, False)[2]
     said = capsys.readouterr()
     assert (said.out + said.err).count("shared prefix: attention is 'eager', and the packed mask needs 'sdpa'") == 1

@@ -12,8 +12,7 @@ import sys
 
 import pytest
 
-import plot
-import token_page
+from engine import rows, token_page
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -33,7 +32,7 @@ def run(tmp_path_factory):
 
 
 def steps(run):
-    return plot.token_steps(run)
+    return rows.token_steps(run)
 
 
 def metrics(run):
@@ -352,21 +351,23 @@ def test_recording_the_tokens_costs_no_pass(tmp_path, monkeypatch):
     import signal
     import torch
     import train
-    real, calls = train.micro_batch_logprobs, {}
+    from engine import logprobs
+    real, calls = logprobs.Scorer.micro_batch_logprobs, {}
 
-    def counting(model, batch, cfg, with_entropy):
-        calls[cfg.output_dir] = calls.get(cfg.output_dir, 0) + 1
-        return real(model, batch, cfg, with_entropy)
-    monkeypatch.setattr(train, "micro_batch_logprobs", counting)
+    def counting(self, model, batch, with_entropy):
+        calls[run] = calls.get(run, 0) + 1
+        return real(self, model, batch, with_entropy)
+    monkeypatch.setattr(logprobs.Scorer, "micro_batch_logprobs", counting)
     handler = signal.getsignal(signal.SIGINT)
     try:
         for groups in ("0", "8"):
+            run = str(tmp_path / groups)
             torch.manual_seed(0)
             assert train.main(["--model", "tiny", "--max_steps", "2", "--eval_limit", "0", "--old_logprobs", "policy",
                                "--token_groups", groups, "--output_dir", str(tmp_path / groups)]) == 0
     finally:
         signal.signal(signal.SIGINT, handler)
-    assert not os.path.exists(tmp_path / "0" / "tokens.jsonl") and len(plot.token_steps(str(tmp_path / "8"))) >= 1
+    assert not os.path.exists(tmp_path / "0" / "tokens.jsonl") and len(rows.token_steps(str(tmp_path / "8"))) >= 1
     assert calls[str(tmp_path / "0")] == calls[str(tmp_path / "8")] > 0
 
 
@@ -386,8 +387,8 @@ def test_a_resumed_run_keeps_its_page_in_step_with_tokens_jsonl(tmp_path):
         page = open(os.path.join(out, "tokens.html"), encoding="utf-8").read()
         return [json.loads(b)["step"] for b in
                 re.findall(r'<script type="application/json" class="step">(.*?)</script>', page)]
-    assert page_steps() == [r["step"] for r in plot.token_steps(out)] and 3 in page_steps()
+    assert page_steps() == [r["step"] for r in rows.token_steps(out)] and 3 in page_steps()
     p = subprocess.run([*base, "--max_steps", "4", "--resume"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     steps = page_steps()
-    assert steps == [r["step"] for r in plot.token_steps(out)] and len(set(steps)) == len(steps) and 4 in steps
+    assert steps == [r["step"] for r in rows.token_steps(out)] and len(set(steps)) == len(steps) and 4 in steps

@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import cegppo  # noqa: E402
+from engine import lab, models
 
 BETAS = [(0.0, 0.0), (0.5, 1.0), (0.75, 1.0), (1.0, 0.5)]
 
@@ -83,7 +84,6 @@ def test_config_defaults_come_from_algos(bridge, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_trainer(bridge, tmp_path_factory):
     """A CEGPPOTrainer on the random tiny model (full fine-tuning: every weight gets a gradient)."""
-    import lab
     from datasets import Dataset
 
     def length_reward(completions, **kw):
@@ -245,8 +245,7 @@ EXAMPLE_ARGS = ["--model", "tiny", "--dataset", "tiny", "--max_steps", "2", "--m
 @pytest.fixture(scope="module")
 def warm_tiny(bridge):
     """The warm-started tiny model (its completions are sometimes right), built once before any launch."""
-    import loading
-    return loading.resolve_model("tiny")
+    return models.resolve_model("tiny")
 
 
 def test_example_two_steps(bridge, warm_tiny, tmp_path):

@@ -1,9 +1,9 @@
 """Benchmark train.py's RL step, and optionally TRL's GRPOTrainer on identical settings.
 
-    python bench.py --model tiny --dataset tiny                         # CPU, seconds
-    python bench.py --model /path/to/Qwen2.5-0.5B-Instruct --dataset gsm8k --steps 3
-    python bench.py --model tiny --dataset tiny --vs-trl                # needs `pip install trl`
-    python bench.py --logprob-memory          # the log-prob pass's memory at Qwen2.5's vocabulary
+    python -m engine.bench --model tiny --dataset tiny                  # CPU, seconds
+    python -m engine.bench --model /path/to/Qwen2.5-0.5B-Instruct --dataset gsm8k --steps 3
+    python -m engine.bench --model tiny --dataset tiny --vs-trl         # needs `pip install trl`
+    python -m engine.bench --logprob-memory   # the log-prob pass's memory at Qwen2.5's vocabulary
 
 Every flag of train.py applies (it is train.py's own loop that runs; dynamic sampling is off,
 --max_generation_rounds 1, as TRL has none, unless given). One warm-up step is run
@@ -32,7 +32,7 @@ tokens/s; under fp16 also pi_old with the log-prob head in fp16 against float32,
 times. On a CPU the half precisions run under CPU autocast. --adapter: a trained LoRA (a train.py
 output folder) instead of a fresh one.
 
-TRL gets the same model object (4-bit + LoRA built by loading.load_model), the same chat-formatted
+TRL gets the same model object (4-bit + LoRA built by models.load_model), the same chat-formatted
 prompts and reward, the same P prompts x G generations, completion length, temperature, top_p,
 micro-batch size and optimizer updates per rollout (TRL's steps_per_generation counts
 micro-batches; we set it, and the gradient accumulation, so that both take the same number of
@@ -43,6 +43,7 @@ import argparse
 import hashlib
 import json
 import os
+import runpy
 import statistics
 import subprocess
 import sys
@@ -51,19 +52,17 @@ import tempfile
 import threading
 import time
 
-import loading  # noqa: I001  (first: it quiets bitsandbytes' optional-kernel warning before transformers loads it)
 import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import TrainerCallback
 
 import cegppo
-import lab
-import rollout_copy
-import runtime
-import train
-from loading import UserError
+from engine import cli, data, dense_copy, errors, lab, logprobs, models, runlog
+from engine.errors import UserError
+from engine.generation import Generator
+from engine.memory import with_flags
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))     # the project
 
 
 def coin_reward(completion, answer):
@@ -114,29 +113,56 @@ def synthetic_model(size="qwen2.5-0.5b"):
 
 def in_own_process(worker, spec_path):
     """bench.<worker>(spec_path) in a fresh Python: each side's peak memory is then its own."""
-    return subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import bench; "
+    return subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); from engine import bench; "
                            f"bench.{worker}({spec_path!r})"], capture_output=True, text=True)
 
 
+class _LastLine:
+    """A stream that writes through to `stream` and keeps the last non-empty line written to it."""
+
+    def __init__(self, stream):
+        self.stream, self.last = stream, ""
+
+    def write(self, text):
+        lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+        self.last = lines[-1] if lines else self.last
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def run_train(args):
+    """`python train.py ARGS` in this process (runpy runs the script as Python would: train.py is a program,
+    not a library), so that a worker can change what it runs in first (the coin reward, a memory cap, a
+    profiler around it). Returns (its exit code, the last line it wrote to stderr: its error line)."""
+    argv, stderr = sys.argv, sys.stderr
+    sys.argv, sys.stderr = [os.path.join(ROOT, "train.py"), *args], _LastLine(sys.stderr)
+    try:
+        runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+        rc = 0
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv, sys.stderr, last = argv, stderr, sys.stderr.last
+    return rc, last
+
+
 def ours_worker(spec_path):
-    """Runs in its own process: train.py's main() on the spec's flags (with the coin reward if asked)."""
+    """Runs in its own process: train.py on the spec's flags (with the coin reward if asked)."""
     spec = json.load(open(spec_path))
     if spec["coin"]:
         cegppo.math_reward = coin_reward
     if not spec["profile"]:
-        loading.run_script(train.main, spec["train_args"])
-
-    def profiled():
-        loading.resolve_model(train.parse_config(spec["train_args"]).model)   # a lab warm start is not profiled
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        with profile(activities=acts) as prof:
-            rc = train.main(spec["train_args"])
-        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        with open(os.path.join(os.path.dirname(spec_path), "profile.txt"), "w") as f:
-            f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
-        return rc
-
-    loading.run_script(profiled)
+        sys.exit(run_train(spec["train_args"])[0])
+    models.resolve_model(cli.resolved_config(spec["train_args"]).model)   # a lab warm start is not profiled
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        rc, _ = run_train(spec["train_args"])
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    with open(os.path.join(os.path.dirname(spec_path), "profile.txt"), "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
+    sys.exit(rc)
 
 
 def run_ours(train_args, steps, out, coin=False, profile=False):
@@ -173,7 +199,7 @@ def run_ours(train_args, steps, out, coin=False, profile=False):
         "update_tokens_per_s": sum(r["update_tokens"] for r in rows) / max(1e-9, sum(r["time/update_s"] for r in rows)),
         "updates_per_step": statistics.mean(r["updates"] for r in rows),
         "frac_reward_zero_std": statistics.mean(r["frac_reward_zero_std"] for r in rows),
-        # None where the OS reports no peak (runtime.peak_mem_gb: Windows); on a GPU also the peak reserved
+        # None where the OS reports no peak (runlog.peak_mem_gb: Windows); on a GPU also the peak reserved
         "peak_mem_gb": max((r["peak_mem_gb"] for r in rows if r.get("peak_mem_gb") is not None), default=None),
         **({"peak_mem_reserved_gb": max(r["peak_mem_reserved_gb"] for r in rows)}
            if all(r.get("peak_mem_reserved_gb") is not None for r in rows) else {}),
@@ -188,11 +214,11 @@ def trl_worker(spec_path):
     spec = json.load(open(spec_path))
     if spec["coin"]:
         cegppo.math_reward = coin_reward
-    cfg = train.parse_config(spec["train_args"])
+    cfg = cli.resolved_config(spec["train_args"])
     torch.manual_seed(cfg.seed)
-    model, tok = train.policy_model(cfg)
-    rows = loading.load_rows(cfg.dataset, "train", cfg.question_field, cfg.answer_field)
-    data = Dataset.from_list([{"prompt": cegppo.format_prompt(tok, q), "answer": a} for q, a in rows])
+    model, tok = models.policy_model(cfg)
+    rows = data.load_rows(cfg.dataset, "train", cfg.question_field, cfg.answer_field)
+    dataset = Dataset.from_list([{"prompt": cegppo.format_prompt(tok, q), "answer": a} for q, a in rows])
 
     def reward(completions, answer, **kw):
         return [cegppo.math_reward(c, a) for c, a in zip(completions, answer)]
@@ -204,8 +230,8 @@ def trl_worker(spec_path):
                  "of --micro_batch_size")
     accum = per_update // cfg.micro_batch_size
     steps = spec["steps"]
-    # the precision train.py computes in (loading.compute_dtype's rule); mixed precision is for GPUs only
-    gpu_dtype = loading.compute_dtype(cfg.dtype) if torch.cuda.is_available() else None
+    # the precision train.py computes in (models.compute_dtype's rule); mixed precision is for GPUs only
+    gpu_dtype = models.compute_dtype(cfg.dtype) if torch.cuda.is_available() else None
     per_rollout = cfg.steps_per_generation * cfg.num_iterations     # TRL optimizer steps per RL step
     args = GRPOConfig(
         output_dir=spec["out"], max_steps=per_rollout * (steps + 1), learning_rate=cfg.learning_rate,
@@ -227,10 +253,10 @@ def trl_worker(spec_path):
         def on_step_end(self, a, state, control, **kw):
             marks.append(time.time())
             if len(marks) == per_rollout:
-                runtime.reset_peak_mem()          # the warm-up step is not counted, as on our side
-            peak.append((runtime.peak_mem_gb(), runtime.peak_mem_reserved_gb()))   # at the end of the last step
+                runlog.reset_peak_mem()          # the warm-up step is not counted, as on our side
+            peak.append((runlog.peak_mem_gb(), runlog.peak_mem_reserved_gb()))   # at the end of the last step
 
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tok,
                           callbacks=[Clock()])
     trainer.train()
     ends = marks[per_rollout - 1::per_rollout]                     # the end of each RL step
@@ -255,10 +281,10 @@ LOGPROB_VOCAB, LOGPROB_HIDDEN, LOGPROB_TOKENS = 151936, 896, (256, 1024, 4096)
 
 def logprob_pass_extra_gb(n, way, vocab=LOGPROB_VOCAB, hidden=LOGPROB_HIDDEN):
     """Peak extra tensor memory (GB) of log-probs + entropy + backward over n positions, 'ours'
-    (cegppo._TokenLogProb, chunked) or 'naive' (full float32 logits, then log_softmax). Exact
+    (logprobs._TokenLogProb, chunked) or 'naive' (full float32 logits, then log_softmax). Exact
     allocator numbers: CUDA's peak allocated, or on CPU the profiler's running total of allocations."""
     cuda = torch.cuda.is_available()
-    dev, dtype = ("cuda", loading.compute_dtype()) if cuda else ("cpu", torch.float32)
+    dev, dtype = ("cuda", models.compute_dtype()) if cuda else ("cpu", torch.float32)
     torch.manual_seed(0)
     h = torch.randn(n, hidden, device=dev, dtype=dtype, requires_grad=True)               # [N, d]
     w = torch.empty(vocab, hidden, device=dev, dtype=dtype).normal_(0, 0.02)              # [V, d] frozen head
@@ -266,7 +292,7 @@ def logprob_pass_extra_gb(n, way, vocab=LOGPROB_VOCAB, hidden=LOGPROB_HIDDEN):
 
     def run():
         if way == "ours":
-            lp, _ = cegppo._TokenLogProb.apply(h, w, None, targets, 1.0, cegppo.chunk_size(n), True)
+            lp, _ = logprobs._TokenLogProb.apply(h, w, None, targets, 1.0, logprobs.chunk_size(n), True)
         else:
             logp_all = torch.log_softmax((h @ w.T).float(), -1)                             # [N, V]
             lp = logp_all.gather(-1, targets[:, None])[:, 0]
@@ -326,9 +352,9 @@ def rollout_copy_cost(cfg, out_dir, repeats=3):
     """Build the dense rollout copy of cfg's 4-bit + LoRA policy (LoRA B set to small random values, as
     after training): time to build it fresh and to refresh it in place (medians of `repeats`), the
     bytes it adds, RSS before and after, and the max |logit difference| from the policy on a prompt."""
-    loading.set_threads(cfg.threads)
+    models.set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model, tok = train.policy_model(cfg)
+    model, tok = models.policy_model(cfg)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -337,14 +363,14 @@ def rollout_copy_cost(cfg, out_dir, repeats=3):
     rss0, fresh, refresh = rss(), [], []
     for _ in range(repeats):
         times = {}
-        dense = runtime.timed(times, "fresh", rollout_copy.dense_copy, model)     # (synced on a GPU)
+        dense = runlog.timed(times, "fresh", dense_copy.dense_copy, model)     # (synced on a GPU)
         fresh.append(times["fresh"])
         rss1 = rss()
         del dense
-    dense = rollout_copy.dense_copy(model)
+    dense = dense_copy.dense_copy(model)
     for _ in range(repeats):
         times = {}
-        runtime.timed(times, "refresh", lambda: rollout_copy.dense_copy(model, into=dense))
+        runlog.timed(times, "refresh", lambda: dense_copy.dense_copy(model, into=dense))
         refresh.append(times["refresh"])
     ids = tok([cegppo.format_prompt(tok, "What is 7 * 8?")], return_tensors="pt")["input_ids"]
     ids = ids.to(next(model.parameters()).device)
@@ -352,9 +378,9 @@ def rollout_copy_cost(cfg, out_dir, repeats=3):
     with torch.no_grad():
         a, b = model(input_ids=ids).logits.float(), dense(input_ids=ids).logits.float()
     row = {"build_fresh_s": statistics.median(fresh), "refresh_in_place_s": statistics.median(refresh),
-           "copy_bytes_gb": rollout_copy.copy_bytes(model) / 1e9, "rss_before_gb": rss0, "rss_with_copy_gb": rss1,
+           "copy_bytes_gb": dense_copy.copy_bytes(model) / 1e9, "rss_before_gb": rss0, "rss_with_copy_gb": rss1,
            "max_abs_logit_diff": (a - b).abs().max().item(), "max_abs_logit": a.abs().max().item(),
-           "dtype": str(loading.model_compute_dtype(model))}
+           "dtype": str(models.model_compute_dtype(model))}
     for k, v in row.items():
         print(f"  {k:<22} {v:10.4g}" if isinstance(v, float) else f"  {k:<22} {v}")
     with open(os.path.join(out_dir, "rollout_copy_cost.json"), "w") as f:
@@ -362,19 +388,24 @@ def rollout_copy_cost(cfg, out_dir, repeats=3):
     print(f"wrote {out_dir}/rollout_copy_cost.json")
 
 
+def old_logprobs(model, ro, cfg):
+    """pi_old of a rollout as train.py's step 4 scores it through the policy: in its updates' micro-batches."""
+    return logprobs.Scorer(cfg.temperature, cfg.shared_prefix).no_grad(model, ro, logprobs.update_partition(ro, cfg))[0]
+
+
 def head_rounding(model, ro, cfg):
     """Under fp16 autocast: pi_old of the rollout `ro` with the LM head multiplying in fp16 (the default,
-    cegppo.head_operands) against float32, and each pass's time (on a T4 the float32 head has no tensor
+    logprobs.head_operands) against float32, and each pass's time (on a T4 the float32 head has no tensor
     cores; on a CPU the times say nothing of a GPU's). A row of --mismatch's table."""
-    real, got, seconds = cegppo.head_operands, {}, {}
+    real, got, seconds = logprobs.head_operands, {}, {}
     for name, dtype in (("fp16", torch.float16), ("fp32", torch.float32)):
-        cegppo.head_operands = lambda head, device, dtype=dtype: (head.weight.to(dtype),
-                                                                  None if head.bias is None else head.bias.to(dtype))
+        logprobs.head_operands = lambda head, device, dtype=dtype: (head.weight.to(dtype),
+                                                                    None if head.bias is None else head.bias.to(dtype))
         try:
-            got[name], _ = runtime.timed(seconds, name, train.old_logprobs, model, ro, cfg, False)
+            got[name] = runlog.timed(seconds, name, old_logprobs, model, ro, cfg)
         finally:
-            cegppo.head_operands = real
-    mask = ro["completion_mask"].cpu().bool()
+            logprobs.head_operands = real
+    mask = ro.completion_mask.cpu().bool()
     d = (got["fp16"] - got["fp32"]).abs()[mask]
     return {"dtype": "fp16", "sampler": "log-prob head fp16 vs float32", "tokens": int(mask.sum()),
             "logp_diff_mean": d.mean().item(), "logp_diff_max": d.max().item(),
@@ -384,38 +415,38 @@ def head_rounding(model, ro, cfg):
 def sampler_mismatch(cfg, adapter, dtypes, out_dir):
     """bench.py --mismatch: one row per compute dtype and sampler (see the module docstring)."""
     import contextlib
-    import dataclasses
-    loading.set_threads(cfg.threads)
+    models.set_threads(cfg.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows, real_autocast = [], loading.autocast
+    rows, real_autocast = [], models.autocast
     for dtype in dtypes:
-        c = dataclasses.replace(cfg, dtype=dtype)
+        c = with_flags(cfg, dtype=dtype)
         torch.manual_seed(cfg.seed)
-        model, tok = train.policy_model(c, adapter)
+        model, tok = models.policy_model(c, adapter)
         if adapter is None:                          # LoRA B small and random, as after some training
             with torch.no_grad():
                 for n, p in model.named_parameters():
                     if "lora_B" in n:
                         p.normal_(0, 1e-3)
-        prompts = [p for p, _ in train.usable_prompts(c, tok, train.load_data(c)[0])[:cfg.prompts_per_step]]
-        half = loading.DTYPES[dtype] if dtype != "fp32" else None
+        prompts = [p for p, _ in data.usable_prompts(c, tok, data.load_data(c)[0])[:cfg.prompts_per_step]]
+        half = models.DTYPES[dtype] if dtype != "fp32" else None
         # the autocast train.py's passes enter: CUDA's own, or on a CPU its autocast in the same dtype
-        loading.autocast = (lambda d, t, half=half: torch.autocast("cpu", dtype=half)) if device == "cpu" and half \
+        models.autocast = (lambda d, t, half=half: torch.autocast("cpu", dtype=half)) if device == "cpu" and half \
             else real_autocast
         try:
             samplers = [("copy, LoRA merged", True), *([("copy, LoRA kept apart", False)] if half else []),
                         ("4-bit policy", None)]
             for name, merge in samplers:
-                sampler = model if merge is None else rollout_copy.dense_copy(model, merge=merge)
+                sampler = model if merge is None else dense_copy.dense_copy(model, merge=merge)
                 torch.manual_seed(cfg.seed + 1)
                 seconds = {}
-                with loading.model_autocast(model) if device == "cuda" else (
+                with models.model_autocast(model) if device == "cuda" else (
                         torch.autocast("cpu", dtype=half) if half else contextlib.nullcontext()):
-                    ro = runtime.timed(seconds, "rollout", cegppo.rollout, sampler, tok, prompts, c.num_generations,
-                                       c.max_completion_length, c.temperature, c.top_p, c.generation_batch_size)
-                old, _ = train.old_logprobs(model, ro, c, with_entropy=False)
-                mask = ro["completion_mask"].cpu()
-                sample = ro["sample_logp"].float().cpu()[:, :old.shape[1]]
+                    ro = runlog.timed(seconds, "rollout", cegppo.rollout, sampler, tok, prompts, c.num_generations,
+                                      c.max_completion_length, c.temperature, c.top_p,
+                                      Generator(c.generation_batch_size, share_prompts=c.shared_prefix))
+                old = old_logprobs(model, ro, c)
+                mask = ro.completion_mask.cpu()
+                sample = ro.sample_logp.float().cpu()[:, :old.shape[1]]
                 d = (sample - old).abs()[mask.bool()]
                 eps = max(c.epsilon_low or 0.2, c.epsilon_high or 0.2)
                 _, corr = cegppo.sampler_correction(old, sample, mask, c.sampler_correction, c.sampler_correction_cap)
@@ -428,11 +459,11 @@ def sampler_mismatch(cfg, adapter, dtypes, out_dir):
                              "correction": c.sampler_correction, **{k.split("/")[-1] if "ratio" in k else k: v
                                                                    for k, v in corr.items()}})
                 if sampler is not model:
-                    rollout_copy.release(sampler)
-            if dtype == "fp16":         # the log-prob head multiplies in fp16 there (cegppo.head_operands)
+                    dense_copy.release(sampler)
+            if dtype == "fp16":         # the log-prob head multiplies in fp16 there (logprobs.head_operands)
                 rows.append(head_rounding(model, ro, c))
         finally:
-            loading.autocast = real_autocast
+            models.autocast = real_autocast
         del model
     print(f"{'dtype':<6} {'sampler':<22} {'tokens':>6} {'|dlogp| mean':>12} {'max':>8} {'out@1st':>8} "
           f"{'IS mean':>8} {'IS min':>7} {'IS max':>7} {'masked':>7}  sampling")
@@ -555,14 +586,14 @@ def main(argv=None):
     if args.logprob_memory:
         logprob_memory(args.output_dir, args.logprob_positions)
         return 0
-    cfg = train.parse_config(train_args)
+    cfg = cli.resolved_config(train_args)
     if args.rollout_copy_cost:
         rollout_copy_cost(cfg, args.output_dir)
         return 0
     if args.mismatch:
-        bad = [d for d in args.mismatch if d not in loading.DTYPES]
+        bad = [d for d in args.mismatch if d not in models.DTYPES]
         if bad:
-            raise UserError(f"--mismatch {','.join(bad)}: each one of {', '.join(loading.DTYPES)}")
+            raise UserError(f"--mismatch {','.join(bad)}: each one of {', '.join(models.DTYPES)}")
         sampler_mismatch(cfg, args.adapter, args.mismatch, args.output_dir)
         return 0
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
@@ -579,4 +610,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    loading.run_script(main)
+    errors.run_script(main)

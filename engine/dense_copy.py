@@ -2,7 +2,7 @@
 
 Generation through bitsandbytes' Linear4bit + peft's LoRA layers dequantises every weight of every
 layer at every decode step and adds two small LoRA matmuls per layer; on a CPU (where
-loading.cpu_safe_4bit switches the 4-bit inference kernel off) that is most of the rollout. Before
+models.cpu_safe_4bit switches the 4-bit inference kernel off) that is most of the rollout. Before
 each rollout train.py builds, from the current policy, a plain model of the same config whose
 Linear weights are dequantize_4bit(W_4bit) (no bitsandbytes, no peft), lets generate() drive it,
 and frees it before the updates. The LoRA adapters are merged into those weights (W + scaling *
@@ -23,7 +23,7 @@ response token, and corrects for in the loss (cegppo.sampler_correction).
     merged_weight(layer)           one Linear's dense weight: dequantised base (+ scaling * B @ A)
     LoRALinear                     a dense Linear with its adapters apart (the half-precision copy)
     copy_bytes(policy)             the memory the copy adds (parameters shared with the policy excluded)
-    sampling_bytes(policy, ...)    what sampling from it holds besides the weights (memory.py's formulas)
+    held_while_sampling(policy, ...)  what sampling from it holds besides the weights (sizes.py's formulas)
     choose(mode, policy, ...)      'dense' or 'policy' for --rollout_model auto|dense|policy
     release(copy)                  free the copy's memory now (and give it back to the driver on CUDA)
     sampling_mismatch(...)         the two mismatch metrics
@@ -31,15 +31,14 @@ response token, and corrects for in the loss (cegppo.sampler_correction).
 
 import copy
 
-import loading  # noqa: I001  (first: it quiets bitsandbytes' optional-kernel warning before the import)
+from engine import models  # noqa: I001  (first: it quiets bitsandbytes' optional-kernel warning before the import)
 import bitsandbytes as bnb
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
-import cegppo
-import sizes
+from engine import sizes
 
 
 def base_model(policy):
@@ -150,7 +149,7 @@ def dense_copy(policy, into=None, merge=None):
             if type(dmod) is torch.nn.Linear and _lora_adapters(pmod):
                 merged_weight(pmod, out=dmod.weight.data)
         return into
-    dtype, device = loading.model_compute_dtype(policy), next(base.parameters()).device
+    dtype, device = models.model_compute_dtype(policy), next(base.parameters()).device
     merge = dtype == torch.float32 if merge is None else merge
     with torch.device("meta"):
         dense = AutoModelForCausalLM.from_config(_plain_config(policy), dtype=dtype)
@@ -197,7 +196,7 @@ def copy_bytes(policy, dtype=None):
     """Bytes the dense copy adds to memory: every Linear weight a LoRA or 4-bit layer holds, in the
     compute dtype, plus the other parameters (biases included) whose dtype differs from it (those
     are converted, not shared). Counted from the policy's tensors' shapes; nothing is built."""
-    base, dtype = base_model(policy), dtype or loading.model_compute_dtype(policy)
+    base, dtype = base_model(policy), dtype or models.model_compute_dtype(policy)
     size, seen, total = torch.tensor([], dtype=dtype).element_size(), set(), 0
     for m in base.modules():
         if id(m) in seen or not (isinstance(m, (LoraLayer, bnb.nn.Linear4bit))):
@@ -215,7 +214,7 @@ def copy_bytes(policy, dtype=None):
     return total
 
 
-def sampling_bytes(policy, sequences=1, tokens=1, prompt_tokens=None, micro_batch=0, top_p=1.0, prompts=None):
+def held_while_sampling(policy, sequences=1, tokens=1, prompt_tokens=None, micro_batch=0, top_p=1.0, prompts=None):
     """Bytes sampling from the copy holds besides the weights: generate()'s KV cache, its prefill's
     activations and its logits for `sequences` sequences of `prompt_tokens` (default: all `tokens`)
     prompt and `tokens` positions in all, or, when larger, the no-grad log-prob pass over
@@ -223,7 +222,7 @@ def sampling_bytes(policy, sequences=1, tokens=1, prompt_tokens=None, micro_batc
     formulas (sizes.py), on the policy's shape, in the copy's compute dtype: merged Linears in float32,
     LoRA layers in half precision (dense_copy)."""
     shape = sizes.ModelShape.from_config(base_model(policy).config)
-    dtype = loading.model_compute_dtype(policy)
+    dtype = models.model_compute_dtype(policy)
     elem = torch.tensor([], dtype=dtype).element_size()
     return sizes.sampling_bytes(shape, sequences, tokens if prompt_tokens is None else prompt_tokens, tokens, elem,
                                 lora=dtype != torch.float32, micro_batch=micro_batch, top_p=top_p, prompts=prompts)
@@ -232,7 +231,7 @@ def sampling_bytes(policy, sequences=1, tokens=1, prompt_tokens=None, micro_batc
 def choose(mode, policy, sequences=1, tokens=1, margin=0.1, prompt_tokens=None, micro_batch=0, top_p=1.0,
            prompts=None):
     """'dense' or 'policy' for --rollout_model. auto: dense on a GPU when everything sampling from the
-    copy holds (copy_bytes + sampling_bytes: the copy, the KV cache, the prefill's activations, the
+    copy holds (copy_bytes + held_while_sampling: the copy, the KV cache, the prefill's activations, the
     logits, the mismatch metric's log-prob pass) fits in its free memory with `margin` of it to
     spare; the policy on a CPU, where the copy did not pay for itself (docs/benchmarks.md: at
     Qwen2.5-0.5B's shapes, float32, generation ran 1.27x faster but the step, with the mismatch
@@ -243,7 +242,7 @@ def choose(mode, policy, sequences=1, tokens=1, margin=0.1, prompt_tokens=None, 
     device = _device(policy)
     if device.type != "cuda":
         return "policy"
-    need = copy_bytes(policy) + sampling_bytes(policy, sequences, tokens, prompt_tokens, micro_batch, top_p, prompts)
+    need = copy_bytes(policy) + held_while_sampling(policy, sequences, tokens, prompt_tokens, micro_batch, top_p, prompts)
     return "dense" if need <= (1 - margin) * free_gpu_bytes(device) else "policy"
 
 
@@ -276,33 +275,6 @@ def release(dense):
                 module._buffers[name] = torch.empty_like(b, device="meta")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def with_fallback(policy, use_copy, generate, say):
-    """generate(model) on a dense copy of `policy` where use_copy, else on the policy itself. A copy that
-    cannot be built (out of memory), or whose generate() runs out of memory or gives non-finite logits
-    (an fp16 overflow: cegppo.NonFiniteLogits), is freed, `say`s why in one line, and generate(policy)
-    runs instead; what the failed call held is freed first (its exception kept without the traceback,
-    whose frames would hold it). The copy is released once generate() returns. Returns generate's result."""
-    copy, failure = None, None
-    if use_copy:
-        try:
-            copy = dense_copy(policy)
-        except torch.OutOfMemoryError as e:
-            failure = e.with_traceback(None)
-    if copy is not None:
-        try:
-            return generate(copy)
-        except (torch.OutOfMemoryError, cegppo.NonFiniteLogits) as e:
-            failure = e.with_traceback(None)
-        finally:
-            release(copy)
-    if failure is not None:                 # past the except: the failed call's frames are gone
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        why = "out of memory" if isinstance(failure, torch.OutOfMemoryError) else "non-finite logits"
-        say(f"the dense copy hit {why}: generating through the 4-bit policy instead")
-    return generate(policy)
 
 
 def sampling_mismatch(sample_logp, old_logp, mask):

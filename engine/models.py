@@ -1,20 +1,14 @@
-"""Loading for the scripts: the model (4-bit NF4 + LoRA), the datasets, CPU threads, and the one error type.
+"""Loading the policy: the model (4-bit NF4 + LoRA), the one precision rule, CPU threads.
 
-Everything here is engineering around the algorithm in cegppo.py: train.py, eval.py, bench.py and
-the TRL bridge share it. Nothing here changes what CE-GPPO computes.
+Everything here is engineering around the algorithm in cegppo.py; nothing here changes what CE-GPPO computes.
 
     load_model      a Hub name or a local folder -> (model, tokenizer), 4-bit + LoRA if asked
-    load_rows       a named dataset, a built-in toy task or a local file -> [(question, answer)]
-    resolve_model   'tiny' and 'lab' (built in code by lab.py) -> their local folders
+    resolve_model   'tiny' and 'lab' (built in code by engine/lab.py) -> their local folders
     set_threads     torch's CPU threads (oversubscription on a busy machine is the usual trap)
     compute_dtype, autocast   the one precision rule: bf16 / fp16 / fp32 by device, autocast on CUDA
-    UserError, run_script   bad input -> one `error:` line and exit code 2
 """
 
-import argparse
 import contextlib
-import dataclasses
-import inspect
 import logging
 import os
 import re
@@ -22,7 +16,6 @@ import socket
 import sys
 import urllib.parse
 import warnings
-from typing import Literal, get_args, get_origin
 
 # Before bitsandbytes is imported (peft and transformers import it): on CPUs with AVX512-BF16 it
 # looks for an optional inference kernel package ("kernels") and logs a warning that reads like a
@@ -45,72 +38,13 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-import cegppo  # noqa: E402
-import lab  # noqa: E402
+
+from engine import lab  # noqa: E402
+from engine.errors import UserError  # noqa: E402
 
 # transformers' per-load progress bars ("Loading weights", "Writing model shards") for models that
 # load in a second are noise on the first screen; downloads keep the Hub client's own bars.
 hf_logging.disable_progress_bar()
-
-
-class UserError(Exception):
-    """Bad input from the user (a flag, a file, a field): the scripts print it as one line and exit 2."""
-
-
-def run_script(main, *args):
-    """A script's entry point: exit with main()'s code; a UserError becomes one `error:` line and code 2."""
-    try:
-        sys.exit(main(*args))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _bool(text):
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def dataclass_parser(cls, description, default_text=None, choices=None):
-    """argparse for a config dataclass: one flag per field, its help the field's one-line metadata
-    plus its real default (default_text(field) where given). Flags not given stay out of the
-    namespace, so a caller can layer them over presets. A bool field also gets --no_<name>.
-    Every flag is spelled with underscores (--output_dir); the dashed spelling (--output-dir) is
-    accepted too."""
-    ap = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
-    for f in dataclasses.fields(cls):
-        shown = default_text(f) if default_text else ("unset" if f.default is None else str(f.default))
-        help = f"{f.metadata['help']} (default: {shown})"
-        names = list(dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"]))
-        if f.type is bool:
-            ap.add_argument(*names, dest=f.name, type=_bool, nargs="?", const=True, metavar="BOOL", help=help)
-            ap.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=f"same as --{f.name} false")
-        elif get_origin(f.type) is Literal or f.name in (choices or {}):
-            ap.add_argument(*names, dest=f.name, choices=(choices or {}).get(f.name) or get_args(f.type), help=help)
-        else:
-            typ = next((t for t in get_args(f.type) if t is not type(None)), f.type)   # Optional[X] -> X
-            ap.add_argument(*names, dest=f.name, type=typ, metavar=typ.__name__.upper(), help=help)
-    return ap
-
-
-def flags_markdown(cls, default_text=None):
-    """The flags of a config dataclass as a Markdown table, grouped by the `# group` comments of its
-    source (docs/flags.md is this, for train.py's Config; a test keeps the two equal)."""
-    fields, group, rows = {f.name: f for f in dataclasses.fields(cls)}, "", []
-    for line in inspect.getsource(cls).splitlines():
-        head = re.match(r"\s+# (.+)$", line)
-        name = re.match(r"\s+(\w+):", line)
-        if head:
-            group = head.group(1).split(":")[0]
-        elif name and name.group(1) in fields:
-            f = fields[name.group(1)]
-            shown = default_text(f) if default_text else ("unset" if f.default is None else str(f.default))
-            rows.append(f"| {group} | `--{f.name}` | {shown} | {f.metadata['help'].replace('|', '/')} |")
-            group = ""
-    return "\n".join(["| group | flag | default | meaning |", "|---|---|---|---|", *rows]) + "\n"
 
 
 CPU_HINT = "on a CPU, `python train.py --preset lab` runs the whole pipeline on a small model built in code"
@@ -180,7 +114,7 @@ def compute_dtype(choice="auto"):
 def autocast(device_type, dtype):
     """The context the forward passes run in: torch.autocast in `dtype` on CUDA when it is fp16 or
     bf16 (the LoRA matmuls, attention and the LM head then run in half precision; log-softmax,
-    entropy, ratios and the loss stay float32, cegppo._TokenLogProb casts its logits up), and a
+    entropy, ratios and the loss stay float32, logprobs._TokenLogProb casts its logits up), and a
     plain nullcontext otherwise: fp32, and on a CPU, where the 4-bit layers compute in their own
     compute dtype and everything else stays float32. An autocast already entered by the caller
     stays in force inside the nullcontext."""
@@ -203,6 +137,11 @@ def model_compute_dtype(model):
     return model.get_input_embeddings().weight.dtype
 
 
+def float32_on_cpu(choice="auto"):
+    """Does a run with --dtype `choice` compute in float32 on a CPU (where the sampler's own log-probs are pi_old)?"""
+    return not torch.cuda.is_available() and compute_dtype(choice) == torch.float32
+
+
 def enable_tf32():
     """TF32 tensor cores for the float32 matmuls and convolutions left on GPUs with compute capability
     8.0 or newer (10 mantissa bits instead of 23, 8x the throughput); nothing elsewhere."""
@@ -215,18 +154,23 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")     # org/name, as the Hub 
 
 
 def resolve_model(name):
-    """'tiny' and 'lab' are built locally (lab.py); anything else is a Hub id or a folder, unchanged."""
+    """'tiny' and 'lab' are built locally (engine/lab.py); anything else is a Hub id or a folder, unchanged."""
     if name in ("tiny", "lab"):
         return lab.warm_start_path(name)
     return name
 
 
-def check_model_source(name):
-    """Fail fast, in one line, when `name` is neither a folder nor a loadable Hub id.
+def check_model_source(name, say_cpu=False):
+    """Fail fast, in one line, when `name` is neither a folder nor a loadable Hub id ('tiny' and 'lab' are
+    built in code). say_cpu: say first that a real model trains very slowly without a GPU.
 
     A Hub id that is not in the local cache needs the Hub; when it cannot be reached, the Hub client
     would retry for about half a minute before failing, so we look first (a 3 s connection).
     """
+    if name in ("tiny", "lab"):
+        return
+    if say_cpu and not torch.cuda.is_available():
+        print(f"No CUDA GPU found: a real model trains very slowly on the CPU; {CPU_HINT}.", file=sys.stderr)
     if os.path.isdir(name):
         return
     if not HUB_ID.match(name) or name.startswith("."):
@@ -319,84 +263,58 @@ def cpu_safe_4bit(model):
             m.support_avx512bf16_for_cpu = False
 
 
-# ----------------------------------------------------------------------------------------------
-# The data
-# ----------------------------------------------------------------------------------------------
-# Named datasets: (Hub id, config, split for training, split for evaluation, question field, answer
-# field). An answer field holding a worked solution (MATH's) gives its last \boxed{} (load_rows).
-DATASETS = {
-    "gsm8k": ("openai/gsm8k", "main", "train", "test", "question", "answer"),
-    "math": ("DigitalLearningGmbH/MATH-lighteval", "default", "train", "test", "problem", "solution"),
-    "math500": ("HuggingFaceH4/MATH-500", None, "test", "test", "problem", "answer"),
-    "aime24": ("HuggingFaceH4/aime_2024", None, "train", "train", "problem", "answer"),
-}
-LOCAL_FILE = (".jsonl", ".json", ".parquet")
+def policy_model(cfg, adapter=None):
+    """(model, tokenizer) of a train.py Config, ready to train: the 4-bit base with a fresh LoRA adapter, or
+    `adapter` (a checkpoint's, or a trained one: bench.py)."""
+    model, tok = load_model(resolve_model(cfg.model), four_bit=cfg.load_in_4bit, lora_rank=cfg.lora_r,
+                            lora_alpha=cfg.lora_alpha, adapter=adapter, trainable=True,
+                            gradient_checkpointing=cfg.gradient_checkpointing, dtype=cfg.dtype)
+    model.train()
+    return model, tok
 
 
-def load_rows(dataset, split="train", question_field=None, answer_field=None, limit=None):
-    """[(question, answer), ...] from a named dataset (DATASETS, or 'tiny' / 'lab' built in code)
-    or a local .jsonl / .json / .parquet file. A missing or empty field stops with a UserError
-    naming the file, the row and the field."""
-    if dataset in ("tiny", "lab"):
-        return lab.toy_rows(split, tiny=dataset == "tiny")[:limit]
-    if dataset in DATASETS:
-        ds, qf, af, where = _hub_dataset(dataset, split)
-    elif dataset.endswith(LOCAL_FILE):
-        ds, qf, af, where = _local_dataset(dataset)
-    else:
-        raise UserError(f"--dataset {dataset}: unknown; use one of {', '.join(['tiny', 'lab', *DATASETS])} "
-                        "or a .jsonl / .json / .parquet file")
-    qf, af = question_field or qf, answer_field or af
-    rows = []
-    for i, row in enumerate(ds):
-        if limit is not None and i >= limit:
-            break
-        for f in (qf, af):
-            v = row.get(f)
-            if v is None or not str(v).strip():
-                raise UserError(f"{where}: row {i}: field '{f}' is missing or empty")
-        # A worked solution (MATH's, or a user's file) states its answer in its last \\boxed{}: that is
-        # the reference; the whole solution would never equal a completion's boxed answer.
-        answer = cegppo.extract_boxed(str(row[af])) or str(row[af])
-        rows.append((str(row[qf]), answer))
-    return rows
+class Optimizer:
+    """AdamW on the policy's trainable (LoRA) parameters, fused (one kernel for all of them, CPU and CUDA), with
+    fp16's dynamic loss scaling: fp16 gradients underflow without it; bf16 and fp32 need none (the scaler is
+    then a no-op). backward(loss) scales the loss; step() unscales, clips and applies the gradient, or, where
+    it is not finite, applies nothing (a nan/inf never reaches the weights) and lowers the scale."""
 
+    def __init__(self, model, cfg):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.adamw = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.scaler = torch.amp.GradScaler(device, enabled=compute_dtype(cfg.dtype) == torch.float16)
+        self.max_grad_norm = cfg.max_grad_norm
+        if self.scaler.is_enabled():
+            why = "no native bf16 on this GPU" if cfg.dtype == "auto" else "--dtype fp16"
+            print(f"fp16 compute ({why}): dynamic loss scaling on", file=sys.stderr)
 
-def _datasets(what):
-    """The `datasets` package, imported here and not at the top: the built-in tasks (tiny, lab) need
-    none, so train.py runs on a bare GPU image without it and its pyarrow and pandas (docs/gpu.md)."""
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(f"--dataset {what}: reading it needs the datasets package (pip install datasets)") from None
-    return datasets
+    @property
+    def lr(self):
+        return self.adamw.param_groups[0]["lr"]
 
+    def set_lr(self, lr):
+        for group in self.adamw.param_groups:
+            group["lr"] = lr
 
-def _hub_dataset(dataset, split):
-    datasets = _datasets(dataset)
-    load_dataset = datasets.load_dataset
-    hub, cfg, train_split, eval_split, qf, af = DATASETS[dataset]
-    prepared = os.path.join(datasets.config.HF_DATASETS_CACHE, hub.replace("/", "___"))   # datasets' own cache
-    cached = os.path.isdir(prepared) or isinstance(try_to_load_from_cache(hub, "README.md", repo_type="dataset"), str)
-    if not cached and not hub_constants.HF_HUB_OFFLINE and not hub_reachable():
-        raise UserError(f"--dataset {dataset}: cannot reach the Hugging Face Hub to download {hub}; pass a "
-                        f"local .jsonl / .json / .parquet file with --dataset, or {CPU_HINT}")
-    try:
-        ds = load_dataset(hub, cfg, split=train_split if split == "train" else eval_split)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"--dataset {dataset}: cannot load {hub} ({type(e).__name__}: {first}); offline, pass "
-                        f"a local .jsonl / .json / .parquet file, or {CPU_HINT}") from e
-    return ds, qf, af, hub
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()
 
+    def step(self, finite=True):
+        """Clip and apply the accumulated gradient: its norm, or None (nothing applied) where it, or the loss
+        (finite=False), is not finite. With fp16 the gradient is unscaled first, and an overflow lowers the
+        loss scale for the next update (GradScaler's dynamic scaling)."""
+        grad_norm = None
+        if finite:
+            self.scaler.unscale_(self.adamw)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            if torch.isfinite(norm):
+                self.scaler.step(self.adamw)
+                grad_norm = norm.item()
+            if self.scaler.is_enabled():
+                self.scaler.update()         # halves the scale after an overflow, grows it after a quiet run
+        self.adamw.zero_grad(set_to_none=True)
+        return grad_norm
 
-def _local_dataset(path):
-    if not os.path.isfile(path):
-        raise UserError(f"--dataset {path}: no such file")
-    load_dataset = _datasets(path).load_dataset
-    kind = "parquet" if path.endswith(".parquet") else "json"
-    try:
-        ds = load_dataset(kind, data_files=path, split="train")
-    except Exception as e:
-        raise UserError(f"--dataset {path}: cannot read it as {kind} ({type(e).__name__})") from e
-    return ds, "question", "answer", path
+    def loss_scale(self):
+        return self.scaler.get_scale() if self.scaler.is_enabled() else None

@@ -1,22 +1,22 @@
-"""Tensor sizes of a Qwen2-style model, in bytes: the arithmetic that memory.py's table and rollout_copy.choose share.
+"""Tensor sizes of a Qwen2-style model, in bytes: the arithmetic that memory.py's table and dense_copy.choose share.
 
-One formula, one home: memory.py prints what a step holds (and imports train.py for its
-defaults); rollout_copy.choose decides, inside train.py, whether the dense copy and its sampling
-fit the GPU. Both use the functions below, which import no module of the project but cegppo.
+One formula, one home: memory.py prints what a step holds (engine/memory.py); dense_copy.choose
+decides, inside train.py, whether the dense copy and its sampling fit the GPU. Both use the
+functions below, which import no module of the project but engine/logprobs.py (its chunk size).
 
     ModelShape          the parts of a config that decide memory
     kv_cache_bytes      generate()'s KV cache
     prefill_bytes       a no-grad forward's activations (generate()'s prefill, a log-prob pass)
     generate_bytes      generate() at its peak: the prefill or the full cache, and the logits
     sampling_bytes      everything sampling holds besides the weights (generate, or the copy's log-prob pass)
-    logprob_chunk_bytes the LM-head chunk of cegppo._TokenLogProb
+    logprob_chunk_bytes the LM-head chunk of logprobs._TokenLogProb
 """
 
 import math
 from dataclasses import dataclass
 from typing import Optional
 
-import cegppo
+from engine import logprobs
 
 BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 
@@ -90,12 +90,12 @@ def sampling_logits_bytes(m, sequences, elem_bytes=4, top_p=1.0):
 
 
 def logprob_chunk_bytes(m, positions):
-    """cegppo._TokenLogProb over `positions` positions: at most two float32 [chunk, V] tensors."""
-    return 2 * cegppo.chunk_size(positions) * m.vocab * 4
+    """logprobs._TokenLogProb over `positions` positions: at most two float32 [chunk, V] tensors."""
+    return 2 * logprobs.chunk_size(positions) * m.vocab * 4
 
 
 def logprob_pass_bytes(m, sequences, tokens, completion_tokens, elem_bytes, lora=True):
-    """A no-grad log-prob pass (train.old_logprobs) over `sequences` of `tokens` positions, the last
+    """A no-grad log-prob pass (train.py's step 4) over `sequences` of `tokens` positions, the last
     `completion_tokens` of them scored: the body's forward, its last hidden states, the LM-head chunk."""
     return (prefill_bytes(m, sequences, tokens, elem_bytes, lora) + sequences * tokens * m.hidden * elem_bytes
             + logprob_chunk_bytes(m, sequences * completion_tokens))
@@ -104,11 +104,11 @@ def logprob_pass_bytes(m, sequences, tokens, completion_tokens, elem_bytes, lora
 def generate_bytes(m, sequences, prompt_tokens, tokens, elem_bytes, lora=True, top_p=1.0, prompts=None, kv_bytes=None):
     """generate() at its peak: during the prefill, its activations and the prompts' part of the KV
     cache; later the whole cache of `tokens` positions (the prefill's tensors are gone by then);
-    the sampling logits throughout. prompts: with a shared prefill (cegppo._generate) the prefill
+    the sampling logits throughout. prompts: with a shared prefill (engine/generation.py) the prefill
     runs over the sub-batch's distinct prompts only (sub_batch_prompts), whose cache is then expanded
     to the sequences.
     kv_bytes: the cache's element size where it differs from the residual stream's (under autocast
-    cegppo.CastKVCache keeps the 4-bit policy's float32 keys and values in the compute dtype)."""
+    generation.CastKVCache keeps the 4-bit policy's float32 keys and values in the compute dtype)."""
     kv = kv_bytes or elem_bytes
     if prompts:
         shared, expanded = kv_cache_bytes(m, prompts, prompt_tokens, kv), kv_cache_bytes(m, sequences, prompt_tokens, kv)
@@ -137,8 +137,18 @@ def sampling_bytes(m, sequences, prompt_tokens, tokens, elem_bytes, lora=True, m
 
 def sub_batch_prompts(sequences, group_size):
     """The distinct prompts among `sequences` consecutive rows of a rollout (G = group_size rows per
-    prompt) that start at a multiple of `sequences`, as cegppo._generate's sub-batches do (halving keeps
+    prompt) that start at a multiple of `sequences`, as engine/generation.py's sub-batches do (halving keeps
     that): sequences / G where groups fit whole, 1 inside one group, else one more than whole groups."""
     if sequences % group_size == 0 or group_size % sequences == 0:
         return max(1, sequences // group_size)
     return math.ceil(sequences / group_size) + 1
+
+
+def shared_prefill_prompts(cfg):
+    """The distinct prompts one generate() sub-batch's shared prefill encodes (engine/generation.py) under a
+    train.py Config, or None: without --shared_prefix, or with one completion per prompt. memory.py and the
+    dense copy's fit check count the same."""
+    if not cfg.shared_prefix or cfg.num_generations == 1:
+        return None
+    gen_batch = min(cfg.generation_batch_size, cfg.prompts_per_step * cfg.num_generations)
+    return min(cfg.prompts_per_step, sub_batch_prompts(gen_batch, cfg.num_generations))

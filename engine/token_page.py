@@ -26,14 +26,48 @@ import json
 import math
 import os
 
-QUADRANT_NAMES = ("PA&HP", "PA&LP", "NA&HP", "NA&LP")   # cegppo.QUADRANTS, as the README names them
+import cegppo
+
+QUADRANT_NAMES = tuple(q.upper().replace("_", "&") for q in cegppo.QUADRANTS)   # PA&HP, ...: as the README names them
 QUADRANT_COLOURS = ("#cfe2f3", "#6fa8dc", "#fde2c4", "#f6a04d")   # blue: A > 0, orange: A < 0; dark: LP
-REGION_NAMES = ("none", "low clip region", "high clip region", "dual clip")   # cegppo.REGIONS
+REGION_NAMES = tuple({"low": "low clip region", "high": "high clip region", "dual": "dual clip"}.get(r, r)
+                     for r in cegppo.REGIONS)                               # cegppo.REGIONS, as the page names them
 BLOCK_END = "</script>\n"          # the head and every step's block end so: a page that does not was cut short
 
 
+def step_record(tok, groups, old, updates, cfg):
+    """tokens.jsonl's row of a logging step, or None: every token of the groups the update recorded (train.py's
+    update_policy; whole groups), with what the loss did to it (cegppo.token_details) and its quadrant."""
+    recorded, G, rollout = updates.tokens, cfg.num_generations, groups.rollout
+    if not recorded:
+        return None
+    adv = groups.advantages[:, None].expand_as(old.logp)                                # [B, T]
+    quadrant = cegppo.quadrant_of(old.logp, old.entropy, adv)                           # [B, T]
+    rows = []
+    for g in sorted({b // G for b in recorded}):        # whole groups: mini-batches are
+        completions = []
+        for b in range(g * G, (g + 1) * G):
+            n, r, L = int(rollout.completion_mask[b].sum()), recorded[b], rollout.prompt_len
+            completions.append({"reward": groups.rewards[b].item(), "advantage": round(groups.advantages[b].item(), 4),
+                                "tokens": tok.batch_decode([[i] for i in rollout.input_ids[b, L:L + n].tolist()]),
+                                "old_logp": _rounded(old.logp[b, :n], 6), "logp": _rounded(r["logp"][:n], 6),
+                                "ratio": _rounded(r["ratio"][:n]), "entropy": _rounded(old.entropy[b, :n]),
+                                "quadrant": quadrant[b, :n].tolist(), "region": r["region"][:n].int().tolist(),
+                                "F": _rounded(r["F"][:n])})
+        prompt, answer = groups.prompts[g]
+        rows.append({"prompt": prompt, "answer": answer, "completions": completions})
+    return {"algo": cfg.algo, "beta1": cfg.beta1, "beta2": cfg.beta2, "epsilon_low": cfg.epsilon_low,
+            "epsilon_high": cfg.epsilon_high, "num_iterations": cfg.num_iterations, "groups": rows}
+
+
+def _rounded(t, digits=4):
+    """`digits` significant digits (6 for the log-probs, whose difference is the ratio's log): what a
+    page shows, at a third of the size of full floats."""
+    return [float(f"{x:.{digits}g}") for x in t.tolist()]
+
+
 def write_page(run, steps, output=None):
-    """run/tokens.html (or `output`) from `steps`, the rows of run/tokens.jsonl (plot.token_steps):
+    """run/tokens.html (or `output`) from `steps`, the rows of run/tokens.jsonl (engine/rows.py's token_steps):
     the head and a block per row, written through a temp file and a rename."""
     output = output or os.path.join(run, "tokens.html")
     tmp = output + ".tmp"
