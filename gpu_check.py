@@ -8,7 +8,7 @@ For maintainers, before a release or on a new kind of card (docs/gpu.md: how to 
 packages a bare CUDA image lacks on a machine without network). Models with Qwen2.5-1.5B's and
 -0.5B's shapes and random weights are built locally (bench.synthetic_model, lab.build_model): nothing
 is downloaded. Random weights never write a right answer, so the reward is bench.coin_reward (a fair
-coin per completion, as for `bench.py --synthetic-0.5b`); the prompts are the lab's.
+coin per completion, as for `python -m engine.bench --synthetic-0.5b`); the prompts are the lab's.
 
   a  three default train.py steps at 1.5B shapes (4-bit NF4, LoRA, the dense rollout copy, the
      card's dtype: bf16 from compute capability 8.0), then one more after --resume
@@ -17,10 +17,10 @@ coin per completion, as for `bench.py --synthetic-0.5b`); the prompts are the la
   c  the T4 path forced at 0.5B shapes: the card taken as one without native bf16 (fp16 with dynamic
      loss scaling, TF32 off): three steps, all finite, loss_scale logged
   d  rollout tokens/s and the log-prob mismatch |log pi_sample - log pi_old|, dense copy against the
-     4-bit policy, in bf16 and fp16 (0.5B shapes); then bench.py --mismatch's rows on a small random
+     4-bit policy, in bf16 and fp16 (0.5B shapes); then python -m engine.bench --mismatch's rows on a small random
      adapter: the copy with LoRA merged and kept apart, what the first update would clip if the
      sampler's numbers were pi_old, and the sampler correction's weights
-  e  step time and peak memory beside TRL's GRPOTrainer on (a)'s settings (bench.py --vs-trl's
+  e  step time and peak memory beside TRL's GRPOTrainer on (a)'s settings (python -m engine.bench --vs-trl's
      machinery), when trl is installed. Not like for like in one respect, said in its rows: TRL 1.16
      casts a quantised model's trainable LoRA parameters to bf16, ours stay float32. Also our step
      and update time with each group's prompt once against --shared_prefix false, on prompts of
@@ -39,10 +39,11 @@ import subprocess
 import sys
 import time
 
+from engine import models  # noqa: I001  first: it quiets bitsandbytes' import-time kernel lookup (engine/models.py)
 import torch
 
 import cegppo
-from engine import bench, cli, data, dense_copy, errors, lab, memory, models, runlog
+from engine import bench, cli, data, dense_copy, errors, lab, memory, runlog
 from engine.errors import UserError
 from engine.generation import Generator
 
@@ -140,7 +141,7 @@ def train_worker(spec_path):
     res = {}
     try:
         res["rc"], last = bench.run_train(spec["args"])
-        if res["rc"] not in (0, 130):
+        if res["rc"] not in (0, 130, *runlog.NO_SIGNAL_EXIT):   # a stop for lack of signal is a result too
             res["error"] = last                      # train.py's own error line
     except Exception as e:          # an out-of-memory is a result here, not a crash of the check
         res["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
@@ -265,7 +266,7 @@ def summarize_rollout(part, res):
                        f"{r['sampling/sampling_logp_difference/max']:.2e}"))
     for r in res.get("mismatch", []):
         if "error" in r:
-            out.append(row(part, "sampler mismatch (bench.py --mismatch)", r["error"], "", False))
+            out.append(row(part, "sampler mismatch (python -m engine.bench --mismatch)", r["error"], "", False))
             continue
         what = f"{r['sampler']}, {r['dtype']}, small random adapter"
         out.append(row(part, f"logp mismatch mean / max, {what}", f"{r['logp_diff_mean']:.2e} / {r['logp_diff_max']:.2e}",

@@ -52,12 +52,13 @@ import tempfile
 import threading
 import time
 
+from engine import models  # noqa: I001  first: it quiets bitsandbytes' import-time kernel lookup (engine/models.py)
 import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import TrainerCallback
 
 import cegppo
-from engine import cli, data, dense_copy, errors, lab, logprobs, models, runlog
+from engine import cli, data, dense_copy, errors, lab, logprobs, runlog
 from engine.errors import UserError
 from engine.generation import Generator
 from engine.memory import with_flags
@@ -390,7 +391,8 @@ def rollout_copy_cost(cfg, out_dir, repeats=3):
 
 def old_logprobs(model, ro, cfg):
     """pi_old of a rollout as train.py's step 4 scores it through the policy: in its updates' micro-batches."""
-    return logprobs.Scorer(cfg.temperature, cfg.shared_prefix).no_grad(model, ro, logprobs.update_partition(ro, cfg))[0]
+    return logprobs.Scorer(cfg.temperature, cfg.shared_prefix).no_grad(model, ro, logprobs.update_partition(ro, cfg),
+                                                                    with_entropy=False)[0]
 
 
 def head_rounding(model, ro, cfg):
@@ -413,7 +415,7 @@ def head_rounding(model, ro, cfg):
 
 
 def sampler_mismatch(cfg, adapter, dtypes, out_dir):
-    """bench.py --mismatch: one row per compute dtype and sampler (see the module docstring)."""
+    """python -m engine.bench --mismatch: one row per compute dtype and sampler (see the module docstring)."""
     import contextlib
     models.set_threads(cfg.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -70,17 +70,18 @@ class Scorer:
         return logp, batch[2], packed
 
     @torch.no_grad()
-    def no_grad(self, model, rollout, partition):
-        """(log pi [B, T], entropy [B, T]) of every row, float32 on the CPU, scored in the micro-batches of
-        `partition` (update_partition's): on a GPU the kernels, and so the rounding, depend on a batch's
+    def no_grad(self, model, rollout, partition, with_entropy=True):
+        """(log pi [B, T], entropy [B, T] or None) of every row, float32 on the CPU, scored in the micro-batches
+        of `partition` (update_partition's): on a GPU the kernels, and so the rounding, depend on a batch's
         shape, and only the updates' own micro-batches give their first ratio exactly 1."""
         B, T = rollout.completion_mask.shape
-        logp, entropy = torch.zeros(B, T), torch.zeros(B, T)
+        logp, entropy = torch.zeros(B, T), torch.zeros(B, T) if with_entropy else None
         for idx in (rows for mini_batch in partition for rows in mini_batch):
             with models.model_autocast(model):           # the same precision path as the updates': ratio 1
-                lp, ent, _ = self.micro_batch_logprobs(model, micro_batch(rollout, idx), with_entropy=True)
+                lp, ent, _ = self.micro_batch_logprobs(model, micro_batch(rollout, idx), with_entropy)
             logp[idx, :lp.shape[1]] = lp.float().cpu()
-            entropy[idx, :lp.shape[1]] = ent.float().cpu()
+            if with_entropy:
+                entropy[idx, :lp.shape[1]] = ent.float().cpu()
         return logp, entropy
 
     def micro_batch_logprobs(self, model, batch, with_entropy):
@@ -129,7 +130,7 @@ def chunk_size(positions, chunk_tokens=1024):
 
     A chunk holds at most two float32 [n, V] tensors at once (_TokenLogProb), so the transient
     memory stays near 2/16 of the naive [B, T, V] float32 logits at any batch size, and far less
-    for large batches once chunk_tokens caps n (measured by `bench.py --logprob-memory`)."""
+    for large batches once chunk_tokens caps n (measured by `python -m engine.bench --logprob-memory`)."""
     return max(1, min(chunk_tokens, math.ceil(positions / 16)))
 
 
@@ -139,7 +140,7 @@ def head_operands(head, device_type):
     whose rounding of the logits (steps of 0.125 at |logit| 16-32) could move a ratio by e^0.125 on
     its own; under fp16 autocast (a T4: no TF32, its float32 matmuls far slower than fp16's) fp16, whose
     steps are 8 times finer: 2^-6 at |logit| 16-32 and 2^-5 at 32-64, a ratio moved by at most 1.6% and
-    3.2% by one step, inside any clip range (bench.py --mismatch fp16 measures what it rounds)."""
+    3.2% by one step, inside any clip range (python -m engine.bench --mismatch fp16 measures what it rounds)."""
     half = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
     dtype = torch.float16 if half else torch.float32
     bias = None if head.bias is None else head.bias.to(dtype)

@@ -321,7 +321,9 @@ def main(argv=None):
     parser.add_argument("--no_shared_prefix", dest="shared_prefix", action="store_false",
                         help="every row its own prompt in the prefill and the updates (train.py --shared_prefix false)")
     given = {"dtype": "fp16", **vars(parser.parse_args(argv))}
-    cfg = cli.resolved_config([f for k, v in given.items() for f in (f"--{k}", str(v).lower())])
+    dtype = given.pop("dtype")      # set after train.py resolves the rest: its check of this host's GPU (bf16 on a
+    cfg = with_flags(cli.resolved_config([f for k, v in given.items() for f in (f"--{k}", str(v).lower())]),
+                     dtype=dtype)   # T4) is not this table's business, which counts bytes for any card
     print(f"Memory of one train.py step, computed from tensor sizes, not measured ({describe(cfg)}; "
           f"GB = 1e9 bytes; the fits keep {HEADROOM_GB:g} GB for the CUDA context and fragmentation):\n")
     print(table(list(QWEN.values()), cfg))

@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)      # cegppo, loading and trl_cegppo live at the repository root
+    sys.path.insert(0, ROOT)      # cegppo, trl_cegppo and engine/ live at the repository root
 
+from engine import data, errors, models  # noqa: E402, I001  first: it quiets bitsandbytes' import-time kernel lookup
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
@@ -48,7 +49,6 @@ from trl import TrlParser  # noqa: E402
 
 import cegppo  # noqa: E402
 from trl_cegppo import CEGPPOConfig, CEGPPOTrainer  # noqa: E402
-from engine import data, errors, models
 
 
 @dataclass

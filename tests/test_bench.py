@@ -1,4 +1,4 @@
-"""bench.py times train.py's own loop on the tiny model and writes bench.json."""
+"""engine/bench.py times train.py's own loop on the tiny model and writes bench.json."""
 import json
 import os
 import subprocess
@@ -92,7 +92,7 @@ def test_logprob_memory_command(tmp_path):
 
 
 def test_profile_command(tmp_path):
-    # dynamic sampling on, so that the profiled step surely trains (bench.py turns it off by default)
+    # dynamic sampling on, so that the profiled step surely trains (engine/bench.py turns it off by default)
     p = subprocess.run([sys.executable, "-m", "engine.bench", "--profile", "--model", "tiny", "--dataset", "tiny",
                         "--max_generation_rounds", "8", "--steps", "1", "--output_dir", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True)
@@ -126,7 +126,7 @@ def test_rollout_copy_cost_command(tmp_path):
 
 
 def test_mismatch_rows_per_dtype_and_sampler(tmp_path):
-    # bench.py --mismatch on the tiny model: bf16 under CPU autocast beside float32; the half-precision
+    # python -m engine.bench --mismatch on the tiny model: bf16 under CPU autocast beside float32; the half-precision
     # copy both ways (LoRA merged and kept apart), float32's merged only (it is exact there)
     out = str(tmp_path / "mm")
     assert bench.main(["--mismatch", "bf16,fp16,fp32", "--model", "tiny", "--dataset", "tiny", "--prompts_per_step",

@@ -7,7 +7,8 @@ import torch
 
 import cegppo
 import train
-from engine import dense_copy, lab, models, runfiles
+from engine import dense_copy, lab, logprobs, models, runfiles
+from engine.generation import Generator
 
 pytestmark = pytest.mark.gpu
 
@@ -32,19 +33,22 @@ def test_first_update_ratio_is_one_under_autocast(cuda_policy):
     cfg = train.parse_config(["--model", "tiny", "--micro_batch_size", "4"])
     prompts = [cegppo.format_prompt(tok, q) for q, _ in lab.toy_rows("train", tiny=True)[:2]]
     with models.model_autocast(model):
-        ro = cegppo.rollout(model, tok, prompts, 4, 12, 1.0, 1.0, 8)
-    old, _ = train.old_logprobs(model, ro, cfg)
+        ro = cegppo.rollout(model, tok, prompts, 4, 12, 1.0, 1.0, Generator(8))
+    scorer = logprobs.Scorer(cfg.temperature, cfg.shared_prefix)
+    partition = logprobs.update_partition(ro, cfg)
+    old, _ = scorer.no_grad(model, ro, partition, with_entropy=False)          # train.py's step 4
     # what is guaranteed: the first update's micro-batch is one the old log-probs were scored in
-    # (train.update_partition), so the same kernels see the same shapes and the ratio is 1 bit for bit
-    idx = train.update_partition(ro, cfg)[0][0]
-    ids, amask, c, p = train.micro_batch(ro, idx)
-    with models.autocast("cuda", models.compute_dtype(cfg.dtype)):
-        lp, _ = cegppo.completion_logprobs(model, ids, amask, p, cfg.temperature, with_entropy=False)
+    # (logprobs.update_partition), so the same kernels see the same shapes and the ratio is 1 bit for bit
+    idx = partition[0][0]
+    lp, mask, _ = scorer.with_grad(model, ro, idx)                            # train.py's step 5
     assert lp.dtype == torch.float32
-    adv = torch.tensor([1.0, -1.0] * 2, device="cuda")[:len(idx)]
-    loss, st = cegppo.cegppo_loss(lp, old[idx, :c.shape[1]].cuda(), adv, c, num_tokens=int(c.sum()),
-                                  **cegppo.ALGOS["cegppo"])
-    assert st["ratio/max"] == 1.0 and torch.equal(lp.detach().cpu(), old[idx, :c.shape[1]])
+    T = mask.shape[1]
+    old_lp = old[idx, :T].to(lp.device)
+    adv = torch.tensor([1.0, -1.0] * 2, device=lp.device)[:len(idx)]
+    loss, st = cegppo.cegppo_loss(lp, old_lp, adv, mask, num_tokens=int(mask.sum()), **cegppo.ALGOS["cegppo"])
+    assert st["ratio/max"] == 1.0
+    kept = mask.bool()                                                         # padding columns are not compared
+    assert torch.equal(lp.detach()[kept], old_lp[kept])
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)

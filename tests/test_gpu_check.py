@@ -10,7 +10,7 @@ import torch
 
 import gpu_check
 import train
-from engine import memory
+from engine import memory, runlog
 from engine.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,6 +116,13 @@ def test_train_worker_runs_train_py_in_its_own_process(tmp_path):
     assert summary["steps written"]["ok"] and summary["sampler"]["measured"] == "policy"
     bad, _ = gpu_check.in_own_process("train_worker", {"args": args + ["--beta1", "-1"]}, str(tmp_path / "bad"), 300)
     assert bad["error"].startswith("error: --beta1 -1.0")
+    # a run stopped for lack of signal is a result, not an error: groups of 2 under the coin reward, seed 7,
+    # run into a step whose groups are each all right or all wrong (split, exit code 4) within 30 steps
+    split = gpu_check.train_args("tiny", str(tmp_path / "split"), "--preset", "tiny", "--max_steps", "30",
+                                 "--num_generations", "2", "--prompts_per_step", "2", "--max_generation_rounds", "1",
+                                 "--collapse_patience", "1", "--seed", "7")
+    stopped, err = gpu_check.in_own_process("train_worker", {"args": split}, str(tmp_path / "split"), 300)
+    assert stopped["rc"] == runlog.SPLIT and "error" not in stopped and "\nsplit: " in err
 
 
 def test_rollout_worker_measures_both_samplers(tmp_path):
@@ -131,7 +138,7 @@ def test_rollout_worker_measures_both_samplers(tmp_path):
         assert 0 <= r["sampling/sampling_logp_difference/mean"] <= r["sampling/sampling_logp_difference/max"] < 1e-3
     table = {r["check"]: r["measured"] for r in gpu_check.summarize_rollout("d", res)}
     assert "rollout tokens/s, dense fp32" in table and "logp mismatch mean / max, policy fp32" in table
-    # bench.py --mismatch's rows: in float32 the copy merges, the first update would clip nothing and
+    # python -m engine.bench --mismatch's rows: in float32 the copy merges, the first update would clip nothing and
     # the sampler correction's weights are 1
     assert [(r["dtype"], r["sampler"]) for r in res["mismatch"]] == [("fp32", "copy, LoRA merged"),
                                                                        ("fp32", "4-bit policy")]

@@ -250,6 +250,28 @@ def test_printed_table_matches_the_function(capsys):
         assert line.startswith("| ") and line.count("|") == 4
 
 
+def test_the_table_counts_bf16_bytes_on_a_t4_host(tmp_path):
+    """memory.py counts bytes for any card: on a host whose GPU has no native bf16 (a T4, simulated in the
+    subprocesses through a sitecustomize that makes torch.cuda report compute capability 7.5) train.py
+    refuses --dtype bf16, and memory.py --dtype bf16 still prints its table."""
+    import subprocess
+    import sys
+    (tmp_path / "sitecustomize.py").write_text(
+        "import torch\n"
+        "import bitsandbytes, peft, transformers  # they ask CUDA at import: a real T4's answers would differ\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "torch.cuda.get_device_capability = lambda device=None: (7, 5)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    refused = subprocess.run([sys.executable, "train.py", "--dtype", "bf16", "--print_config"], cwd=root, env=env,
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "--dtype bf16: this GPU has no native bf16" in refused.stderr
+    table = subprocess.run([sys.executable, "memory.py", "--dtype", "bf16"], cwd=root, env=env,
+                           capture_output=True, text=True)
+    assert table.returncode == 0, table.stderr[-2000:]
+    assert "compute bf16" in table.stdout and "| Qwen2.5-0.5B |" in table.stdout
+
+
 def test_docs_table_is_the_functions():
     page = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "training.md")).read()
     block = page.split("<!-- memory -->")[1].split("<!-- /memory -->")[0].strip()
