@@ -11,6 +11,7 @@ The file in reading order; the first section is the whole of CE-GPPO's change to
 are what any GRPO-style trainer needs around it (this file imports nothing of the project; what
 makes a real run fast and fit in memory lives in engine/, tested against the definitions here):
     cegppo_loss, ALGOS      the objective and the algorithms' settings (the file's heart)
+    steer_betas             the betas moved to hold the policy's entropy at a target (--entropy_target)
     cispo_loss, policy_loss  a baseline that keeps the clipped gradients another way; --algo's loss
     positive_sft_loss       the authors' optional SFT term on fully rewarded responses
     group_advantages        GRPO's group z-score, and which groups carry no signal
@@ -36,6 +37,7 @@ Where this implementation deviates from the paper, and why:
 
 import contextlib
 import logging
+import math
 import re
 import threading
 from dataclasses import dataclass
@@ -62,22 +64,15 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 def cegppo_loss(logp, old_logp, advantages, mask, *, epsilon_low, epsilon_high, beta1, beta2, dual_clip,
                 num_tokens=None, token_weights=None):
     """CE-GPPO policy loss (token mean) and its statistics (floats, under the names train.py logs).
-
-    logp:       [B, T] log pi_theta of each response token (carries the gradient)
-    old_logp:   [B, T] log pi_old, the sampling policy (no gradient)
-    advantages: [B] one per response, or [B, T]
-    mask:       [B, T] over the completion tokens only: 1 up to and including the first EOS, 0 after it
-    dual_clip:  c of the dual clip for A < 0 (term <= -c * A); 0 or None switches it off
-    num_tokens: denominator of the token mean (default mask.sum()); the mini-batch's count when
-                accumulating micro-batches, so that their losses add up to its mean
-    token_weights: [B, T] or None (1), weights of each token's term: sampler_correction's
-    The knobs' defaults live in ALGOS. What the loss did to each token: token_details.
-    """
+    logp [B, T] (with gradient), old_logp [B, T], advantages [B] or [B, T]; mask [B, T]: 1 on completion
+    tokens up to and including the first EOS. dual_clip: c (term <= -c * A for A < 0), 0 or None: off.
+    num_tokens: the token mean's denominator (default mask.sum(); a mini-batch's count when accumulating
+    its micro-batches). token_weights [B, T] or None: sampler_correction's. Defaults: ALGOS; what the loss
+    did to each token: token_details."""
     mask = mask.to(logp.dtype)                                   # [B, T]
     adv = per_token(advantages, logp)                            # [B, T]
     log_ratio = logp - old_logp.detach()                         # [B, T]
-    # exp of a large log-ratio overflows to inf and then inf * 0 = nan in the masked sum; a ratio
-    # of e^20 is far outside any clip range, so clamping changes nothing that is used.
+    # exp of a large log-ratio overflows (inf * 0 = nan in the masked sum); e^20 is far outside any clip range
     ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))              # [B, T] r
     low, high, dual = clip_regions(ratio.detach(), adv, epsilon_low, epsilon_high, dual_clip)   # [B, T] each
 
@@ -175,6 +170,24 @@ ALGOS = {
 }
 
 
+# Set the entropy, not the betas (train.py --entropy_target H*): after each step the betas move toward holding
+# the policy's mean token entropy H at H*, by what they do to it (beta1 lowers it, beta2 keeps it up):
+#   Hs <- Hs + smoothing * (H - Hs)                 the smoothed entropy (Hs = H at the first step)
+#   e = log(Hs / H*), 0 within the dead band        relative: entropy spans orders of magnitude
+#   d = rate * clip(e, -1, 1)                       at most `rate` a step
+#   beta1 <- clip(beta1 + d, 0, beta_max),  beta2 <- clip(beta2 - d, 0, beta_max)
+# Entropy above the target raises beta1 and lowers beta2, below it the reverse. The betas stay in their
+# bounds and move by `rate` at most per step (no runaway); the smoothing averages a step's sampling noise
+# and the dead band stops them from chattering around the target; on a signal that stays put they settle.
+def steer_betas(beta1, beta2, smoothed, entropy, target, smoothing=0.2, dead_band=0.05, rate=0.05, beta_max=1.0):
+    """(beta1, beta2, smoothed entropy) after a step whose mean token entropy was `entropy` (the rule above);
+    smoothed is None before the first step."""
+    smoothed = entropy if smoothed is None else smoothed + smoothing * (entropy - smoothed)
+    e = math.log(max(smoothed, 1e-12) / target)
+    d = 0.0 if abs(e) <= dead_band else rate * max(-1.0, min(1.0, e))
+    return min(max(beta1 + d, 0.0), beta_max), min(max(beta2 - d, 0.0), beta_max), smoothed
+
+
 # -------------------- A baseline beside the heart: CISPO, another way to keep the clipped gradients ---
 # MiniMax-M1's CISPO (arXiv 2506.13585, Eq. 4-5; TRL's loss_type="cispo"), per response token:
 #
@@ -210,11 +223,9 @@ def policy_loss(algo, logp, old_logp, advantages, mask, *, num_tokens=None, toke
 
 
 def positive_sft_loss(logp, mask, positive, num_tokens=None, token_weights=None):
-    """The authors' positive-sample SFT term, token-mean -log pi over the fully rewarded responses: not in
-    the paper; their scripts add it as loss = cegppo_loss + 0.1 * positive_sft_loss. logp, mask: [B, T];
-    positive: [B] bool; num_tokens: the denominator (default: the positive responses' tokens here);
-    token_weights: the policy loss's, so that both terms learn from the same tokens (a response the
-    sampler correction masks is not trained on here either). No positive response: a zero with a graph."""
+    """The authors' SFT term (not in the paper; their scripts add 0.1 times it): token-mean -log pi over the fully
+    rewarded responses. logp, mask [B, T]; positive [B] bool; num_tokens as cegppo_loss's; token_weights the
+    policy loss's, so that both terms learn from the same tokens. No positive response: a zero with a graph."""
     m = mask.to(logp.dtype) * positive.to(logp.dtype)[:, None]  # [B, T]
     denom = m.sum().clamp(min=1.0) if num_tokens is None else float(max(num_tokens, 1))
     if token_weights is not None:                                # (the denominator counts tokens, as cegppo_loss's)
@@ -223,10 +234,8 @@ def positive_sft_loss(logp, mask, positive, num_tokens=None, token_weights=None)
 
 
 def group_advantages(rewards, group_size, eps=1e-6):
-    """GRPO advantages: the z-score of each reward within its group of G responses to one prompt.
-    rewards: [N], N = P * G, a prompt's G responses next to each other. Returns (advantages [N], zero_std
-    [P] bool): a group whose rewards are all equal has no signal, advantages exactly 0 (dropped by the
-    authors' dynamic sampling)."""
+    """GRPO advantages: each reward's z-score within its group of G (rewards [P*G], a prompt's G next to each
+    other). Returns (advantages [P*G], zero_std [P] bool): an all-equal group has no signal, advantages 0."""
     r = rewards.float().view(-1, group_size)                     # [P, G]
     mean = r.mean(dim=1, keepdim=True)                           # [P, 1]
     std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)  # unbiased, as GRPO
@@ -270,14 +279,11 @@ QUADRANTS = ("pa_hp", "pa_lp", "na_hp", "na_lp")
 
 
 def token_quadrants(logp, entropy, advantages, mask):
-    """The paper's token quadrants (Sec. 3.1) as metrics. For a sampled token a, l = log pi(a), H the
-    entropy at its position: PA / NA is A > 0 / A < 0 (A = 0: no quadrant); HP / LP is l > -H / l <= -H,
-    above the policy's average log-prob there (-H = E[log pi]): the sign of l - E[log pi] in the first-order
-    entropy change dH ~ -eta * Cov(log pi(a), pi(a) * A(a)) (paper App. A.2). The entropy drive -(l + H) * A
-    says which way the token's gradient pushes entropy: PA&HP and NA&LP down, PA&LP and NA&HP up.
-    logp, entropy, mask: [B, T] (under the sampling policy); advantages: [B] or [B, T]. Returns per q of
-    QUADRANTS quadrants/<q>_frac (share of the masked tokens: train.py passes the trained tokens, so the
-    four add up to 1) and quadrants/<q>_drive (its mean, 0.0 where empty)."""
+    """The paper's token quadrants (Sec. 3.1) as metrics. A sampled token (l = log pi(a), H the entropy at
+    its position) is PA / NA for A > 0 / A < 0 and HP / LP for l > -H / l <= -H (-H = E[log pi]: the sign in
+    dH ~ -eta * Cov(log pi(a), pi(a) * A(a)), App. A.2); its entropy drive -(l + H) * A is the way it pushes
+    entropy (PA&HP, NA&LP down; PA&LP, NA&HP up). logp, entropy, mask [B, T]; advantages [B] or [B, T].
+    Returns quadrants/<q>_frac (share of the masked tokens) and _drive (its mean, 0 where empty) per q."""
     adv = per_token(advantages, logp.float())                    # [B, T]
     valid = mask > 0                                             # [B, T]
     quadrant = quadrant_of(logp, entropy, adv)                   # [B, T]
@@ -422,13 +428,10 @@ class FiniteLogits(LogitsProcessor):
 
 
 class SampledTokenLogProbs(FiniteLogits):
-    """Records, while generate() samples, log pi(a_t) and the entropy H_t of the sampled tokens.
-
-    generate() calls it once per decode step with that step's logits [b, V] before the temperature and
-    top-p warpers, and with the tokens so far, whose last column is the token drawn at the step before.
-    So each call keeps this step's temperature softmax and reads the previous step's drawn token out of
-    the one it kept: memory [b, V], never [b, T, V]; token_logprobs' numbers, whatever top_p does to the
-    sampling. finish(last_tokens) reads the final step."""
+    """Records, while generate() samples, log pi(a_t) and the entropy H_t of the sampled tokens: called at each
+    decode step with its logits [b, V] (before the temperature and top-p warpers) and the tokens so far, it
+    keeps this step's softmax and reads the previous step's drawn token out of the one it kept (memory [b, V],
+    token_logprobs' numbers whatever top_p does). finish(last_tokens) reads the final step."""
 
     def __init__(self, temperature):
         self.temperature = temperature
@@ -458,10 +461,9 @@ class SampledTokenLogProbs(FiniteLogits):
 
 @contextlib.contextmanager
 def sampling_config(model, **knobs):
-    """generate() samples from exactly `knobs`, transformers' neutral defaults for the rest: the model's own
-    generation_config (a checkpoint's top_k, min_p, suppress_tokens, ...), from which generate() fills what
-    its caller leaves unset, is set aside for the call (and put back however it ends): it would make the
-    sampler draw from a distribution neither the recorder nor pi_old describes."""
+    """generate() samples from exactly `knobs` (transformers' neutral defaults for the rest): the model's own
+    generation_config (a checkpoint's top_k, min_p, suppress_tokens, ...), from which generate() fills the
+    rest, is set aside for the call: the sampler would draw from what neither the recorder nor pi_old is."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model    # (peft's wrapper: its model)
     saved = inner.generation_config
     inner.generation_config = GenerationConfig(**knobs)
@@ -494,9 +496,8 @@ def rollout(model, tokenizer, prompts, num_generations, max_new_tokens, temperat
     amask = enc["attention_mask"].repeat_interleave(num_generations, dim=0).to(device)      # [B, L]
     stop = eos_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    # Every sampling knob is set here, the rest are transformers' neutral defaults (sampling_config): a
-    # model's own generation_config (Qwen2.5 ships top_k 20, top_p 0.8, repetition_penalty 1.05) would
-    # otherwise change the sampling distribution, and the old log-probs would no longer be the sampler's.
+    # Every sampling knob is set here (sampling_config): a model's own generation_config (Qwen2.5 ships top_k 20,
+    # top_p 0.8, repetition_penalty 1.05) would change the distribution, and pi_old would not be the sampler's.
     knobs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, repetition_penalty=1.0,
                  eos_token_id=stop, pad_token_id=pad, use_cache=True)
     if temperature > 0:   # top_k 0 switches top-k filtering off

@@ -5,10 +5,15 @@
     python eval.py --model Qwen/Qwen2.5-1.5B-Instruct --adapter runs/cegppo --dataset aime24 --k 32 --temperature 0.6
     python eval.py --model tiny --dataset tiny                     # offline, seconds
 
+    python eval.py --model lab --dataset lab --k 16 --temperature 1.0    # pass@1 ... pass@16, the lab's warm start
+
 Same prompt template and reward as training (cegppo.format_prompt, cegppo.math_reward).
 Greedy by default; with --k > 1 (or --temperature > 0) each question gets k samples and the score
-is avg@k, the paper's protocol (temperature 0.6, top_p 0.95, k = 32; MATH500 k = 4).
-Writes results.json (accuracy, standard error, settings, counts) and completions.jsonl.
+is avg@k, the paper's protocol (temperature 0.6, top_p 0.95, k = 32; MATH500 k = 4). With k samples
+it also gives pass@j for each j of --pass_k: the chance that at least one of j samples is right,
+estimated without bias from the k (Chen et al. 2021), each with its standard error over questions:
+what the field reports as exploration (RL often raises pass@1 while pass@j at large j falls).
+Writes results.json (accuracy, standard error, pass@k, settings, counts) and completions.jsonl.
 """
 
 import json
@@ -28,15 +33,39 @@ from engine.progress import PROGRESS, progress_shown
 from engine.sampler import with_fallback
 
 
+def pass_at_k(n, c, k):
+    """The unbiased estimate of pass@k from n samples of which c are right (Chen et al. 2021, Codex): the
+    chance that k samples drawn without replacement from the n hold at least one right one,
+    1 - C(n - c, k) / C(n, k); exact (integer binomials), 1.0 where fewer than k are wrong."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def mean_and_stderr(xs):
+    """The mean of per-question numbers and its standard error over questions."""
+    m = sum(xs) / max(1, len(xs))
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1) / max(1, len(xs)))
+
+
 def evaluate(model, tokenizer, rows, max_new_tokens, batch_size=64, k=1, temperature=0.0, top_p=1.0, progress=False,
-             generation_progress="off"):
+             generation_progress="off", pass_k=(), seed=None):
     """Score `rows` [(question, answer)]: k samples each (greedy when temperature is 0).
     progress: a bar over the generate() calls; generation_progress: auto | on | off, a bar inside each
     call, ticked per decoded token (engine/progress.py). Logits that are not finite (an fp16
     overflow) are never scored: cegppo.NonFiniteLogits, saying which questions and in which dtype.
+    pass_k: the j (each at most k) whose pass@j to give. seed: sample from a random stream of its own,
+    seeded so (the caller's stream, a training run's, is left as it was), or else from the caller's.
 
-    Returns accuracy (avg@k), its standard error over questions, counts, and one record per completion.
+    Returns accuracy (avg@k), its standard error over questions, pass@j and theirs, counts, and one
+    record per completion.
     """
+    if seed is not None:
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return evaluate(model, tokenizer, rows, max_new_tokens, batch_size, k, temperature, top_p, progress,
+                            generation_progress, pass_k)
     per_q = max(1, batch_size // k)         # questions per generate call
     # sub-batches that fit in memory: after an out-of-memory halving, the next chunks start at what fit
     generate = Generator(batch_size, progress=("eval: generating", generation_progress))
@@ -63,13 +92,15 @@ def evaluate(model, tokenizer, rows, max_new_tokens, batch_size=64, k=1, tempera
                             "reward": cegppo.math_reward(text, a), "length": int(lengths[j]),
                             "truncated": bool(ro.truncated[j])})
     n = len(rows)
-    per_question = [sum(r["reward"] for r in records[i * k:(i + 1) * k]) / k for i in range(n)]
-    acc = sum(per_question) / max(1, n)
-    # standard error of the mean over questions (the k samples of a question are not independent)
-    var = sum((x - acc) ** 2 for x in per_question) / max(1, n - 1)
+    right = [sum(r["reward"] >= 1.0 for r in records[i * k:(i + 1) * k]) for i in range(n)]   # c of each question
+    # avg@k and its standard error over questions (the k samples of a question are not independent)
+    acc, stderr = mean_and_stderr([sum(r["reward"] for r in records[i * k:(i + 1) * k]) / k for i in range(n)])
+    passes = {j: mean_and_stderr([pass_at_k(k, c, j) for c in right]) for j in pass_k}
     return {
         "accuracy": acc,
-        "stderr": math.sqrt(var / max(1, n)),
+        "stderr": stderr,
+        "pass@k": {str(j): m for j, (m, _) in passes.items()},
+        "pass@k_stderr": {str(j): se for j, (_, se) in passes.items()},
         "n_questions": n,
         "k": k,
         "unanswered": sum(r["extracted"] is None for r in records),
@@ -81,13 +112,14 @@ def evaluate(model, tokenizer, rows, max_new_tokens, batch_size=64, k=1, tempera
 
 @dataclass
 class EvalConfig:
-    model: str = field(default="Qwen/Qwen2.5-1.5B-Instruct", metadata={"help": "Hub id or local folder; 'tiny' / 'lab' are built in code"})
+    model: str = field(default="Qwen/Qwen2.5-1.5B-Instruct", metadata={"help": "Hub id or local folder; 'tiny', 'lab' and 'carry' are built in code"})
     adapter: Optional[str] = field(default=None, metadata={"help": "LoRA folder written by train.py (its output_dir)"})
-    dataset: str = field(default="gsm8k", metadata={"help": "gsm8k (test) | math500 | aime24 | math (test) | tiny | lab | a local file"})
+    dataset: str = field(default="gsm8k", metadata={"help": "gsm8k (test) | math500 | aime24 | math (test) | tiny | lab | carry | a local file"})
     question_field: Optional[str] = field(default=None, metadata={"help": "question field of a local file"})
     answer_field: Optional[str] = field(default=None, metadata={"help": "answer field of a local file"})
     limit: Optional[int] = field(default=None, metadata={"help": "evaluate the first N questions only"})
-    k: int = field(default=1, metadata={"help": "samples per question (avg@k)"})
+    k: int = field(default=1, metadata={"help": "samples per question (avg@k, and pass@j for j up to k)"})
+    pass_k: Optional[str] = field(default=None, metadata={"help": "the j whose pass@j to give, e.g. 1,4,16 (each at most --k); unset: 1, 2, 4, ... and k"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy; the paper samples at 0.6"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (the paper: 0.95)"})
     max_completion_length: int = field(default=1024, metadata={"help": "max new tokens per completion"})
@@ -118,6 +150,7 @@ def main(argv=None):
         raise UserError(f"--k {cfg.k}: several samples need --temperature > 0 (the paper uses 0.6)")
     if not 0 < cfg.top_p <= 1:
         raise UserError(f"--top_p {cfg.top_p}: must be in (0, 1]")
+    pass_k = cli.pass_k_list(cfg.pass_k, cfg.k, "--pass_k")
     models.set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rows = data.load_rows(cfg.dataset, "test", cfg.question_field, cfg.answer_field, cfg.limit)
@@ -127,7 +160,8 @@ def main(argv=None):
     res, overflow = with_fallback(
         model, use_dense_copy(model, tok, rows, cfg),
         lambda m: evaluate(m, tok, rows, cfg.max_completion_length, cfg.batch_size, cfg.k, cfg.temperature,
-                           cfg.top_p, progress=progress_shown(cfg.progress), generation_progress=cfg.progress),
+                           cfg.top_p, progress=progress_shown(cfg.progress), generation_progress=cfg.progress,
+                           pass_k=pass_k),
         lambda line: tqdm.write(f"warning: {line}"))
     if overflow is not None:
         raise UserError(f"{overflow}; evaluate in float32 (--dtype fp32), or bf16 on a GPU that has it natively")
@@ -141,6 +175,9 @@ def main(argv=None):
     print(f"\n{'model':<40} {'dataset':<10} {'k':>3} {'accuracy':>9} {'stderr':>7} {'unanswered':>10} {'truncated':>9}")
     print(f"{name[-40:]:<40} {cfg.dataset[-10:]:<10} {cfg.k:>3} {res['accuracy']:>9.4f} {res['stderr']:>7.4f} "
           f"{res['unanswered']:>10} {res['truncated']:>9}")
+    if cfg.k > 1:
+        print("\n" + " | ".join(f"pass@{j} {res['pass@k'][str(j)]:.4f} ± {res['pass@k_stderr'][str(j)]:.4f}"
+                                for j in pass_k))
     print(f"\nwrote {cfg.output_dir}/results.json and completions.jsonl")
     return 0
 

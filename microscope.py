@@ -166,7 +166,8 @@ def make_optimizer(params, optimizer, lr, momentum):
 
 
 def rl_step(logits, opt, answers, adv, knobs, updates):
-    """`updates` full-batch steps on one rollout batch; returns per-seed clip fractions [S], [S].
+    """`updates` full-batch steps on one rollout batch; returns per-seed clip fractions [S], [S]. knobs:
+    cegppo_loss's, or a list of them, one per seed (--entropy_target: each seed's betas its own).
 
     answers: [S, P, G]; adv: [S, P*G]. Each answer is one token (logp [P*G, 1], mask of ones).
     num_tokens=G makes each seed's loss the sum over prompts of the group mean: the gradient a
@@ -181,7 +182,8 @@ def rl_step(logits, opt, answers, adv, knobs, updates):
         logp = torch.log_softmax(logits, -1).gather(-1, answers).view(S, P * G, 1)  # [S, P*G, 1]
         total = 0.0
         for s in range(S):      # one loss call per seed: its clip statistics are that seed's own
-            loss, stats = cegppo.cegppo_loss(logp[s], old[s], adv[s], mask, num_tokens=G, **knobs)
+            seed_knobs = knobs[s] if isinstance(knobs, list) else knobs
+            loss, stats = cegppo.cegppo_loss(logp[s], old[s], adv[s], mask, num_tokens=G, **seed_knobs)
             total = total + loss
             low[s] += stats["clip_ratio/low_mean"] / updates
             high[s] += stats["clip_ratio/high_mean"] / updates
@@ -194,13 +196,19 @@ def rl_step(logits, opt, answers, adv, knobs, updates):
 def run_setting(knobs, seeds, *, prompts, answers, correct, init, favourite, group_size, steps,
                 updates, optimizer, lr, momentum):
     """All seeds of one setting. Returns {metric: [S lists]}: entropy and reward have steps + 1
-    values (index 0 is the start, index t the policy after step t), the others one per step."""
+    values (index 0 is the start, index t the policy after step t), the others one per step. A setting
+    with an entropy_target (--entropy_target) starts from its betas and moves each seed's after every
+    step by cegppo.steer_betas, from the policy's entropy that step sampled from; its curves hold the
+    betas in force at each step too."""
+    knobs = dict(knobs)
+    target = knobs.pop("entropy_target", None)
+    betas = [(knobs["beta1"], knobs["beta2"], None) for _ in seeds]      # per seed: beta1, beta2, smoothed entropy
     S, P, G = len(seeds), prompts, group_size
     logits, is_correct = initial_logits(seeds, prompts, answers, correct, init, favourite)
     logits.requires_grad_(True)
     opt = make_optimizer([logits], optimizer, lr, momentum)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    curves = {m: [[] for _ in seeds] for m in METRICS}
+    curves = {m: [[] for _ in seeds] for m in METRICS + (("beta1", "beta2") if target else ())}
     mask = torch.ones(P * G, 1)                                  # [P*G, 1]
     for step in range(steps + 1):
         with torch.no_grad():
@@ -222,7 +230,13 @@ def run_setting(knobs, seeds, *, prompts, answers, correct, init, favourite, gro
             for name in QUADRANTS:
                 curves[f"{name}_frac"][s].append(q[f"quadrants/{name}_frac"])
                 curves[f"{name}_drive"][s].append(q[f"quadrants/{name}_drive"])
-        low, high = rl_step(logits, opt, a, adv, knobs, updates)
+        if target:
+            seed_knobs = [dict(knobs, beta1=b1, beta2=b2) for b1, b2, _ in betas]
+            for s, (b1, b2, smoothed) in enumerate(betas):
+                curves["beta1"][s].append(b1)
+                curves["beta2"][s].append(b2)
+                betas[s] = cegppo.steer_betas(b1, b2, smoothed, ent[s].mean().item(), target)
+        low, high = rl_step(logits, opt, a, adv, seed_knobs if target else knobs, updates)
         for s in range(S):
             curves["clip_low"][s].append(low[s].item())
             curves["clip_high"][s].append(high[s].item())
@@ -250,14 +264,17 @@ def mean_se(xs):
     return m, math.sqrt(var / len(xs))
 
 
-def summarise(results, target=0.9):
+def summarise(results, target=0.9, entropy_target=None):
     """One row per setting: final entropy and expected reward (mean and standard error over seeds),
     the first step whose expected reward reaches `target` (mean over the seeds that reach it), and
-    the clip fractions averaged over steps and seeds."""
+    the clip fractions averaged over steps and seeds; with an entropy_target, how far entropy stayed
+    from it over the second half of the steps (the mean |log(H / target)|)."""
     rows = []
     for name, c in results["curves"].items():
         knobs = results["settings"][name]
         h, h_se = mean_se([run[-1] for run in c["entropy"]])
+        off = entropy_target and mean_se([sum(abs(math.log(x / entropy_target)) for x in run[len(run) // 2:])
+                                          / len(run[len(run) // 2:]) for run in c["entropy"]])
         r, r_se = mean_se([run[-1] for run in c["reward"]])
         hits = [next((t for t, x in enumerate(run) if x >= target), None) for run in c["reward"]]
         hits = [t for t in hits if t is not None]
@@ -266,14 +283,15 @@ def summarise(results, target=0.9):
                          reward=r, reward_se=r_se, steps_to_target=sum(hits) / len(hits) if hits else None,
                          reached=len(hits), target=target,
                          clip_low=mean_se([sum(run) / len(run) for run in c["clip_low"]])[0],
-                         clip_high=mean_se([sum(run) / len(run) for run in c["clip_high"]])[0]))
+                         clip_high=mean_se([sum(run) / len(run) for run in c["clip_high"]])[0],
+                         **({"off_target": off[0], "off_target_se": off[1]} if entropy_target else {})))
     return rows
 
 
 def format_table(rows, n_seeds):
-    target = rows[0]["target"]
+    target, off = rows[0]["target"], "off_target" in rows[0]
     head = (f"{'setting':<12} {'beta1':>5} {'beta2':>5} | {'final entropy':>15} | {'final E[reward]':>15} | "
-            f"{f'steps to {target:g}':>13} | {'clip low':>8} {'clip high':>9}")
+            f"{f'steps to {target:g}':>13} | {'clip low':>8} {'clip high':>9}" + (" | |log H/H*|, 2nd half" if off else ""))
     lines = [head, "-" * len(head)]
     for r in rows:
         reach = "-" if r["steps_to_target"] is None else f"{r['steps_to_target']:.1f}"
@@ -282,7 +300,8 @@ def format_table(rows, n_seeds):
         lines.append(f"{r['setting']:<12} {r['beta1']:>5g} {r['beta2']:>5g} | "
                      f"{r['entropy']:>6.3f} +- {r['entropy_se']:.3f} | "
                      f"{r['reward']:>6.3f} +- {r['reward_se']:.3f} | "
-                     f"{reach:>13} | {100 * r['clip_low']:>7.2f}% {100 * r['clip_high']:>8.2f}%")
+                     f"{reach:>13} | {100 * r['clip_low']:>7.2f}% {100 * r['clip_high']:>8.2f}%" +
+                     (f" | {r['off_target']:>6.3f} +- {r['off_target_se']:.3f}" if off else ""))
     lines.append(f"mean +- standard error over {n_seeds} seeds. clip low: answers with A < 0 and "
                  f"ratio < 1 - eps_low (beta1's region), clip high: A > 0 and ratio > 1 + eps_high "
                  f"(beta2's); share of answers, mean over updates and steps.")
@@ -299,7 +318,10 @@ LABELS = {"grpo": "grpo (b1=0 b2=0)", "dapo": "dapo (b1=b2=0, eps_high 0.28)"}
 
 
 def style(name, knobs):
-    """Colour and dash per setting: blues for beta2 = 0, reds for beta2 > 0, darker for larger beta1."""
+    """Colour and dash per setting: blues for beta2 = 0, reds for beta2 > 0, darker for larger beta1; the
+    entropy target's setting purple, dotted."""
+    if "entropy_target" in knobs:
+        return dict(color="tab:purple", linestyle=":")
     if name in cegppo.ALGOS and knobs["beta1"] == knobs["beta2"] == 0:
         return dict(color="black" if name == "grpo" else "tab:green", linestyle="--" if name != "grpo" else "-")
     cmap = plt.get_cmap("Reds" if knobs["beta2"] > 0 else "Blues")
@@ -315,11 +337,16 @@ def panel_curves(c, key):
 
 
 def plot(results, path):
-    """Two rows: what happens (entropy, reward, clip fractions) and why (the quadrants' drives)."""
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7.5), sharex=True)
+    """Two rows: what happens (entropy, reward, clip fractions) and why (the quadrants' drives); with an entropy
+    target a fifth column: the betas it set, and entropy on a log scale around the target."""
+    steered = [n for n, k in results["settings"].items() if "entropy_target" in k]
+    fig, grid = plt.subplots(2, 5 if steered else 4, figsize=(20 if steered else 16, 7.5), sharex=True)
+    axes = grid[:, :4]
     for name, c in results["curves"].items():
         st = style(name, results["settings"][name])
         label = LABELS.get(name, name)
+        if steered:
+            grid[1, 4].semilogy(np.arange(len(c["entropy"][0])), np.array(c["entropy"]).mean(0), lw=1.6, **st)
         for ax, (key, title) in zip(axes.flat, PANELS):
             y = np.array(panel_curves(c, key))                    # [S, n]
             x = np.arange(y.shape[1]) + (0 if key in ("entropy", "reward") else 1)
@@ -327,7 +354,19 @@ def plot(results, path):
             ax.plot(x, m, label=label, lw=1.6, **st)
             ax.fill_between(x, m - sd, m + sd, color=st["color"], alpha=0.15, lw=0)
             ax.set_title(title, fontsize=10)
-    for ax in axes[1]:
+            if key == "entropy" and "entropy_target" in results["settings"][name]:
+                ax.axhline(results["settings"][name]["entropy_target"], color="tab:purple", lw=0.8, ls="--")
+    for name in steered:
+        c, target = results["curves"][name], results["settings"][name]["entropy_target"]
+        for key, ls in (("beta1", "-"), ("beta2", "--")):
+            y = np.array(c[key])                                 # [S, n] each seed's betas in force
+            grid[0, 4].plot(np.arange(1, y.shape[1] + 1), y.mean(0), color="tab:purple", ls=ls, lw=1.6, label=key)
+            grid[0, 4].fill_between(np.arange(1, y.shape[1] + 1), y.min(0), y.max(0), color="tab:purple", alpha=0.15)
+        grid[0, 4].set_title(f"betas set by the controller ({LABELS.get(name, name)})", fontsize=10)
+        grid[0, 4].legend(fontsize=8)
+        grid[1, 4].axhline(target, color="tab:purple", lw=0.8, ls="--")
+        grid[1, 4].set_title("entropy (log scale), the target dashed", fontsize=10)
+    for ax in grid[1]:
         ax.axhline(0, color="grey", lw=0.6)
         ax.set_xlabel("step")
     axes[1, 0].set_ylabel("drive per answer: share x mean -(log pi + H) A")
@@ -390,6 +429,9 @@ def parse_args(argv):
     p.add_argument("--output_dir", "--output-dir", default=None,
                    help="for microscope.json and .png; default runs/microscope (sgd), runs/microscope_adam")
     p.add_argument("--figure", default=None, help="the figure's path (default: OUTPUT_DIR/microscope.png)")
+    p.add_argument("--entropy_target", "--entropy-target", type=float, default=None,
+                   help="add a setting that starts at CE-GPPO's betas and moves them to hold the entropy at this "
+                        "value (cegppo.steer_betas, as train.py --entropy_target)")
     a = p.parse_args(argv)
     a.lr = DEFAULT_LR[a.optimizer] if a.lr is None else a.lr
     a.momentum = DEFAULT_MOMENTUM[a.optimizer] if a.momentum is None else a.momentum
@@ -411,6 +453,10 @@ def parse_args(argv):
         a.settings = parse_grid(a.grid)
     except ValueError as e:
         p.error(str(e))
+    if a.entropy_target is not None:
+        if not (a.entropy_target > 0 and math.isfinite(a.entropy_target)):
+            p.error(f"--entropy_target {a.entropy_target:g}: must be a positive number (nats)")
+        a.settings[f"H*={a.entropy_target:g}"] = dict(cegppo.ALGOS["cegppo"], entropy_target=a.entropy_target)
     return a
 
 
@@ -422,7 +468,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     results = run_grid(a.settings, list(range(a.seeds)), **opts)
     wall = time.perf_counter() - t0
-    rows = summarise(results)
+    rows = summarise(results, entropy_target=a.entropy_target)
     os.makedirs(a.output_dir, exist_ok=True)
     json_path = os.path.join(a.output_dir, "microscope.json")
     with open(json_path, "w") as f:

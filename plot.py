@@ -3,6 +3,7 @@
     python plot.py runs/lab-grpo runs/lab-cegppo --output compare.png
     python plot.py runs/lab-b1-0/seed-* runs/lab-b1-1/seed-* --output seeds.png     # one band per setting
     python plot.py runs/lab-*/seed-* --metrics entropy,eval/accuracy --table         # two panels, the seed table
+    python plot.py runs/carry/*/seed-* --metrics entropy,eval/accuracy,eval/pass@1,eval/pass@16   # with pass@k
     python plot.py --gradient_weight docs/gradient_weight.png
     python plot.py runs/lab/*/*/seed-* --map docs/lab_map.png --baseline algo=grpo   # the step-size map
     python plot.py --tokens runs/lab           # runs/lab/tokens.html: what the update did to each token
@@ -17,7 +18,9 @@ redraw its own curves.png as it trains.
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 
 from engine.rows import complete_rows, token_steps
@@ -34,10 +37,13 @@ PANELS = [
     ("quadrants/na_hp_drive", "NA&HP entropy drive (raises H)"),
     ("quadrants/na_lp_drive", "NA&LP entropy drive (lowers H)"),
 ]
+# the betas in force, drawn beside the ten where a run holds its entropy at a target (train.py --entropy_target)
+BETA_PANELS = [("cegppo/beta1", "beta1 in force (steered)"), ("cegppo/beta2", "beta2 in force (steered)")]
 # flags that change how a run is computed or shown, not what it learns (shared_prefix: the same numbers,
 # to rounding): runs that differ only in these are seeds of one setting
 NOT_A_SETTING = {"seed", "seeds", "jobs", "progress", "token_groups", "shared_prefix", "output_dir", "resume", "max_steps", "save_steps", "eval_steps", "logging_steps", "wandb",
-                 "generation_batch_size", "threads", "preset", "rollout_model"}
+                 "generation_batch_size", "threads", "preset", "rollout_model", "eval_samples", "eval_temperature",
+                 "eval_pass_k"}
 
 
 def read_config(run_dir):
@@ -61,7 +67,7 @@ def group_by_setting(run_dirs, ignore=NOT_A_SETTING):
     firsts = [configs[g[0]] for g in groups.values()]
     varying = [k for k in firsts[0] if k not in ignore
                and len({json.dumps(c.get(k)) for c in firsts if c.get(k) is not None}) > 1]
-    shown = varying or ["algo", "beta1", "beta2"]
+    shown = varying or ["algo", "beta1", "beta2", "entropy_target"]      # (a target shown only where set)
     out = []
     for runs in groups.values():
         c = configs[runs[0]]
@@ -105,8 +111,9 @@ _NO_MATPLOTLIB_SAID = []
 
 def plot_runs(run_dirs, output, window=5, required=False, metrics=None):
     """One figure, one colour per setting; several seeds of a setting become a mean line with a min-max band.
-    metrics: the panels to draw (keys of PANELS), all ten by default.
-    Without matplotlib: nothing drawn, and one line said once (train.py); required=True raises instead."""
+    metrics: the panels to draw (keys of PANELS and BETA_PANELS, or eval/pass@K of runs with --eval_samples), by
+    default the ten, and the two betas where a run has --entropy_target (its target a dotted line on the entropy
+    panel). Without matplotlib: nothing drawn, and one line said once (train.py); required=True raises instead."""
     try:
         plt = pyplot()
     except ImportError:
@@ -117,8 +124,10 @@ def plot_runs(run_dirs, output, window=5, required=False, metrics=None):
             print("matplotlib is not installed: no curves.png (pip install matplotlib; metrics.jsonl has "
                   "every number)", file=sys.stderr)
         return
-    panels = [p for p in PANELS if metrics is None or p[0] in metrics]
-    rows_, cols = (2, 5) if len(panels) == len(PANELS) else (1, len(panels))
+    titles, targets = dict(PANELS + BETA_PANELS), [read_config(r).get("entropy_target") for r in run_dirs]
+    panels = [(k, titles.get(k) or pass_title(k)) for k in metrics] if metrics else \
+        PANELS + (BETA_PANELS if any(targets) else [])
+    rows_, cols = (2, (len(panels) + 1) // 2) if metrics is None else (1, len(panels))
     fig, axes = plt.subplots(rows_, cols, figsize=(4.4 * cols + 0.6, 4.25 * rows_ + 1), squeeze=False)
     for i, (label, runs) in enumerate(group_by_setting(run_dirs)):
         rows = [read_rows(r) for r in runs]
@@ -127,12 +136,15 @@ def plot_runs(run_dirs, output, window=5, required=False, metrics=None):
             if not all(curves):
                 continue
             xs, mean, lo, hi = seed_band(curves)
-            w = 1 if key == "eval/accuracy" else window
+            w = 1 if key.startswith("eval/") else window
             if len(runs) > 1:
                 ax.fill_between(xs, smooth(lo, w), smooth(hi, w), color=f"C{i}", alpha=0.2, lw=0)
-            elif key != "eval/accuracy":
+            elif not key.startswith("eval/"):
                 ax.plot(xs, mean, color=f"C{i}", alpha=0.25, lw=1)
-            ax.plot(xs, smooth(mean, w), "o-" if key == "eval/accuracy" else "-", color=f"C{i}", lw=2, label=label)
+            ax.plot(xs, smooth(mean, w), "o-" if key.startswith("eval/") else "-", color=f"C{i}", lw=2, label=label)
+            target = read_config(runs[0]).get("entropy_target")
+            if key == "entropy" and target:
+                ax.axhline(target, color=f"C{i}", ls=":", lw=1.5)
     for ax, (key, title) in zip(axes.flat, panels):
         ax.set_title(title, fontsize=12)
         ax.set_xlabel("step")
@@ -145,6 +157,11 @@ def plot_runs(run_dirs, output, window=5, required=False, metrics=None):
     top = 0.93 if rows_ == 2 else 1 - 0.07 * (1 + (len(labels) - 1) // ncol)
     fig.tight_layout(rect=(0, 0, 1, top))
     save(fig, output)
+
+
+def pass_title(key):
+    """A panel's title for eval/pass@k (train.py --eval_samples), or the key itself."""
+    return f"held-out pass@{key.split('@')[1]} (sampled)" if key.startswith("eval/pass@") else key
 
 
 def save(fig, output, dpi=80):
@@ -227,18 +244,27 @@ def heldout_auc(evals):
     return area / (evals[-1][0] - evals[0][0])
 
 
-def run_summary(run):
-    """The numbers the lab tables report for one run."""
+def run_summary(run, target=None):
+    """The numbers the lab tables report for one run; with an entropy target (the given one, else the run's own
+    --entropy_target), how far its entropy stayed from it: the mean of |log(H / target)| over the second half
+    of the steps (0.1: about 10% off)."""
     rows, cfg = read_rows(run), read_config(run)
     n = len(rows)
     last = rows[n - max(1, n // 5):]                       # the last 20% of the steps
     evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     mean = lambda xs: sum(xs) / max(1, len(xs))             # noqa: E731
     step = collapse_step(rows)
+    passes = {}                                             # pass@k at the end and its area (--eval_samples)
+    for key in sorted({k for r in rows for k in r if k.startswith("eval/pass@")}, key=lambda k: int(k.split("@")[1])):
+        curve = [(r["step"], r[key]) for r in rows if key in r]
+        passes.update({f"{key[5:]}_end": curve[-1][1], f"{key[5:]}_auc": heldout_auc(curve)})
+    target = target or cfg.get("entropy_target")
+    if target:
+        passes["off_target"] = mean([abs(math.log(max(r["entropy"], 1e-12) / target)) for r in rows[n // 2:]])
     return {"seed": cfg.get("seed"), "steps": n,
             "entropy_last20": mean([r["entropy"] for r in last]),
             "heldout_end": evals[-1][1] if evals else float("nan"),
-            "heldout_auc": heldout_auc(evals),
+            "heldout_auc": heldout_auc(evals), **passes,
             "reward_first10": mean([r["reward"] for r in rows[:10]]),
             "reward_last10": mean([r["reward"] for r in rows[-10:]]),
             "clip_low": mean([r["clip_ratio/low_mean"] for r in rows]),
@@ -265,35 +291,47 @@ TABLE_STATS = (("entropy_last20", "entropy, last 20%", 4), ("heldout_end", "held
 DIFF_STATS = TABLE_STATS[:5]          # what the paired differences from a baseline report
 
 
-def seed_table(run_dirs, baseline=None):
+def pass_stats(groups):
+    """The table's pass@k columns, for the k every run logged (train.py --eval_samples): at the end, and the
+    area under its curve; and how far entropy stayed off its target, where every run has one (run_summary)."""
+    keys = [set(k for k in r if k.startswith("pass@") or k == "off_target") for _, runs in groups for r in runs]
+    common = set.intersection(*keys) if keys else set()
+    off = (("off_target", "entropy off target, 2nd half", 3),) if "off_target" in common else ()
+    return off + tuple((k, f"{k.replace('_end', ', end').replace('_auc', ', AUC')}", 3)
+                       for k in sorted(common - {"off_target"}, key=lambda k: (int(k[5:].split("_")[0]), k.endswith("auc"))))
+
+
+def seed_table(run_dirs, baseline=None, entropy_target=None):
     """Markdown: per setting, mean ± standard error over seeds (all runs, then without the collapsed
-    ones), collapses counted; with a baseline label, each setting's difference from it, paired by seed."""
-    groups = [(label, [run_summary(r) for r in runs]) for label, runs in group_by_setting(run_dirs)]
+    ones), collapses counted; with a baseline label, each setting's difference from it, paired by seed.
+    entropy_target: every run's distance from it too (run_summary)."""
+    groups = [(label, [run_summary(r, entropy_target) for r in runs]) for label, runs in group_by_setting(run_dirs)]
+    table_stats, diff_stats = TABLE_STATS + pass_stats(groups), DIFF_STATS + pass_stats(groups)
     fmt = lambda m_se, d: f"{m_se[0]:.{d}f} ± {m_se[1]:.{d}f}"   # noqa: E731
-    out = ["| setting | seeds | collapsed | " + " | ".join(name for _, name, _ in TABLE_STATS) + " |",
-           "|---|---|---|" + "---|" * len(TABLE_STATS)]
+    out = ["| setting | seeds | collapsed | " + " | ".join(name for _, name, _ in table_stats) + " |",
+           "|---|---|---|" + "---|" * len(table_stats)]
     for label, runs in groups:
         down = [r for r in runs if r["collapse_step"] is not None]
         what = f"{len(down)} of {len(runs)}" + (f" (steps {', '.join(str(r['collapse_step']) for r in down)}; "
                                                  f"{sum(r['recovered'] for r in down)} recovered)" if down else "")
         out.append(f"| {label} | {len(runs)} | {what} | " +
-                   " | ".join(fmt(mean_se([r[k] for r in runs]), d) for k, _, d in TABLE_STATS) + " |")
+                   " | ".join(fmt(mean_se([r[k] for r in runs]), d) for k, _, d in table_stats) + " |")
         kept = [r for r in runs if r["collapse_step"] is None]
         if down and len(kept) >= 1:
             out.append(f"| {label}, without the collapsed | {len(kept)} | - | " +
-                       " | ".join(fmt(mean_se([r[k] for r in kept]), d) for k, _, d in TABLE_STATS) + " |")
+                       " | ".join(fmt(mean_se([r[k] for r in kept]), d) for k, _, d in table_stats) + " |")
     if baseline is None:
         return "\n".join(out) + "\n"
     base = next((runs for label, runs in groups if label.startswith(baseline)), None)
     if base is None:
         raise ValueError(f"--baseline {baseline}: no setting's label starts with it")
     out += ["", f"Differences from {baseline}, paired by seed (mean ± standard error; * beyond 2 standard errors):", "",
-            "| setting | seeds | " + " | ".join(name for _, name, _ in DIFF_STATS) + " |",
-            "|---|---|" + "---|" * len(DIFF_STATS)]
+            "| setting | seeds | " + " | ".join(name for _, name, _ in diff_stats) + " |",
+            "|---|---|" + "---|" * len(diff_stats)]
     for label, runs in groups:
         if runs is base:
             continue
-        cells = [paired_difference(runs, base, k, d) for k, _, d in DIFF_STATS]
+        cells = [paired_difference(runs, base, k, d) for k, _, d in diff_stats]
         if cells[0] is not None:
             out.append(f"| {label} | {len(cells[0][2])} | " + " | ".join(c[3] for c in cells) + " |")
     return "\n".join(out) + "\n"
@@ -416,9 +454,12 @@ def main(argv=None):
     ap.add_argument("--gradient_weight", "--gradient-weight", metavar="PNG",
                     help="draw the gradient weight against the ratio instead")
     ap.add_argument("--metrics", type=lambda t: t.split(","), default=None, metavar="KEYS",
-                    help="draw only these panels, e.g. entropy,eval/accuracy (default: all ten)")
+                    help="draw only these panels, e.g. entropy,eval/accuracy,eval/pass@16 (default: all ten, and the "
+                    "betas of a run with --entropy_target)")
     ap.add_argument("--table", action="store_true", help="also print the seed table (mean ± standard error per "
                     "setting, collapses counted) in Markdown")
+    ap.add_argument("--entropy_target", type=float, metavar="H", help="with --table: how far each run's entropy "
+                    "stayed from H (mean |log(entropy / H)| over its second half); default: a run's own --entropy_target")
     ap.add_argument("--baseline", metavar="LABEL", help="with --table or --map: differences from the setting whose "
                     "label starts with LABEL (e.g. algo=grpo), paired by seed")
     ap.add_argument("--tokens", metavar="RUN", help="(re)write RUN/tokens.html, the page of what the update did "
@@ -448,6 +489,9 @@ def main(argv=None):
     if args.window < 1:
         print(f"error: --window {args.window}: must be at least 1", file=sys.stderr)
         return 2
+    if args.entropy_target is not None and not args.entropy_target > 0:
+        print(f"error: --entropy_target {args.entropy_target:g}: must be > 0 (nats per token)", file=sys.stderr)
+        return 2
     if args.map:
         try:
             step_size_map(args.runs, args.map, args.baseline or "algo=grpo")
@@ -457,16 +501,17 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
-    unknown = [k for k in args.metrics or [] if k not in dict(PANELS)]
+    unknown = [k for k in args.metrics or [] if k not in dict(PANELS + BETA_PANELS)
+               and not re.fullmatch(r"eval/pass@\d+", k)]
     if unknown:
-        print(f"error: --metrics {','.join(unknown)}: not a panel; one of {', '.join(k for k, _ in PANELS)}",
-              file=sys.stderr)
+        print(f"error: --metrics {','.join(unknown)}: not a panel; one of "
+              f"{', '.join(k for k, _ in PANELS + BETA_PANELS)}, eval/pass@K", file=sys.stderr)
         return 2
     plot_runs(args.runs, args.output, args.window, required=True, metrics=args.metrics)
     print(f"wrote {args.output}")
     if args.table:
         try:
-            print(seed_table(args.runs, args.baseline))
+            print(seed_table(args.runs, args.baseline, args.entropy_target))
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

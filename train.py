@@ -8,23 +8,17 @@
 
 The file reads in the order it runs: the Config, the records the steps hand each other, train() with
 its loop, then the steps in the loop's order (their labels match the loop's comments). What they call
-for speed, memory and bookkeeping (generation in sub-batches, the dense rollout copy, the chunked and
-packed log-prob passes, checkpoints, the metrics row, the flag parser) lives in engine/. One RL step:
-  1. rollout      P prompts x G completions each, sampled at the temperature, with the sampler's
-                  own log pi of every token                                    (cegppo.rollout)
+for speed, memory and bookkeeping lives in engine/. One RL step:
+  1. rollout      P prompts x G completions, with the sampler's own log pi of every token (cegppo.rollout)
   2. reward       1 if the last \\boxed{} equals the reference, else 0            (cegppo.math_reward)
-  3. advantages   z-score within each group; a group whose G rewards are all equal carries no
-                  signal and is dropped. Steps 1-3 repeat on further prompts until P groups
-                  carry a signal (the authors' dynamic sampling; --max_generation_rounds)
-  4. old log-probs  log pi_old of every kept token: the sampler's own numbers on a CPU in float32,
-                  else one no-grad pass through the policy (on a GPU, in any dtype)
-  5. updates      the kept groups in `steps_per_generation` mini-batches, one optimizer update each:
-                  after the first, the policy has moved, ratios leave 1 and the clip regions fill
-                  up. That is where CE-GPPO and GRPO differ                   (cegppo.cegppo_loss)
+  3. advantages   z-score within each group; an all-equal group carries no signal and is dropped, and
+                  steps 1-3 repeat on further prompts until P groups carry one (dynamic sampling)
+  4. old log-probs  the sampler's own numbers on a CPU in float32, else a no-grad pass through the policy
+  5. updates      `steps_per_generation` mini-batches of the kept groups, one optimizer update each: after
+                  the first, ratios leave 1 and the clip regions fill up, where CE-GPPO and GRPO differ
   6. log          one metrics row, samples and curves; evaluation every `eval_steps`
-  7. checkpoint   atomic; --resume continues exactly. A run in which no group has carried a
-                  signal for --collapse_patience steps saves, says why (collapsed, saturated or split)
-                  and stops
+  7. checkpoint   atomic; --resume continues exactly. A run in which no group has carried a signal for
+                  --collapse_patience steps saves, says why (collapsed, saturated or split) and stops
 
 Deviations from the paper (besides those listed in cegppo.py): LoRA on a 4-bit model instead of
 full fine-tuning (hence a larger learning rate, 1e-5 instead of 1e-6), far smaller batches and
@@ -54,14 +48,14 @@ def knob(default, help):
 @dataclass
 class Config:
     # model
-    model: str = knob("Qwen/Qwen2.5-1.5B-Instruct", "Hub id or local folder of a causal LM; 'tiny' and 'lab' are built in code")
+    model: str = knob("Qwen/Qwen2.5-1.5B-Instruct", "Hub id or local folder of a causal LM; 'tiny', 'lab' and 'carry' are built in code")
     load_in_4bit: bool = knob(True, "load the base weights in 4-bit NF4 (bitsandbytes)")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = knob("auto", "compute dtype; auto: bf16 on GPUs with native bf16 (compute capability 8.0+), fp16 with loss scaling on older GPUs (T4, V100, RTX 20xx), fp32 on CPU")
     lora_r: int = knob(16, "LoRA rank (LoRA on all linear layers, dropout 0)")
     lora_alpha: int = knob(32, "LoRA alpha")
     gradient_checkpointing: bool = knob(True, "recompute activations in the backward pass (saves memory)")
     # data
-    dataset: str = knob("gsm8k", "gsm8k | math | tiny | lab | a local .jsonl/.json/.parquet file")
+    dataset: str = knob("gsm8k", "gsm8k | math | tiny | lab | carry | a local .jsonl/.json/.parquet file")
     question_field: Optional[str] = knob(None, "question field of a local file; unset: 'question'")
     answer_field: Optional[str] = knob(None, "answer field of a local file; unset: 'answer' (GSM8K '#### x' understood)")
     eval_dataset: Optional[str] = knob(None, "held-out set; unset: the named dataset's test split, none for a local file")
@@ -74,6 +68,7 @@ class Config:
     epsilon_high: Optional[float] = knob(None, "clip range above 1 (DAPO's clip-higher raises it; CISPO caps its weight at 1 + it)")
     dual_clip: Optional[float] = knob(None, "dual clip c for A < 0 (loss <= -c*A), as in the authors' scripts; 0 = off")
     sft_coef: float = knob(0.0, "weight of the authors' SFT term on fully rewarded responses (their scripts: 0.1; the paper: 0)")
+    entropy_target: Optional[float] = knob(None, "hold the policy's mean token entropy at this value: after each step beta1 and beta2 move toward it, from --beta1 / --beta2 (cegppo.steer_betas); unset: fixed betas")
     # rollout
     prompts_per_step: int = knob(8, "P: prompts per RL step")
     num_generations: int = knob(8, "G: sampled completions per prompt (the group)")
@@ -108,10 +103,13 @@ class Config:
     token_groups: int = knob(2, "kept groups whose every token (what the update did to it) goes to tokens.jsonl / tokens.html at each logging step; 0 = none")
     eval_steps: int = knob(25, "greedy accuracy on the held-out subset every N steps (and at step 1 and the end)")
     eval_limit: int = knob(64, "size of the fixed held-out subset; 0 = no evaluation")
+    eval_samples: int = knob(0, "also sample this many completions per held-out question at each evaluation, for eval/pass@k (from a random stream of its own: training is unchanged); 0 = greedy accuracy only")
+    eval_temperature: float = knob(1.0, "the sampling temperature of --eval_samples")
+    eval_pass_k: Optional[str] = knob(None, "the k logged as eval/pass@k, e.g. 1,16 (each at most --eval_samples); unset: 1, 2, 4, ... and --eval_samples")
     save_steps: int = knob(25, "checkpoint every N steps (and at the end and on Ctrl-C)")
     resume: bool = knob(False, "continue from output_dir/checkpoint")
     wandb: bool = knob(False, "also log to Weights & Biases (pip install wandb)")
-    preset: Optional[str] = knob(None, "tiny | lab: other defaults for the offline smoke run or the CPU lab (engine/cli.py PRESETS); flags still win")
+    preset: Optional[str] = knob(None, "tiny | lab | carry: other defaults for the offline smoke run, the CPU lab or the lab with headroom (engine/cli.py PRESETS); flags still win")
 
 
 @dataclass
@@ -123,6 +121,9 @@ class State:
     skipped_updates: int = 0       # updates dropped for a non-finite gradient (fp16 overflow)
     last_signal_step: int = 0      # the last step in which some group's rewards differed (collapse_patience)
     last_no_signal: str = ""       # why the steps since last_signal_step had none: "collapsed", "saturated", "split"
+    beta1: Optional[float] = None  # --entropy_target: the betas in force, and the smoothed entropy (cegppo.steer_betas)
+    beta2: Optional[float] = None
+    entropy_smoothed: Optional[float] = None
 
 
 @dataclass
@@ -145,28 +146,7 @@ class OldLogProbs:
     from_sampler: bool = True           # log pi_old is the sampler's own numbers (else a pass through the policy)
 
 
-@dataclass
-class Updates:
-    """Step 5's result: per optimizer update made, its losses and gradient norm; the loss's statistics summed over
-    the tokens of every update; what the loss did to the recorded tokens (tokens.jsonl)."""
-    loss: list = field(default_factory=list)
-    sft_loss: list = field(default_factory=list)
-    grad_norm: list = field(default_factory=list)
-    ratio_max: list = field(default_factory=list)
-    stat_sums: dict = field(default_factory=dict)          # cegppo.TOKEN_MEAN_STATS, each times its tokens
-    stat_tokens: int = 0
-    first: dict = field(default_factory=lambda: {"tokens": 0, "clipped": 0.0, "diff_sum": 0.0, "diff_max": 0.0})
-    tokens: dict = field(default_factory=dict)             # row -> its tokens' log pi, ratio, region and F
-    micro_batches: int = 0
-    packed: int = 0                                        # micro-batches whose groups' prompts ran once
-    skipped: int = 0                                       # updates not made: a non-finite loss or gradient
-    learning_rate: float = 0.0
-    loss_scale: Optional[float] = None                     # fp16's, after the step (None: no loss scaling)
-
-
-# ----------------------------------------------------------------------------------------------
-# The loop
-# ----------------------------------------------------------------------------------------------
+# -------------------- The loop ----------------------------------------------------------------
 def train(cfg):
     """One run: setup, then per RL step the seven steps of the module docstring, then the final adapter."""
     policy, tok, optimizer, prompts, eval_rows, state = setup(cfg)
@@ -183,14 +163,18 @@ def train(cfg):
         # 4. old log-probs and entropy of the kept tokens under the sampling policy, no gradient, and the
         #    weights that correct for the sampler's own numbers differing from them (1 where they are pi_old)
         old = clock.time("old_logprob", old_logprobs, scorer, policy, groups, cfg)
-        # 5. several optimizer updates on mini-batches of the kept groups
-        updates = clock.time("update", update_policy, scorer, policy, optimizer, groups, old, cfg, state.step)
+        # 5. several optimizer updates on mini-batches of the kept groups, with the betas in force
+        knobs = loss_knobs(cfg, state)
+        updates = clock.time("update", update_policy, scorer, policy, optimizer, groups, old, knobs, cfg, state.step)
         state.skipped_updates += updates.skipped
         # 6. log (and evaluate)
-        row = runlog.metrics_row(state, cfg, groups, sampled, old, updates, clock)
+        row = runlog.metrics_row(state, cfg, groups, sampled, old, updates, knobs, clock)
         if eval_rows and (state.step == 1 or every(state.step, cfg.eval_steps, cfg)):
-            row.update(evaluate_policy(sampler, tok, eval_rows, cfg))
+            row.update(evaluate_policy(sampler, tok, eval_rows, cfg, state.step))
         row.update(clock.step_totals())                           # time/step_s and the step's peak memory
+        if cfg.entropy_target:                                    # the betas of the next step
+            state.beta1, state.beta2, state.entropy_smoothed = cegppo.steer_betas(
+                state.beta1, state.beta2, state.entropy_smoothed, row["entropy"], cfg.entropy_target)
         state.last_signal_step = state.step if groups.prompts else state.last_signal_step
         state.last_no_signal = "" if groups.prompts else no_signal_kind(sampled, state.last_no_signal)
         stopped = no_signal(state, cfg)                           # a policy with nothing left to learn from stops
@@ -217,9 +201,7 @@ def parse_config(argv=None):
     return cli.parse_config(Config, argv)
 
 
-# ----------------------------------------------------------------------------------------------
-# Steps 1-3: rollout, reward, advantages (in rounds: dynamic sampling)
-# ----------------------------------------------------------------------------------------------
+# -------------------- Steps 1-3: rollout, reward, advantages (in rounds: dynamic sampling) ----
 def collect_groups(sampler, prompts, state, cfg, clock):
     """1-3. Rollout, reward and advantages, in rounds, until P groups carry a signal.
 
@@ -276,9 +258,7 @@ def score(texts, answers):
     return torch.tensor([cegppo.math_reward(c, a) for c, a in zip(texts, answers)])
 
 
-# ----------------------------------------------------------------------------------------------
-# Step 4: old log-probs
-# ----------------------------------------------------------------------------------------------
+# -------------------- Step 4: old log-probs ---------------------------------------------------
 def old_logprobs_from(cfg):
     """'sampler' or 'policy' for --old_logprobs. auto: the sampler's own numbers where it computes in float32
     (a CPU: they equal the policy's to a few 1e-6, a first ratio 1 to 1e-5); the policy's where half-precision
@@ -305,23 +285,30 @@ def old_logprobs(scorer, policy, groups, cfg):
     return OldLogProbs(logp, entropy, weights, correction, from_sampler)
 
 
-# ----------------------------------------------------------------------------------------------
-# Step 5: the updates
-# ----------------------------------------------------------------------------------------------
-def update_policy(scorer, policy, optimizer, groups, old, cfg, step):
+# -------------------- Step 5: the updates -----------------------------------------------------
+def loss_knobs(cfg, state):
+    """5. The loss's five knobs (cegppo.ALGOS' keys) from the Config; with --entropy_target the betas in force."""
+    knobs = {k: getattr(cfg, k) for k in cegppo.ALGOS[cfg.algo]}
+    if cfg.entropy_target:
+        knobs.update(beta1=state.beta1, beta2=state.beta2)
+    return knobs
+
+
+def update_policy(scorer, policy, optimizer, groups, old, knobs, cfg, step):
     """5. `steps_per_generation` optimizer updates per pass over the kept groups, `num_iterations` passes.
 
     Mini-batches are whole groups: a group's advantages sum to zero, so an update that saw only its
     wrong answers would push down the tokens that right and wrong answers share. An update whose loss
     or gradient is not finite is not made (counted in Updates.skipped; fp16's loss scale drops).
     """
-    updates = Updates(learning_rate=optimizer.lr)
+    updates = runlog.Updates(learning_rate=optimizer.lr)
     policy.train()          # whatever ran before (a rollout cut short): checkpointing works in train mode only
     for it in range(cfg.num_iterations):
         for micro_batches in logprobs.update_partition(groups.rollout, cfg):      # a mini-batch: whole groups
             # tokens.jsonl: what the last pass's update did to each token of the first token_groups groups
             record = cfg.token_groups * cfg.num_generations if logged(step, cfg) and it == cfg.num_iterations - 1 else 0
-            losses = accumulate_gradients(scorer, policy, optimizer, groups, old, micro_batches, cfg, updates, record)
+            losses = accumulate_gradients(scorer, policy, optimizer, groups, old, knobs, micro_batches, cfg, updates,
+                                          record)
             grad_norm = optimizer.step(finite=losses is not None)       # None: nothing applied
             if grad_norm is None:
                 updates.skipped += 1
@@ -335,11 +322,11 @@ def update_policy(scorer, policy, optimizer, groups, old, cfg, step):
     return updates
 
 
-def accumulate_gradients(scorer, policy, optimizer, groups, old, micro_batches, cfg, updates, record_below=0):
+def accumulate_gradients(scorer, policy, optimizer, groups, old, knobs, micro_batches, cfg, updates, record_below=0):
     """Forward and backward over one mini-batch, micro-batch by micro-batch (logprobs.update_partition); returns
     (policy, sft) loss sums, or None where a loss is not finite. The rows below `record_below` leave what the
     loss did to each of their tokens (cegppo.token_details) in updates.tokens."""
-    rollout, knobs = groups.rollout, {k: getattr(cfg, k) for k in cegppo.ALGOS[cfg.algo]}
+    rollout = groups.rollout
     rows = torch.cat(micro_batches)
     positive = groups.rewards >= 1.0                                   # [K*G] the SFT term's responses
     mini_batch_tokens, positive_tokens = int(rollout.completion_mask[rows].sum()), int(rollout.completion_mask[rows][positive[rows]].sum())
@@ -369,19 +356,26 @@ def accumulate_gradients(scorer, policy, optimizer, groups, old, micro_batches, 
     return policy_sum, sft_sum
 
 
-# ----------------------------------------------------------------------------------------------
-# Step 6: log and evaluate
-# ----------------------------------------------------------------------------------------------
-def evaluate_policy(sampler, tok, eval_rows, cfg):
+# -------------------- Step 6: log and evaluate ------------------------------------------------
+def evaluate_policy(sampler, tok, eval_rows, cfg, step):
     """6. Greedy accuracy on the fixed held-out subset, generated by what the rollout samples from (the dense
-    copy where it is used, else the policy). Logits that are not finite (an fp16 overflow) are not scored:
-    eval/non_finite counts the questions where they appeared, and a warning names them."""
-    result, overflow = sampler.evaluate(lambda model: evaluate(
-        model, tok, eval_rows, max_new_tokens=cfg.max_completion_length, batch_size=sampler.generate.batch_size,
-        generation_progress=cfg.progress))
+    copy where it is used, else the policy); with --eval_samples n, pass@k from n samples of each question
+    (eval.pass_at_k), drawn from a random stream of their own. Logits that are not finite (an fp16
+    overflow) are not scored: eval/non_finite counts the questions where they appeared (a warning names them)."""
+    def held_out(n, temperature, pass_k=(), seed=None):
+        return sampler.evaluate(lambda model: evaluate(
+            model, tok, eval_rows, cfg.max_completion_length, sampler.generate.batch_size, n, temperature,
+            generation_progress=cfg.progress, pass_k=pass_k, seed=seed))
+    result, overflow = held_out(1, 0.0)
     if overflow is not None:
         return {"eval/non_finite": len(overflow.rows)}
-    return {"eval/accuracy": result["accuracy"], "eval/mean_length": result["mean_response_length"]}
+    row = {"eval/accuracy": result["accuracy"], "eval/mean_length": result["mean_response_length"]}
+    if cfg.eval_samples:
+        pass_k = cli.pass_k_list(cfg.eval_pass_k, cfg.eval_samples, "--eval_pass_k")
+        result, overflow = held_out(cfg.eval_samples, cfg.eval_temperature, pass_k, seed=cfg.seed * 100003 + step)
+        row.update({"eval/non_finite": len(overflow.rows)} if overflow is not None else
+                   {f"eval/pass@{k}": result["pass@k"][str(k)] for k in pass_k})
+    return row
 
 
 def log_step(run, row, sampled, updates, tokens, cfg):
@@ -393,13 +387,11 @@ def log_step(run, row, sampled, updates, tokens, cfg):
 
 
 def logged(step, cfg):
-    """Do samples, tokens and the pictures get written at this step (every logging_steps, and the last)?"""
+    """Samples, tokens and the pictures are written every logging_steps, and at the last step."""
     return every(step, cfg.logging_steps, cfg)
 
 
-# ----------------------------------------------------------------------------------------------
-# Step 7, and when a run stops
-# ----------------------------------------------------------------------------------------------
+# -------------------- Step 7, and when a run stops --------------------------------------------
 def every(step, n, cfg):
     """Logging, evaluation and checkpoints happen every n steps, and at the last step."""
     return step % n == 0 or step == cfg.max_steps
@@ -422,9 +414,7 @@ def no_signal(state, cfg):
     return state.last_no_signal or "collapsed"
 
 
-# ----------------------------------------------------------------------------------------------
-# Setup: flags -> Config (checked before anything is loaded or written), data, policy, optimizer
-# ----------------------------------------------------------------------------------------------
+# -------------------- Setup: the data, the policy and its optimizer, the run folder -----------------
 def setup(cfg):
     """Everything before the first step: the checks, the data, the policy and its optimizer, the run folder, the
     saved state (a resumed run's)."""
@@ -437,7 +427,8 @@ def setup(cfg):
     policy, tok = models.policy_model(cfg, ckpt and f"{ckpt}/adapter")
     optimizer = models.Optimizer(policy, cfg)
     prompts = data.usable_prompts(cfg, tok, train_rows)
-    state = runfiles.open_run(cfg, ckpt, optimizer.adamw, optimizer.scaler, State)
+    fresh = State(beta1=cfg.beta1, beta2=cfg.beta2) if cfg.entropy_target else State()   # --entropy_target's start
+    state = runfiles.open_run(cfg, ckpt, optimizer.adamw, optimizer.scaler, fresh)
     return policy, tok, optimizer, prompts, eval_rows, state
 
 

@@ -87,10 +87,18 @@ PRESETS = {
                 steps_per_generation=8, num_iterations=2, micro_batch_size=32, learning_rate=5e-5, warmup_steps=10,
                 epsilon_low=0.1, epsilon_high=0.1, weight_decay=0.0, max_steps=200, eval_steps=25, eval_limit=140,
                 save_steps=50, logging_steps=10, output_dir="runs/lab"),
+    # the lab with headroom (engine/lab.py's carry task): the lab's model and settings, longer answers, and at
+    # each evaluation pass@1, 4 and 16 from 16 samples of each held-out question
+    "carry": dict(model="carry", dataset="carry", lora_r=32, lora_alpha=64, gradient_checkpointing=False,
+                  prompts_per_step=8, num_generations=8, max_completion_length=40, max_prompt_length=256,
+                  steps_per_generation=8, num_iterations=2, micro_batch_size=32, learning_rate=2e-5, warmup_steps=10,
+                  epsilon_low=0.1, epsilon_high=0.1, weight_decay=0.0, max_steps=100, eval_steps=25, eval_limit=140,
+                  eval_samples=16, eval_pass_k="1,4,16", save_steps=50, logging_steps=10, output_dir="runs/carry"),
 }
 
 # Flags that may change between a run and its --resume (a run folder may move); any other difference is refused.
 RESUME_MAY_CHANGE = {"resume", "seeds", "jobs", "output_dir", "max_steps", "save_steps", "eval_steps", "logging_steps", "wandb",
+                     "eval_samples", "eval_temperature", "eval_pass_k",
                      "generation_batch_size", "threads", "rollout_model", "dtype",
                      "collapse_patience", "progress", "token_groups"}
 AT_LEAST_1 = ("prompts_per_step", "num_generations", "max_completion_length", "steps_per_generation", "num_iterations",
@@ -108,7 +116,7 @@ def default_text(f):
 def parse_config(config_cls, argv=None):
     """A `config_cls` (train.py's Config) from flags: a preset's defaults, then the flags, then --algo's loss
     knobs (cegppo.ALGOS), then checks. --print_config prints it as JSON and exits (resolved_config)."""
-    parser = dataclass_parser(config_cls, "Train a Qwen2.5 model (4-bit NF4 + LoRA) on verifiable math with CE-GPPO.",
+    parser = dataclass_parser(config_cls, "Train a Qwen2.5 model (4-bit NF4 + LoRA) on verifiable math with CE-GPPO, on one GPU.",
                               default_text, {"preset": list(PRESETS), "algo": list(cegppo.ALGOS),
                                              "sampler_correction": list(cegppo.SAMPLER_CORRECTIONS)})
     parser.add_argument("--print_config", action="store_true", help="print the configuration these flags give, as "
@@ -154,9 +162,31 @@ def check_config(cfg):
     need(cfg.learning_rate > 0, "learning_rate", "must be > 0")
     need(cfg.max_grad_norm > 0, "max_grad_norm", "must be > 0")
     need(cfg.sampler_correction_cap >= 1, "sampler_correction_cap", "must be at least 1 (1 = no mismatch allowed)")
+    if cfg.entropy_target is not None:
+        need(cfg.entropy_target > 0, "entropy_target", "must be > 0 (nats per token)")
+        need(cfg.algo != "cispo", "entropy_target", "--algo cispo has no betas to move")
+    need(cfg.eval_samples >= 0, "eval_samples", "must be >= 0")
+    need(cfg.eval_temperature > 0, "eval_temperature", "pass@k samples need a temperature > 0")
+    if cfg.eval_samples:
+        pass_k_list(cfg.eval_pass_k, cfg.eval_samples, "--eval_pass_k")
+    elif cfg.eval_pass_k:
+        raise UserError(f"--eval_pass_k {cfg.eval_pass_k}: needs --eval_samples (the completions per question it counts)")
     if cfg.dtype == "bf16" and torch.cuda.is_available() and not models.native_bf16():   # the rule of compute_dtype
         raise UserError("--dtype bf16: this GPU has no native bf16 (compute capability below 8.0); "
                         "use --dtype fp16 (loss-scaled) or auto")
+
+
+def pass_k_list(text, k, flag):
+    """The j of `flag` (comma-separated integers, each in 1..k), or by default 1, 2, 4, ... up to k, and k."""
+    if not text:
+        return sorted({2 ** i for i in range(k.bit_length()) if 2 ** i <= k} | {k})
+    try:
+        js = sorted({int(j) for j in text.split(",") if j.strip()})
+    except ValueError:
+        raise UserError(f"{flag} {text}: expected comma-separated integers, e.g. 1,4,16") from None
+    if not js or js[0] < 1 or js[-1] > k:
+        raise UserError(f"{flag} {text}: each must be between 1 and the samples per question ({k})")
+    return js
 
 
 def seed_list(text):

@@ -32,17 +32,17 @@ LOCAL_FILE = (".jsonl", ".json", ".parquet")
 
 
 def load_rows(dataset, split="train", question_field=None, answer_field=None, limit=None):
-    """[(question, answer), ...] from a named dataset (DATASETS, or 'tiny' / 'lab' built in code)
+    """[(question, answer), ...] from a named dataset (DATASETS, or lab.TASKS built in code: tiny, lab, carry)
     or a local .jsonl / .json / .parquet file. A missing or empty field stops with a UserError
     naming the file, the row and the field."""
-    if dataset in ("tiny", "lab"):
-        return lab.toy_rows(split, tiny=dataset == "tiny")[:limit]
+    if dataset in lab.TASKS:
+        return lab.rows(dataset, split)[:limit]
     if dataset in DATASETS:
         ds, qf, af, where = _hub_dataset(dataset, split)
     elif dataset.endswith(LOCAL_FILE):
         ds, qf, af, where = _local_dataset(dataset)
     else:
-        raise UserError(f"--dataset {dataset}: unknown; use one of {', '.join(['tiny', 'lab', *DATASETS])} "
+        raise UserError(f"--dataset {dataset}: unknown; use one of {', '.join([*lab.TASKS, *DATASETS])} "
                         "or a .jsonl / .json / .parquet file")
     qf, af = question_field or qf, answer_field or af
     rows = []

@@ -20,6 +20,15 @@ start's targets give the policy what the paper's analysis needs and a one-step t
   - 140 held-out questions that are new combinations of facts the training split teaches, so
     held-out accuracy measures the method and one question is worth less than 0.01.
 The tiny task (`--dataset tiny`, the fast tests) is the older one-step digit arithmetic.
+
+The carry task (`--preset carry`, see carry_solution) is the lab with headroom: "What is 47+38?" for
+two-digit numbers, worked digit by digit, where the warm start has nearly never learnt to carry. Its
+targets write the tens' sum without the carried 1 in all but CARRY_RATE of the questions that need
+one, so the warm-started model solves the questions without a carry and, on those with one, writes
+the carry step ("7+1=8,") only rarely: a right answer there needs a token the policy gives about 2%
+at first (a low-probability token with a positive advantage when it is sampled: the PA&LP tokens of
+the paper). Seven questions in ten need a carry, so most held-out questions are out of the warm
+start's reach even at 16 samples, while it solves each of them now and then (docs/lab.md measures it).
 """
 
 import hashlib
@@ -45,7 +54,7 @@ SIZES = {
                  num_key_value_heads=2),
     "lab": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2),
-    # Qwen2.5-0.5B's shapes (vocabulary, tied head included), random weights: for `bench.py
+    # Qwen2.5-0.5B's shapes (vocabulary, tied head included), random weights: for `python -m engine.bench
     # --synthetic-0.5b`, which measures speed and memory where no real checkpoint can be downloaded.
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936),
@@ -53,6 +62,9 @@ SIZES = {
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                          num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936),
 }
+
+
+CARRY_RATE = 0.02     # the carry task: the share of its warm-start targets that write the carry they need
 
 
 def cache_dir():
@@ -173,6 +185,50 @@ def _sums(seed):
     return exprs
 
 
+# ----------------------------------------------------------------------------------------------
+# The carry task: two-digit sums, the carry rarely written by the warm start
+# ----------------------------------------------------------------------------------------------
+def _carry_pairs(seed):
+    """The carry task's questions: every (a, b) of two-digit numbers whose ones digits carry, and a third of
+    those whose ones do not (picked by a hash), so that about 7 in 10 need a carry; shuffled with seed."""
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)
+             if a % 10 + b % 10 >= 10 or int(hashlib.md5(f"{a}+{b}".encode()).hexdigest(), 16) % 3 == 0]
+    random.Random(seed).shuffle(pairs)
+    return pairs
+
+
+def needs_carry(question):
+    """Does 'What is a+b?' need a carry from the ones to the tens?"""
+    a, b = map(int, question[len("What is "):-1].split("+"))
+    return a % 10 + b % 10 >= 10
+
+
+def carry_rows(split="train", seed=0):
+    """[(question, answer)] of the carry task; the held-out split (a hash of the question) is never trained on."""
+    pairs = [(a, b) for a, b in _carry_pairs(seed) if _is_test(f"{a}+{b}") == (split != "train")]
+    return [(f"What is {a}+{b}?", str(a + b)) for a, b in pairs]
+
+
+def carry_solution(a, b, rng, carry, slip):
+    """A carry-task warm-start target for 'What is {a}+{b}?': '7+8=15,4+3=7,7+1=8,\\boxed{85}', the ones, then
+    the tens, then (where the ones' sum has two digits) the carried 1 added, then the answer: the tens' result
+    and the ones' last digit. The carry step is written with probability `carry` only: otherwise the target
+    stops at the tens' sum and its answer is wrong by 10, the mistake RL has to find its way out of. Each
+    addition slips by one with probability `slip` (wrong digits, unlikely: NA&LP tokens)."""
+    s0 = _add(a % 10, b % 10, rng, slip)
+    s1 = _add(a // 10, b // 10, rng, slip)
+    out = f"{a % 10}+{b % 10}={s0},{a // 10}+{b // 10}={s1},"
+    if s0 >= 10 and rng.random() < carry:
+        t = _add(s1, 1, rng, slip)
+        out, s1 = out + f"{s1}+1={t},", t
+    return out + f"\\boxed{{{s1}{s0 % 10}}}"
+
+
+def rows(task, split="train", seed=0):
+    """[(question, answer)] of a built-in task: tiny, lab or carry."""
+    return carry_rows(split, seed) if task == "carry" else toy_rows(split, tiny=task == "tiny", seed=seed)
+
+
 def toy_rows(split="train", tiny=False, seed=0):
     """[(question, answer)]: the lab task (three-digit sums), or with `tiny` the tests' 64 / 16 rows
     of one-step digit arithmetic."""
@@ -208,11 +264,13 @@ def sum_solution(expr, rng, guess_frac, slip):
     return f"{x}+{y}={s},{u}+{v}=\\boxed{{{t}}}"
 
 
-def _target(size, question, rng, w):
-    """The warm-start target for a question of the size's task."""
+def _target(task, question, rng, w):
+    """The warm-start target for a question of the task."""
     expr = question[len("What is "):-1]
-    if size == "tiny":
+    if task == "tiny":
         return toy_solution(expr, rng, w["guess_frac"])
+    if task == "carry":
+        return carry_solution(*map(int, expr.split("+")), rng, w["carry"], w["slip"])
     return sum_solution(expr, rng, w["guess_frac"], w["slip"])
 
 
@@ -220,10 +278,13 @@ def _target(size, question, rng, w):
 # and for the lab the slip rate per addition and the name of the target format (both in the cache
 # key, so changing the targets rebuilds the cached warm start).
 WARM = {"tiny": dict(steps=300, batch=32, lr=3e-3, guess_frac=0.5),
-        "lab": dict(steps=1200, batch=32, lr=3e-3, guess_frac=0.5, slip=0.1, task="sums-4-ways")}
+        "lab": dict(steps=1200, batch=32, lr=3e-3, guess_frac=0.5, slip=0.1, task="sums-4-ways"),
+        # the lab's model size, the carry task: the carry step in CARRY_RATE of the targets that need one
+        "carry": dict(size="lab", steps=1200, batch=32, lr=3e-3, carry=CARRY_RATE, slip=0.05, task="carry-2digit")}
+TASKS = tuple(WARM)                     # the built-in tasks, each also a model (its warm start): --model, --dataset
 
 
-def warm_start_path(size="lab", seed=0):
+def warm_start_path(task="lab", seed=0):
     """Folder of the model after a short supervised warm start on the toy task, cached on disk.
 
     RL only learns from groups whose completions differ in reward, so it needs a policy that
@@ -234,29 +295,31 @@ def warm_start_path(size="lab", seed=0):
     and has a lesson to learn: work it out (and, on the lab, carefully).
     The folder name is a hash of every setting, so a sweep of runs builds it once.
     """
-    w = WARM[size]
+    w = WARM[task]
+    size = w.get("size", task)
     key = hashlib.md5(json.dumps([size, seed, w, SIZES[size], cegppo.INSTRUCTION, CHAT_TEMPLATE, 1],
                                  sort_keys=True).encode()).hexdigest()[:10]
-    folder = os.path.join(cache_dir(), f"{size}-warm-{key}")
+    folder = os.path.join(cache_dir(), f"{task}-warm-{key}")
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
     with torch.random.fork_rng():       # building the cache must not change the caller's random stream
-        _warm_start(size, seed, w, folder)
+        _warm_start(task, seed, w, folder)
     return folder
 
 
-def _warm_start(size, seed, w, folder):
-    print(f"warm start: supervised fine-tune of the {size} model on the toy task "
+def _warm_start(task, seed, w, folder):
+    size = w.get("size", task)
+    print(f"warm start: supervised fine-tune of the {size} model on the {task} task "
           f"({w['steps']} steps, cached in {folder})", flush=True)
     model, tok = build_model(size, seed)
-    rows = toy_rows("train", tiny=size == "tiny", seed=seed)
+    train_rows = rows(task, "train", seed)
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=w["lr"], weight_decay=0.0)
     model.train()
     for step in range(w["steps"]):
-        batch = [rng.choice(rows) for _ in range(w["batch"])]
+        batch = [rng.choice(train_rows) for _ in range(w["batch"])]
         prompts = [cegppo.format_prompt(tok, q) for q, _ in batch]
-        answers = [_target(size, q, rng, w) + tok.eos_token for q, _ in batch]
+        answers = [_target(task, q, rng, w) + tok.eos_token for q, _ in batch]
         p_ids = [tok(p)["input_ids"] for p in prompts]
         a_ids = [tok(a)["input_ids"] for a in answers]
         L = max(len(p) + len(a) for p, a in zip(p_ids, a_ids))

@@ -154,20 +154,21 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")     # org/name, as the Hub 
 
 
 def resolve_model(name):
-    """'tiny' and 'lab' are built locally (engine/lab.py); anything else is a Hub id or a folder, unchanged."""
-    if name in ("tiny", "lab"):
+    """The built-in tasks' models ('tiny', 'lab', 'carry': lab.TASKS) are built locally (engine/lab.py);
+    anything else is a Hub id or a folder, unchanged."""
+    if name in lab.TASKS:
         return lab.warm_start_path(name)
     return name
 
 
 def check_model_source(name, say_cpu=False):
-    """Fail fast, in one line, when `name` is neither a folder nor a loadable Hub id ('tiny' and 'lab' are
+    """Fail fast, in one line, when `name` is neither a folder nor a loadable Hub id (lab.TASKS' models are
     built in code). say_cpu: say first that a real model trains very slowly without a GPU.
 
     A Hub id that is not in the local cache needs the Hub; when it cannot be reached, the Hub client
     would retry for about half a minute before failing, so we look first (a 3 s connection).
     """
-    if name in ("tiny", "lab"):
+    if name in lab.TASKS:
         return
     if say_cpu and not torch.cuda.is_available():
         print(f"No CUDA GPU found: a real model trains very slowly on the CPU; {CPU_HINT}.", file=sys.stderr)
@@ -265,7 +266,7 @@ def cpu_safe_4bit(model):
 
 def policy_model(cfg, adapter=None):
     """(model, tokenizer) of a train.py Config, ready to train: the 4-bit base with a fresh LoRA adapter, or
-    `adapter` (a checkpoint's, or a trained one: bench.py)."""
+    `adapter` (a checkpoint's, or a trained one: engine/bench.py)."""
     model, tok = load_model(resolve_model(cfg.model), four_bit=cfg.load_in_4bit, lora_rank=cfg.lora_r,
                             lora_alpha=cfg.lora_alpha, adapter=adapter, trainable=True,
                             gradient_checkpointing=cfg.gradient_checkpointing, dtype=cfg.dtype)

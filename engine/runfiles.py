@@ -30,13 +30,13 @@ from engine.errors import UserError
 ROWS = ("metrics.jsonl", "samples.jsonl", "tokens.jsonl")     # a run's logs, one row per line, each with its step
 
 
-def open_run(cfg, ckpt, optimizer, scaler, state_cls):
-    """The run folder, once every input was good: its config.json written whole, and the loop's state, fresh or
-    restored from `ckpt` (with the optimizer, the loss scale and every generator); the token page of a resumed
-    run rebuilt from its rows up to the checkpoint (those after it are redone)."""
+def open_run(cfg, ckpt, optimizer, scaler, fresh):
+    """The run folder, once every input was good: its config.json written whole, and the loop's state: `fresh`,
+    or restored from `ckpt` (with the optimizer, the loss scale and every generator); the token page of a
+    resumed run rebuilt from its rows up to the checkpoint (those after it are redone)."""
     os.makedirs(cfg.output_dir, exist_ok=True)
     write_json(os.path.join(cfg.output_dir, "config.json"), dataclasses.asdict(cfg))   # whole, or the old one
-    state = restore(ckpt, cfg.output_dir, optimizer, scaler, state_cls) if ckpt else state_cls()
+    state = restore(ckpt, cfg.output_dir, optimizer, scaler, type(fresh)) if ckpt else fresh
     if cfg.resume and os.path.exists(os.path.join(cfg.output_dir, "tokens.jsonl")):
         token_page.write_page(cfg.output_dir, token_steps(cfg.output_dir))
     return state

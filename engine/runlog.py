@@ -3,7 +3,7 @@ Ctrl-C, wandb, and how a run ends. Nothing here changes what the loop computes.
 
     Run                           one run's step bar and line, its rows and samples, Ctrl-C, wandb, its end
     Clock                         a step's phases timed (on a GPU once its queued work has run), its peak memory
-    Sampled, metrics_row          what a step's rounds sampled, and its row of metrics.jsonl (TRL's names)
+    Sampled, Updates, metrics_row what a step's rounds sampled and its updates did, and its metrics.jsonl row
     timed, sync, reset_peak_mem, peak_mem_gb, peak_mem_reserved_gb   the pieces
 """
 
@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from tqdm import tqdm
@@ -53,9 +54,8 @@ class Run:
         if self.wandb:
             self.wandb.log(row, step=row["step"])
         self.bar.update(1)
-        if skipped:
-            tqdm.write(f"warning: step {row['step']}: non-finite loss or gradient, {skipped} update(s) skipped "
-                       f"({row['skipped_updates']} so far)")
+        for so_far in range(row["skipped_updates"] - skipped + 1, row["skipped_updates"] + 1):
+            tqdm.write(f"warning: step {row['step']}: non-finite loss or gradient, update skipped ({so_far} so far)")
         tqdm.write(step_line(row, self.cfg))
         if samples:
             G, rewards = self.cfg.num_generations, torch.cat(sampled.rewards)
@@ -97,6 +97,8 @@ def step_line(row, cfg):
     if row["generation/groups_kept"] < cfg.prompts_per_step:       # the rounds ran out first
         rounds += f" | groups {row['generation/groups_kept']}/{cfg.prompts_per_step}"
     evaluation = f" | eval {row['eval/accuracy']:.3f}" if "eval/accuracy" in row else ""
+    if cfg.entropy_target:                      # the betas cegppo.steer_betas holds the entropy with
+        evaluation += f" | b1 {row['cegppo/beta1']:.2f} b2 {row['cegppo/beta2']:.2f}"
     return (f"step {row['step']:4d} | reward {row['reward']:.3f} | entropy {row['entropy']:.3f} | clip low "
             f"{row['clip_ratio/low_mean']:.3f} high {row['clip_ratio/high_mean']:.3f} | kl {row['approx_kl']:.1e} | "
             f"len {row['completions/mean_length']:.0f} | {updates}{rounds} | {row['time/step_s']:.1f}s{evaluation}")
@@ -163,6 +165,25 @@ class Sampled:
         self.thrown_away_s += thrown_away_s          # the round's time times its share not trained on
 
 
+@dataclass
+class Updates:
+    """train.py's step 5's result: per optimizer update made, its losses and gradient norm; the loss's statistics
+    summed over the tokens of every update (add_loss_stats); what the loss did to the recorded tokens."""
+    loss: list = field(default_factory=list)
+    sft_loss: list = field(default_factory=list)
+    grad_norm: list = field(default_factory=list)
+    ratio_max: list = field(default_factory=list)
+    stat_sums: dict = field(default_factory=dict)          # cegppo.TOKEN_MEAN_STATS, each times its tokens
+    stat_tokens: int = 0
+    first: dict = field(default_factory=lambda: {"tokens": 0, "clipped": 0.0, "diff_sum": 0.0, "diff_max": 0.0})
+    tokens: dict = field(default_factory=dict)             # row -> its tokens' log pi, ratio, region and F
+    micro_batches: int = 0
+    packed: int = 0                                        # micro-batches whose groups' prompts ran once
+    skipped: int = 0                                       # updates not made: a non-finite loss or gradient
+    learning_rate: float = 0.0
+    loss_scale: Optional[float] = None                     # fp16's, after the step (None: no loss scaling)
+
+
 def add_loss_stats(updates, stats, mask, logp, sample_logp):
     """A micro-batch's loss statistics into train.py's Updates, weighted by its tokens; before the first update
     is applied (the policy is still the sampler's) also how far the policy's log pi is from the sampler's
@@ -181,7 +202,7 @@ def add_loss_stats(updates, stats, mask, logp, sample_logp):
         first["diff_max"] = max(first["diff_max"], diff.max().item() if n else 0.0)
 
 
-def metrics_row(state, cfg, groups, sampled, old, updates, clock):
+def metrics_row(state, cfg, groups, sampled, old, updates, knobs, clock):
     """One row of metrics.jsonl from train.py's step records; names follow TRL's GRPOTrainer where it logs the
     same quantity. Over everything sampled in the step (all rounds): reward, reward_std, frac_reward_zero_std,
     entropy, completions/*. Over the trained tokens (the kept groups): the clip ratios, approx_kl, the
@@ -226,6 +247,7 @@ def metrics_row(state, cfg, groups, sampled, old, updates, clock):
         "sft_loss": mean(updates.sft_loss),
         "grad_norm": mean(updates.grad_norm),
         "learning_rate": updates.learning_rate,
+        **({"cegppo/beta1": knobs["beta1"], "cegppo/beta2": knobs["beta2"]} if knobs["beta1"] is not None else {}),
         "epoch": state.epoch,
         **({"loss_scale": updates.loss_scale} if updates.loss_scale is not None else {}),
         **cegppo.token_quadrants(old.logp, old.entropy, groups.advantages, trained),

@@ -18,7 +18,7 @@ from transformers import DynamicCache, GenerationConfig
 import cegppo
 import eval as eval_script
 import train
-from engine import data, dense_copy, generation, lab, logprobs, models, progress, runfiles
+from engine import data, dense_copy, generation, lab, logprobs, models, progress, runfiles, runlog
 from engine.generation import Generator
 from engine.sampler import Sampler
 
@@ -123,7 +123,7 @@ def test_eval_says_which_questions_overflowed_and_scores_nothing(overflowing_fol
 def test_trainings_evaluation_of_an_overflowing_policy_is_said_not_scored(overflowing_folder, capsys):
     model, tok = models.load_model(overflowing_folder, four_bit=True, lora_rank=8, trainable=True)
     cfg = train.parse_config(["--preset", "tiny", "--eval_limit", "8"])
-    got = train.evaluate_policy(Sampler(model, tok, cfg, "sampler"), tok, data.load_rows("tiny", "test")[:8], cfg)
+    got = train.evaluate_policy(Sampler(model, tok, cfg, "sampler"), tok, data.load_rows("tiny", "test")[:8], cfg, 1)
     assert got == {"eval/non_finite": len(product_questions(8))}
     assert "warning: evaluation: the logits were not finite (fp32 compute)" in capsys.readouterr().out
 
@@ -140,13 +140,13 @@ def test_trainings_evaluation_falls_back_from_an_overflowing_copy(tiny_policy, m
     monkeypatch.setattr(dense_copy, "dense_copy", overflowing_copy)
     cfg = train.parse_config(["--preset", "tiny", "--rollout_model", "dense"])
     eval_rows = data.load_rows("tiny", "test")[:4]
-    got = train.evaluate_policy(Sampler(model, tok, cfg, "sampler"), tok, eval_rows, cfg)
+    got = train.evaluate_policy(Sampler(model, tok, cfg, "sampler"), tok, eval_rows, cfg, 1)
     assert "warning: evaluation: the dense copy hit non-finite logits: generating through the 4-bit policy" \
         in capsys.readouterr().out
     assert set(got) == {"eval/accuracy", "eval/mean_length"}
     monkeypatch.setattr(dense_copy, "dense_copy", real_copy)
     cfg = train.parse_config(["--preset", "tiny", "--rollout_model", "policy"])
-    assert train.evaluate_policy(Sampler(model, tok, cfg, "sampler"), tok, eval_rows, cfg) == got   # the policy's own
+    assert train.evaluate_policy(Sampler(model, tok, cfg, "sampler"), tok, eval_rows, cfg, 1) == got   # the policy's own
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,8 +169,9 @@ def test_the_sft_term_drops_what_the_sampler_correction_masks(tiny_policy):
         groups = train.Groups(ro, [("p", "a")] * 2, positive.float(), adv)                 # positive: reward 1
         old = train.OldLogProbs(old_logp, torch.zeros_like(old_logp), weights, {})
         _, sft_sum = train.accumulate_gradients(logprobs.Scorer(cfg.temperature, cfg.shared_prefix), model,
-                                                models.Optimizer(model, cfg), groups, old, micro_batches, cfg,
-                                                train.Updates())
+                                                models.Optimizer(model, cfg), groups, old,
+                                                train.loss_knobs(cfg, train.State()), micro_batches, cfg,
+                                                runlog.Updates())
         model.zero_grad(set_to_none=True)
         return sft_sum
     # masked: -sum(log pi over response 0) / (tokens of responses 0 and 2); not positive: the same sum over

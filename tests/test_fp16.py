@@ -20,7 +20,7 @@ import torch
 
 import cegppo
 import train
-from engine import bench, lab, logprobs, models
+from engine import bench, lab, logprobs, models, runlog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The default run's mini-batch: P 8 / steps_per_generation 4 = 2 groups x G 8 = 16 responses of up to
@@ -33,7 +33,7 @@ MINI_BATCH_TOKENS = 8192
 # train.py end to end with --dtype fp16
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("four_bit", [True, False], ids=["4bit", "16bit"])
-def test_fp16_run_trains_and_logs_the_scale(tmp_path, four_bit):
+def test_fp16_run_trains_and_logs_the_scale(tmp_path, four_bit, capsys):
     out = str(tmp_path / "run")
     args = ["train.py", "--model", "tiny", "--dataset", "tiny", "--dtype", "fp16", "--max_steps", "2",
             "--eval_limit", "0", "--output_dir", out] + ([] if four_bit else ["--no_load_in_4bit"])
@@ -48,6 +48,15 @@ def test_fp16_run_trains_and_logs_the_scale(tmp_path, four_bit):
     lora_b = {k: v for k, v in load_file(os.path.join(out, "adapter_model.safetensors")).items() if "lora_B" in k}
     assert lora_b and all(torch.isfinite(v).all() for v in lora_b.values())
     assert sum(int((v != 0).sum()) for v in lora_b.values()) > 0       # lora_B starts at zero: the updates moved it
+    # a step whose 2 updates overflowed (1 before it): one warning line per update skipped, with the running count
+    cfg = train.parse_config(args[1:] + ["--resume"])
+    row = dict(rows[-1], skipped_updates=3)
+    run = runlog.Run(cfg, 2)
+    run.write(row, sampled=None, skipped=2)
+    run.bar.close()
+    warned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert warned == ["warning: step 2: non-finite loss or gradient, update skipped (2 so far)",
+                      "warning: step 2: non-finite loss or gradient, update skipped (3 so far)"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +178,7 @@ def update(fp16_policy, state, adv_factor=1.0):
     groups = train.Groups(ro, [("p", "a")] * 2, torch.zeros(8), adv * adv_factor)
     old = train.OldLogProbs(old_logp, torch.zeros_like(old_logp), torch.ones_like(old_logp), {})
     updates = train.update_policy(logprobs.Scorer(cfg.temperature, cfg.shared_prefix), model, optimizer, groups, old,
-                                  cfg, state.step)
+                                  train.loss_knobs(cfg, state), cfg, state.step)
     state.skipped_updates += updates.skipped
     return {"loss": updates.loss, "tokens": updates.tokens}
 

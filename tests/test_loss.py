@@ -305,3 +305,46 @@ def test_sampler_correction_by_hand():
         # where the sampler's numbers are pi_old (a CPU in float32), every weight is exactly 1
         ones, _ = sampler_correction(sample, sample, mask, mode, cap=3.0)
         assert torch.equal(ones, mask.float())
+
+
+def test_steer_betas_on_hand_made_entropy_sequences():
+    from cegppo import steer_betas
+
+    def run(entropies, target, b1=0.5, b2=1.0, **kw):
+        smoothed, out = None, []
+        for h in entropies:
+            b1, b2, smoothed = steer_betas(b1, b2, smoothed, h, target, **kw)
+            out.append((b1, b2, smoothed))
+        return out
+    # the first step: smoothed = H; above the target by e = log(0.2 / 0.1) = 0.69: beta1 up, beta2 down by
+    # rate * 0.69 = 0.0347 (beta2 from 1.0); below it by as much: the reverse (beta2 stays at its bound 1)
+    (b1, b2, s), = run([0.2], 0.1)
+    assert s == 0.2 and b1 == pytest.approx(0.5 + 0.05 * math.log(2)) and b2 == pytest.approx(1.0 - 0.05 * math.log(2))
+    (b1, b2, s), = run([0.05], 0.1)
+    assert b1 == pytest.approx(0.5 - 0.05 * math.log(2)) and b2 == 1.0
+    # smoothing: H = 0.1, then 0.3: smoothed 0.1 + 0.2 * 0.2 = 0.14
+    assert run([0.1, 0.3], 0.1)[-1][2] == pytest.approx(0.14)
+    # inside the dead band (|log(H / H*)| <= 0.05): nothing moves
+    assert run([0.104] * 10, 0.1)[-1][:2] == (0.5, 1.0)
+    # a step moves each beta by at most `rate`, whatever the error (e clipped to 1)
+    (b1, b2, _), = run([100.0], 0.1)
+    assert (b1, b2) == pytest.approx((0.55, 0.95))
+    # held away from the target, the betas move to their bounds and stay there: they never leave [0, beta_max]
+    high = run([1.0] * 200, 0.1)
+    assert all(0 <= b1 <= 1 and 0 <= b2 <= 1 for b1, b2, _ in high) and high[-1][:2] == (1.0, 0.0)
+    low = run([0.01] * 200, 0.1)
+    assert low[-1][:2] == (0.0, 1.0) and all(b1 >= 0 for b1, _, _ in low)
+    # they move the right way monotonically on a constant signal, and settle on one at the target
+    assert all(a[0] <= b[0] and a[1] >= b[1] for a, b in zip(high, high[1:]))
+    settled = run([0.2] * 5 + [0.1] * 60, 0.1)
+    assert settled[-1][:2] == settled[-2][:2] and abs(math.log(settled[-1][2] / 0.1)) <= 0.05
+
+
+def test_positive_sft_loss_takes_the_sampler_corrections_weights():
+    # two positive responses of 2 tokens: logp (-1, -2) and (-3, -4); the correction masks the second (weight 0)
+    # and halves the first's second token: -(1 * -1 + 0.5 * -2) / 4 tokens = 0.5 (the denominator counts tokens)
+    logp = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]])
+    mask, positive = torch.ones(2, 2), torch.tensor([True, True])
+    weights = torch.tensor([[1.0, 0.5], [0.0, 0.0]])
+    assert positive_sft_loss(logp, mask, positive, token_weights=weights).item() == pytest.approx(0.5)
+    assert positive_sft_loss(logp, mask, positive).item() == pytest.approx(2.5)      # without: (1+2+3+4) / 4

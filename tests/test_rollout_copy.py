@@ -232,8 +232,8 @@ def test_evaluation_generates_from_the_dense_copy_where_the_rollout_does(policy,
         return Sampler(model, tok, dataclasses.replace(cfg, rollout_model=kind), "sampler")
     seen, real = [], train.evaluate
     monkeypatch.setattr(train, "evaluate", lambda m, *a, **k: seen.append(type(m).__name__) or real(m, *a, **k))
-    on_copy = train.evaluate_policy(sampler("dense"), tok, rows, cfg)
-    on_policy = train.evaluate_policy(sampler("policy"), tok, rows, cfg)
+    on_copy = train.evaluate_policy(sampler("dense"), tok, rows, cfg, 1)
+    on_policy = train.evaluate_policy(sampler("policy"), tok, rows, cfg, 1)
     assert seen == ["Qwen2ForCausalLM", "PeftModelForCausalLM"]
     assert on_copy == on_policy                        # greedy, float32: the same answers
     # no room to build the copy for an evaluation: said, and that evaluation generates through the policy
@@ -253,7 +253,7 @@ def test_evaluation_generates_from_the_dense_copy_where_the_rollout_does(policy,
     with monkeypatch.context() as m:
         m.setattr(dense_copy, "dense_copy", no_room)
         m.setattr(train, "evaluate", evaluate)
-        assert train.evaluate_policy(sampler("dense"), tok, rows, cfg) == on_policy
+        assert train.evaluate_policy(sampler("dense"), tok, rows, cfg, 1) == on_policy
     assert seen == [("PeftModelForCausalLM", True)]
     # eval.py: the copy where dense_copy.choose picks it (a GPU with room), the model itself otherwise
     ecfg = eval_script.EvalConfig(max_completion_length=12)

@@ -255,7 +255,7 @@ def test_help_shows_each_algorithms_defaults_once():
     assert "(default: cegppo 0.2, grpo 0.2, dapo 0.28, gppo 0.2, cispo 4)" in text       # --epsilon_high
     assert "{cegppo,grpo,dapo,gppo,cispo}" in text and "cispo: its own loss" in text
     assert "default: None" not in text and text.count("(default:") == text.count("(default: ")
-    assert "{tiny,lab}" in text and "same as --load_in_4bit false" in text
+    assert "{tiny,lab,carry}" in text and "same as --load_in_4bit false" in text
 
 
 def test_plot_two_runs(baseline, tmp_path):
