@@ -1,4 +1,4 @@
-"""Checkpoints and resume (runtime.py) against a crash or a power cut at any moment: torn rows, a
+"""Checkpoints and resume (engine/runfiles.py) against a crash or a power cut at any moment: torn rows, a
 damaged config.json, a cut at every point of a save, a run stopped before its first checkpoint, what
 reaches the disk (fsync spied on) and where it cannot (Windows), and a loss scale that comes back."""
 import dataclasses
