@@ -62,17 +62,21 @@ def group_by_setting(run_dirs, ignore=NOT_A_SETTING):
     for r, c in configs.items():
         key = json.dumps({k: v for k, v in c.items() if k not in ignore}, sort_keys=True) if c else r
         groups.setdefault(key, []).append(r)
-    # label each group by the flags whose values differ between groups (all of the loss knobs if none
-    # do); a knob a setting does not have (None: CISPO's betas) neither makes a flag differ nor is shown
+    # label each group by the flags whose values differ between groups (the loss knobs if none do); a knob
+    # a setting does not have (None: CISPO's betas) neither makes a flag differ nor is shown, but a target
+    # that is off (None) differs from one that is set
     firsts = [configs[g[0]] for g in groups.values()]
-    varying = [k for k in firsts[0] if k not in ignore
-               and len({json.dumps(c.get(k)) for c in firsts if c.get(k) is not None}) > 1]
-    shown = varying or ["algo", "beta1", "beta2", "entropy_target"]      # (a target shown only where set)
+    varying = [k for k in dict.fromkeys(k for c in firsts for k in c) if k not in ignore
+               and len({json.dumps(c.get(k)) for c in firsts if c.get(k) is not None or k == "entropy_target"}) > 1]
+    knobs = ["algo", "beta1", "beta2", "entropy_target"]                # (a target shown only where set)
+
+    def named(c, keys):
+        return " ".join(f"{k}={c[k]:g}" if isinstance(c.get(k), float) else f"{k}={c.get(k)}" for k in keys
+                        if c.get(k) is not None)
     out = []
     for runs in groups.values():
-        c = configs[runs[0]]
-        label = " ".join(f"{k}={c[k]:g}" if isinstance(c.get(k), float) else f"{k}={c.get(k)}" for k in shown
-                         if c.get(k) is not None) if c else os.path.basename(os.path.normpath(runs[0]))
+        c = configs[runs[0]]   # (the one setting without a target, beside targets only, is named by its knobs)
+        label = (named(c, varying) or named(c, knobs)) if c else os.path.basename(os.path.normpath(runs[0]))
         out.append((label + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""), runs))
     return out
 

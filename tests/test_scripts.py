@@ -302,6 +302,12 @@ def test_seeds_of_one_setting_become_one_band(tmp_path):
     json.dump({**config, "algo": "cispo", "beta2": None}, open(os.path.join(cispo, "config.json"), "w"))
     assert [label for label, _ in plot.group_by_setting(runs + [cispo])] == [
         "algo=cegppo beta1=0 (2 seeds)", "algo=cegppo beta1=1 (2 seeds)", "algo=cispo"]
+    # an entropy target that is off (None) is a setting of its own: steered runs are never pooled with fixed ones
+    steered = str(tmp_path / "steered")
+    fake_run(steered, 1, 1.0, [1.0, 0.9, 0.8])
+    config = json.load(open(os.path.join(steered, "config.json")))
+    json.dump({**config, "entropy_target": 0.5}, open(os.path.join(steered, "config.json"), "w"))
+    assert plot.group_by_setting(runs[2:] + [steered]) == [("algo=cegppo beta1=1 beta2=1 (2 seeds)", runs[2:]), ("entropy_target=0.5", [steered])]
     curves = [{r["step"]: r["entropy"] for r in plot.read_rows(run)} for run in runs[:2]]
     steps, mean, low, high = plot.seed_band(curves)
     assert steps == [1, 2, 3] and mean == pytest.approx([1.0, 0.7, 0.4])
