@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 # The files that take longest, longest first (seconds measured with `--durations=0`, two workers).
 # pytest-xdist hands each worker whole files in collection order (--dist loadfile): starting with
 # the long poles keeps one worker from idling at the end while the other runs them.
-LONG_FILES = ("test_carry_lab.py", "test_scripts.py", "test_bench.py", "test_lab.py", "test_devices.py", "test_hub.py",
+LONG_FILES = ("test_carry_lab.py", "test_lab.py", "test_scripts.py", "test_bench.py", "test_devices.py", "test_hub.py",
               "test_sampling.py", "test_readme.py", "test_fp16.py", "test_notebook.py", "test_gpu_check.py")
 
 
